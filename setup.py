@@ -1,0 +1,54 @@
+"""vit_jax: Vision Transformers and MLP-Mixers in JAX / Flax NNX."""
+
+import setuptools
+
+# Ranges tested together on Python 3.11 (CPU): see README "Set-up".
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "ml-collections>=1.1.0,<2",
+    "tensorflow-cpu>=2.21,<2.22",  # tf.data input pipelines only; JAX does the math
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "tensorboard>=2.21,<2.22",
+    "numpy>=2.0,<3",
+    "scipy>=1.14,<2",
+    "scikit-learn>=1.6,<2",  # embedded digits dataset
+    "scikit-image>=0.25,<0.27",  # sample photos for demos and analyses
+    "matplotlib>=3.9,<4",
+    "absl-py>=2.1,<3",
+    "etils[epath]>=1.10,<2",
+    "fsspec>=2024.1",
+    "tqdm>=4.66,<5",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8.0,<10",
+        "pytest-xdist>=3.5,<4",
+        "nbformat>=5.10,<6",
+        "nbclient>=0.10,<0.12",
+        "ipykernel>=6.29,<8",
+    ],
+    "notebook": [
+        "jupyter",
+        "ipykernel>=6.29,<8",
+    ],
+    # Benchmarks against timm (PyTorch) on CPU; not needed for the library.
+    "bench": [
+        "torch>=2.9,<2.15",
+        "timm>=1.0,<2",
+    ],
+}
+
+setuptools.setup(
+    name="vit_jax",
+    version="0.1.0",
+    description="Vision Transformers and MLP-Mixers in JAX / Flax NNX",
+    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

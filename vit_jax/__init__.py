@@ -1,0 +1,1 @@
+"""vit_jax: Vision Transformers and MLP-Mixers in JAX / Flax NNX."""
