@@ -1,0 +1,303 @@
+"""Building blocks shared by the model families.
+
+Every parameter is an `nnx.Param` stored in the shape of the published
+checkpoints and tagged with logical axis names (`out_sharding` metadata), which
+`vit_jax.sharding` maps onto mesh axes. Layers take the compute dtype at call
+time from the module; parameters keep `param_dtype`.
+
+Randomness (dropout, stochastic depth) is passed explicitly as a PRNG key at
+call time rather than stored in the module, so a block is a pure function of
+(parameters, input, key): the same code runs unrolled or under `jax.lax.scan`,
+and the training loop can fold keys from the step number.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+LN_EPS = 1e-6  # LayerNorm epsilon of the published models (flax linen default).
+GN_EPS = 1e-6  # GroupNorm epsilon of the published hybrids (flax linen default).
+WS_EPS = 1e-5  # weight-standardization epsilon of the published hybrids.
+
+xavier_uniform = jax.nn.initializers.xavier_uniform()
+lecun_normal = jax.nn.initializers.lecun_normal()
+zeros = jax.nn.initializers.zeros
+ones = jax.nn.initializers.ones
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes,
+          dtype: Dtype) -> nnx.Param:
+  """A parameter tagged with its logical axes (one name, or None, per dim)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
+  value = init(rngs.params(), tuple(shape), dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+  """Inverted dropout; identity when rate is 0 or no key is given (eval)."""
+  if rate <= 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def drop_path(x: Array, rate: Array | float, key: Array | None) -> Array:
+  """Stochastic depth: drops a whole residual branch per example.
+
+  `rate` may be a traced scalar (it varies with depth inside a scanned stack).
+  """
+  if key is None or (isinstance(rate, (int, float)) and rate <= 0.0):
+    return x
+  keep_prob = 1.0 - jnp.asarray(rate, jnp.float32)
+  shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+  keep = jax.random.uniform(key, shape) < keep_prob
+  return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
+
+
+def split_key(key: Array | None, num: int) -> list[Array | None]:
+  if key is None:
+    return [None] * num
+  return list(jax.random.split(key, num))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias, kernel (in, out)."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: Axes,
+               rngs: nnx.Rngs, kernel_init: Callable = lecun_normal,
+               bias_init: Callable = zeros, use_bias: bool = True,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), axes,
+                        param_dtype)
+    self.bias = (param(rngs, bias_init, (out_features,), axes[-1:],
+                       param_dtype) if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis; statistics in float32."""
+
+  def __init__(self, features: int, *, rngs: nnx.Rngs, axis_name: str = "embed",
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               epsilon: float = LN_EPS):
+    self.scale = param(rngs, ones, (features,), (axis_name,), param_dtype)
+    self.bias = param(rngs, zeros, (features,), (axis_name,), param_dtype)
+    self.dtype = dtype
+    self.epsilon = epsilon
+
+  def __call__(self, x: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class MlpBlock(nnx.Module):
+  """Dense -> GELU (tanh approximation, as published) -> Dense."""
+
+  def __init__(self, features: int, mlp_dim: int, *, rngs: nnx.Rngs,
+               dropout_rate: float = 0.0, kernel_init: Callable = xavier_uniform,
+               bias_init: Callable = jax.nn.initializers.normal(stddev=1e-6),
+               in_axis: str = "embed", hidden_axis: str = "mlp",
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    kw = dict(rngs=rngs, kernel_init=kernel_init, bias_init=bias_init,
+              dtype=dtype, param_dtype=param_dtype)
+    self.Dense_0 = Dense(features, mlp_dim, axes=(in_axis, hidden_axis), **kw)
+    self.Dense_1 = Dense(mlp_dim, features, axes=(hidden_axis, in_axis), **kw)
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: Array, key: Array | None = None) -> Array:
+    k1, k2 = split_key(key, 2)
+    x = jax.nn.gelu(self.Dense_0(x), approximate=True)
+    x = dropout(x, self.dropout_rate, k1)
+    x = self.Dense_1(x)
+    return dropout(x, self.dropout_rate, k2)
+
+
+class Conv(nnx.Module):
+  """2-D convolution, kernel HWIO as in the published checkpoints.
+
+  `padding` is 'SAME', 'VALID' or explicit ((top, bottom), (left, right)).
+  With `standardize`, the kernel is weight-standardized on the fly
+  (Qiao et al.; BiT / hybrid stems) before every use.
+  """
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: tuple[int, int], *, rngs: nnx.Rngs,
+               strides: tuple[int, int] = (1, 1), padding: Any = "SAME",
+               use_bias: bool = True, standardize: bool = False,
+               ws_eps: float = WS_EPS, ws_sqrt_var: bool = False,
+               kernel_init: Callable = lecun_normal,
+               axes: Axes = ("patch", "patch", "channels", "conv_out"),
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    self.kernel = param(rngs, kernel_init,
+                        (*kernel_size, in_features, out_features), axes,
+                        param_dtype)
+    self.bias = (param(rngs, zeros, (out_features,), axes[-1:], param_dtype)
+                 if use_bias else None)
+    self.strides = tuple(strides)
+    self.padding = padding
+    self.standardize = standardize
+    self.ws_eps = ws_eps
+    self.ws_sqrt_var = ws_sqrt_var
+    self.dtype = dtype
+
+  def standardized_kernel(self) -> Array:
+    w = self.kernel[...].astype(jnp.float32)
+    if not self.standardize:
+      return w
+    w = w - jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+    if self.ws_sqrt_var:  # BiT: w / sqrt(var + eps)
+      return w * jax.lax.rsqrt(jnp.mean(jnp.square(w), axis=(0, 1, 2),
+                                        keepdims=True) + self.ws_eps)
+    # Published hybrids: w / (std + eps).
+    return w / (jnp.std(w, axis=(0, 1, 2), keepdims=True) + self.ws_eps)
+
+  def __call__(self, x: Array) -> Array:
+    w = self.standardized_kernel().astype(self.dtype)
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), w, window_strides=self.strides,
+        padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over (H, W, C/groups); 32 groups as published."""
+
+  def __init__(self, features: int, *, rngs: nnx.Rngs, num_groups: int = 32,
+               epsilon: float = GN_EPS, scale_init: Callable = ones,
+               dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    if features % num_groups:
+      raise ValueError(f"GroupNorm: {features} channels not divisible by "
+                       f"{num_groups} groups")
+    self.scale = param(rngs, scale_init, (features,), ("conv_out",), param_dtype)
+    self.bias = param(rngs, zeros, (features,), ("conv_out",), param_dtype)
+    self.num_groups = num_groups
+    self.epsilon = epsilon
+    self.dtype = dtype
+
+  def __call__(self, x: Array) -> Array:
+    n, h, w, c = x.shape
+    g = self.num_groups
+    xg = x.astype(jnp.float32).reshape(n, h, w, g, c // g)
+    mean = jnp.mean(xg, axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 2, 4), keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(n, h, w, c)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def max_pool(x: Array, window: int, stride: int, padding: Any) -> Array:
+  """Max pooling; 'SAME' pads with -inf as flax does."""
+  if not isinstance(padding, str):
+    padding = ((0, 0), *padding, (0, 0))
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                               (1, stride, stride, 1), padding)
+
+
+# ---------------------------------------------------------------------------
+# Layer stacks: unrolled (a list of blocks) or scanned (one block whose
+# parameters carry a leading 'layers' axis). Both run the same pure function
+# of (block parameters, carry, per-layer key, per-layer drop rate), so they
+# compute the same thing and load the same checkpoints.
+# ---------------------------------------------------------------------------
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_nothing": jax.checkpoint_policies.nothing_saveable,
+    "save_everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+               scan: bool, rngs: nnx.Rngs):
+  """Creates `num_layers` blocks: a list, or one stacked block when scanned."""
+  if not scan:
+    return nnx.List([make_block(rngs) for _ in range(num_layers)])
+  keys = jax.random.split(rngs.params(), num_layers)
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(key):
+    return make_block(nnx.Rngs(params=key))
+
+  stacked = create(keys)
+  # Prepend the 'layers' logical axis to every stacked parameter.
+  for _, var in nnx.iter_graph(stacked):
+    if isinstance(var, nnx.Param):
+      axes = var.get_metadata().get("out_sharding")
+      if axes is not None and len(axes) == var[...].ndim - 1:
+        var.set_metadata("out_sharding", ("layers", *axes))
+  return stacked
+
+
+def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
+              keys: Array | None, drop_rates: Sequence[float],
+              remat_policy: str, **block_kwargs):
+  """Applies the stack; returns (output, per-layer auxiliary outputs stacked).
+
+  Each block is called as `block(x, key=..., drop_rate=..., **block_kwargs)`
+  and returns `(x, aux_dict)`. `keys` holds one PRNG key per layer (or None
+  at evaluation), `drop_rates` the stochastic-depth rate per layer.
+  """
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {remat_policy!r}; valid: "
+                     f"{sorted(REMAT_POLICIES)}")
+  use_drop = any(r > 0 for r in drop_rates)
+
+  def apply(graphdef, state, carry, key, rate):
+    block = nnx.merge(graphdef, state)
+    return block(carry, key=key, drop_rate=rate, **block_kwargs)
+
+  def maybe_remat(fn):
+    if remat_policy == "none":
+      return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat_policy])
+
+  if scan:
+    graphdef, state = nnx.split(blocks)
+    xs = {"state": state}
+    if keys is not None:
+      xs["key"] = keys
+    if use_drop:
+      xs["rate"] = jnp.asarray(drop_rates, jnp.float32)
+
+    @maybe_remat
+    def step(carry, layer):
+      return apply(graphdef, layer["state"], carry, layer.get("key"),
+                   layer.get("rate", 0.0))
+
+    return jax.lax.scan(step, x, xs)
+
+  auxes = []
+  for i, block in enumerate(blocks):
+    graphdef, state = nnx.split(block)
+    key = None if keys is None else keys[i]
+    fn = maybe_remat(lambda s, c, k, _g=graphdef, _r=drop_rates[i]:
+                     apply(_g, s, c, k, _r))
+    x, aux = fn(state, x, key)
+    auxes.append(aux)
+  if auxes and auxes[0]:
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+  return x, {}

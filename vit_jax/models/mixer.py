@@ -1,0 +1,144 @@
+"""MLP-Mixer (Tolstikhin et al. 2021).
+
+Module names are those of the published checkpoints: `stem`,
+`MixerBlock_{i}/{LayerNorm_0, token_mixing, LayerNorm_1, channel_mixing}`
+(each mixing MLP with `Dense_0`, `Dense_1`), `pre_head_layer_norm`, `head`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit_jax.models import layers
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerConfig:
+  name: str
+  num_classes: int
+  hidden_size: int          # channels per token ("hidden_dim" in the paper)
+  num_layers: int           # mixer blocks
+  tokens_mlp_dim: int
+  channels_mlp_dim: int
+  patch_size: int = 16
+  img_size: int | tuple[int, int] = 224
+  stochastic_depth: float = 0.0   # drop-path rate of the last block
+  head_bias_init: float = 0.0
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan: bool = False
+  remat_policy: str = "none"
+  family: str = "mixer"
+
+  @property
+  def img_hw(self) -> tuple[int, int]:
+    s = self.img_size
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+  @property
+  def patch_grid(self) -> tuple[int, int]:
+    h, w = self.img_hw
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f"image size {self.img_hw} is not divisible by the "
+                       f"{p}-pixel patches of {self.name}")
+    return (h // p, w // p)
+
+  @property
+  def num_tokens(self) -> int:
+    gh, gw = self.patch_grid
+    return gh * gw
+
+
+class MixerBlock(nnx.Module):
+  """x + token-MLP(LN(x))^T, then x + channel-MLP(LN(x))."""
+
+  def __init__(self, cfg: MixerConfig, *, rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    mlp_kw = dict(kernel_init=layers.lecun_normal, bias_init=layers.zeros, **kw)
+    d = cfg.hidden_size
+    self.LayerNorm_0 = layers.LayerNorm(d, **kw)
+    self.token_mixing = layers.MlpBlock(cfg.num_tokens, cfg.tokens_mlp_dim,
+                                        in_axis="tokens", hidden_axis="mlp",
+                                        **mlp_kw)
+    self.LayerNorm_1 = layers.LayerNorm(d, **kw)
+    self.channel_mixing = layers.MlpBlock(d, cfg.channels_mlp_dim, **mlp_kw)
+
+  def __call__(self, x: Array, *, key: Array | None, drop_rate,
+               capture: bool = False):
+    k1, k2 = layers.split_key(key, 2)
+    y = jnp.swapaxes(self.LayerNorm_0(x), 1, 2)
+    token_branch = jnp.swapaxes(self.token_mixing(y), 1, 2)
+    x = x + layers.drop_path(token_branch, drop_rate, k1)
+    channel_branch = self.channel_mixing(self.LayerNorm_1(x))
+    x = x + layers.drop_path(channel_branch, drop_rate, k2)
+    aux = {}
+    if capture:
+      aux = {"blocks": x, "token_branch": token_branch,
+             "channel_branch": channel_branch}
+    return x, aux
+
+
+class Mixer(nnx.Module):
+  """Patch stem, mixer blocks, LayerNorm, global average pool, head."""
+
+  def __init__(self, cfg: MixerConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    kw = dict(rngs=rngs, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    p = cfg.patch_size
+    self.stem = layers.Conv(3, cfg.hidden_size, (p, p), strides=(p, p),
+                            padding="VALID",
+                            axes=("patch", "patch", "channels", "embed"), **kw)
+    self.MixerBlock = layers.make_stack(lambda r: MixerBlock(cfg, rngs=r),
+                                        cfg.num_layers, cfg.scan, rngs)
+    self.pre_head_layer_norm = layers.LayerNorm(cfg.hidden_size, **kw)
+    if cfg.num_classes:
+      self.head = layers.Dense(
+          cfg.hidden_size, cfg.num_classes, axes=("embed", "classes"),
+          kernel_init=layers.zeros,
+          bias_init=jax.nn.initializers.constant(cfg.head_bias_init), **kw)
+
+  num_prefix_tokens = property(lambda self: 0)
+  patch_grid = property(lambda self: self.config.patch_grid)
+  pixels_per_token = property(lambda self: self.config.patch_size)
+
+  def __call__(self, images: Array, *, train: bool = False,
+               rng: Array | None = None, return_intermediates: bool = False):
+    cfg = self.config
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"{cfg.name} expects NHWC RGB images, got shape "
+                       f"{images.shape}")
+    key = rng if train else None
+    if train and rng is None and cfg.stochastic_depth:
+      raise ValueError("train=True with stochastic depth needs rng=")
+    x = self.stem(images.astype(cfg.dtype))
+    n, h, w, d = x.shape
+    if h * w != cfg.num_tokens:
+      raise ValueError(f"{cfg.name} was built for {cfg.img_hw} images "
+                       f"({cfg.num_tokens} tokens), got {images.shape[1:3]}")
+    x = x.reshape(n, h * w, d)
+    embedding = x
+    layer_keys = None if key is None else jax.random.split(key, cfg.num_layers)
+    drop_rates = [cfg.stochastic_depth * i / max(cfg.num_layers - 1, 1)
+                  for i in range(cfg.num_layers)]
+    x, inter = layers.run_stack(
+        self.MixerBlock, x, scan=cfg.scan, num_layers=cfg.num_layers,
+        keys=layer_keys, drop_rates=drop_rates, remat_policy=cfg.remat_policy,
+        capture=return_intermediates)
+    encoded = self.pre_head_layer_norm(x)
+    x = jnp.mean(encoded, axis=1)
+    if return_intermediates:
+      inter = dict(inter, embedding=embedding, encoded=encoded, pre_logits=x)
+    if cfg.num_classes:
+      x = self.head(x)
+    logits = x.astype(jnp.float32)
+    if return_intermediates:
+      return logits, inter
+    return logits

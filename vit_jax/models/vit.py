@@ -1,0 +1,333 @@
+"""Vision Transformer (Dosovitskiy et al. 2020), and its ResNet hybrids.
+
+The module tree uses the submodule names of the published checkpoints
+(`embedding`, `cls`, `Transformer/posembed_input`, `encoderblock_{i}` with
+`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`,
+`encoder_norm`, `pre_logits`, `head`; hybrids add `conv_root`, `gn_root`,
+`block{s}/unit{u}`), so a parameter's path *is* its key in the published .npz
+(an unrolled list index `encoderblock/3` is written `encoderblock_3`).
+
+Numerics follow the published models: LayerNorm epsilon 1e-6, GELU with the
+tanh approximation, attention logits scaled by 1/sqrt(head_dim), the position
+embedding added after the class token is prepended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vit_jax.models import layers
+from vit_jax.models import resnet
+
+Array = jax.Array
+
+CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  """Everything that defines a ViT; `models.create` fills it from the registry."""
+  name: str
+  num_classes: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  patch_size: int = 16              # embedding patch, on the stem output for hybrids
+  img_size: int | tuple[int, int] = 224
+  classifier: str = "token"         # token | gap | map | unpooled | token_unpooled
+  representation_size: int | None = None   # pre_logits Dense + tanh when set
+  resnet_layers: tuple[int, ...] | None = None   # hybrid stem: units per stage
+  resnet_width: int = 1             # hybrid stem width factor
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0     # drop-path rate of the last block (linear in depth)
+  head_bias_init: float = 0.0       # -10 for multi-label (sigmoid) pre-training
+  dtype: Any = jnp.float32          # compute dtype
+  param_dtype: Any = jnp.float32
+  scan: bool = False                # stack the blocks and run them with lax.scan
+  remat_policy: str = "none"        # see layers.REMAT_POLICIES
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+  family: str = "vit"
+
+  def __post_init__(self):
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f"classifier {self.classifier!r} is not one of "
+                       f"{CLASSIFIERS}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                       f"num_heads {self.num_heads}")
+
+  @property
+  def img_hw(self) -> tuple[int, int]:
+    s = self.img_size
+    return (s, s) if isinstance(s, int) else tuple(s)
+
+  @property
+  def stem_stride(self) -> int:
+    if self.resnet_layers is None:
+      return 1
+    return resnet.hybrid_stem_stride(self.resnet_layers)
+
+  @property
+  def pixels_per_token(self) -> int:
+    return self.patch_size * self.stem_stride
+
+  @property
+  def patch_grid(self) -> tuple[int, int]:
+    h, w = self.img_hw
+    p = self.pixels_per_token
+    if h % p or w % p:
+      raise ValueError(f"image size {self.img_hw} is not divisible by the "
+                       f"{p}-pixel patches of {self.name}")
+    return (h // p, w // p)
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 1 if self.classifier in ("token", "token_unpooled") else 0
+
+
+class MultiHeadDotProductAttention(nnx.Module):
+  """Multi-head attention with the published parameter shapes.
+
+  query/key/value kernels are (D, heads, D/heads), out kernel (heads, D/heads, D).
+  """
+
+  def __init__(self, features: int, num_heads: int, *, rngs: nnx.Rngs,
+               dropout_rate: float = 0.0, attention_impl: str | None = None,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    head_dim = features // num_heads
+
+    def dense_general(shape, axes, bias_shape, bias_axes, flat):
+      # Xavier-uniform on the 2-D view, as flax's DenseGeneral does.
+      def init(key, s, dtype):
+        return layers.xavier_uniform(key, flat, dtype).reshape(s)
+      m = nnx.Dict(
+          kernel=layers.param(rngs, init, shape, axes, param_dtype),
+          bias=layers.param(rngs, layers.zeros, bias_shape, bias_axes,
+                            param_dtype))
+      return m
+
+    qkv = lambda: dense_general((features, num_heads, head_dim),
+                                ("embed", "heads", "kv"), (num_heads, head_dim),
+                                ("heads", "kv"), (features, features))
+    self.query, self.key, self.value = qkv(), qkv(), qkv()
+    self.out = dense_general((num_heads, head_dim, features),
+                             ("heads", "kv", "embed"), (features,), ("embed",),
+                             (features, features))
+    self.num_heads = num_heads
+    self.dropout_rate = dropout_rate
+    self.attention_impl = attention_impl
+    self.dtype = dtype
+
+  def _project(self, p, x):
+    k = p["kernel"][...].astype(self.dtype)
+    return jnp.einsum("bnd,dhk->bnhk", x, k) + p["bias"][...].astype(self.dtype)
+
+  def __call__(self, inputs_q: Array, inputs_kv: Array, *,
+               key: Array | None = None, return_weights: bool = False):
+    x_q = inputs_q.astype(self.dtype)
+    x_kv = inputs_kv.astype(self.dtype)
+    q = self._project(self.query, x_q)
+    k = self._project(self.key, x_kv)
+    v = self._project(self.value, x_kv)
+    use_dropout = key is not None and self.dropout_rate > 0
+    weights = None
+    if return_weights or use_dropout:
+      # Explicit softmax(QK^T / sqrt(d)) V: needed to return the weights or to
+      # apply dropout to them; same function as the fused path.
+      scale = 1.0 / math.sqrt(q.shape[-1])
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
+      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+      probs = layers.dropout(weights, self.dropout_rate, key)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    else:
+      ctx = jax.nn.dot_product_attention(q, k, v,
+                                         implementation=self.attention_impl)
+    out = jnp.einsum("bqhd,hde->bqe", ctx, self.out["kernel"][...].astype(self.dtype))
+    out = out + self.out["bias"][...].astype(self.dtype)
+    return out, weights
+
+
+class EncoderBlock(nnx.Module):
+  """Pre-LN transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    d = cfg.hidden_size
+    self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.MultiHeadDotProductAttention_1 = MultiHeadDotProductAttention(
+        d, cfg.num_heads, rngs=rngs, dropout_rate=cfg.attention_dropout_rate,
+        attention_impl=cfg.attention_impl, **kw)
+    self.LayerNorm_2 = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.MlpBlock_3 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs,
+                                      dropout_rate=cfg.dropout_rate, **kw)
+    self.dropout_rate = cfg.dropout_rate
+
+  def __call__(self, x: Array, *, key: Array | None, drop_rate,
+               capture: bool = False):
+    k_attn, k_drop, k_mlp, k_path1, k_path2 = layers.split_key(key, 5)
+    y = self.LayerNorm_0(x)
+    y, weights = self.MultiHeadDotProductAttention_1(
+        y, y, key=k_attn, return_weights=capture)
+    attn_branch = layers.dropout(y, self.dropout_rate, k_drop)
+    x = x + layers.drop_path(attn_branch, drop_rate, k_path1)
+    mlp_branch = self.MlpBlock_3(self.LayerNorm_2(x), key=k_mlp)
+    x = x + layers.drop_path(mlp_branch, drop_rate, k_path2)
+    aux = {}
+    if capture:
+      aux = {"blocks": x, "attn_branch": attn_branch,
+             "mlp_branch": mlp_branch, "attention": weights}
+    return x, aux
+
+
+class AddPositionEmbs(nnx.Module):
+  """Learned position embedding (1, tokens, D), initialised N(0, 0.02)."""
+
+  def __init__(self, num_tokens: int, features: int, *, rngs: nnx.Rngs,
+               param_dtype=jnp.float32):
+    self.pos_embedding = layers.param(
+        rngs, jax.nn.initializers.normal(stddev=0.02), (1, num_tokens, features),
+        (None, None, "embed"), param_dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return x + self.pos_embedding[...].astype(x.dtype)
+
+
+class Encoder(nnx.Module):
+  """Position embedding, the block stack and the final LayerNorm."""
+
+  def __init__(self, cfg: ViTConfig, num_tokens: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.posembed_input = AddPositionEmbs(num_tokens, cfg.hidden_size,
+                                          rngs=rngs, param_dtype=cfg.param_dtype)
+    self.encoderblock = layers.make_stack(
+        lambda r: EncoderBlock(cfg, rngs=r), cfg.num_layers, cfg.scan, rngs)
+    self.encoder_norm = layers.LayerNorm(cfg.hidden_size, rngs=rngs,
+                                         dtype=cfg.dtype,
+                                         param_dtype=cfg.param_dtype)
+
+  def __call__(self, x: Array, *, key: Array | None, capture: bool):
+    cfg = self.cfg
+    k_emb, k_layers = layers.split_key(key, 2)
+    x = self.posembed_input(x)
+    embedding = x
+    x = layers.dropout(x, cfg.dropout_rate, k_emb)
+    layer_keys = None if key is None else jax.random.split(k_layers, cfg.num_layers)
+    drop_rates = [cfg.stochastic_depth * i / max(cfg.num_layers - 1, 1)
+                  for i in range(cfg.num_layers)]
+    x, aux = layers.run_stack(
+        self.encoderblock, x, scan=cfg.scan, num_layers=cfg.num_layers,
+        keys=layer_keys, drop_rates=drop_rates, remat_policy=cfg.remat_policy,
+        capture=capture)
+    encoded = self.encoder_norm(x)
+    if capture:
+      aux = dict(aux, embedding=embedding, encoded=encoded)
+    return encoded, aux
+
+
+class MAPHead(nnx.Module):
+  """Multihead attention pooling (big_vision): a learned probe attends to all
+  tokens, followed by a residual MLP."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    d = cfg.hidden_size
+    self.probe = layers.param(rngs, layers.xavier_uniform, (1, 1, d),
+                              (None, None, "embed"), cfg.param_dtype)
+    self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
+        d, cfg.num_heads, rngs=rngs, attention_impl=cfg.attention_impl, **kw)
+    self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, **kw)
+    self.MlpBlock_0 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs, **kw)
+
+  def __call__(self, x: Array) -> Array:
+    probe = jnp.broadcast_to(self.probe[...].astype(x.dtype),
+                             (x.shape[0], 1, x.shape[-1]))
+    x, _ = self.MultiHeadDotProductAttention_0(probe, x)
+    x = x + self.MlpBlock_0(self.LayerNorm_0(x))
+    return x[:, 0]
+
+
+class ViT(nnx.Module):
+  """Vision Transformer; with `resnet_layers` set, a ResNet+ViT hybrid."""
+
+  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    in_channels = 3
+    if cfg.resnet_layers is not None:
+      self.stem = resnet.HybridStem(cfg.resnet_layers, cfg.resnet_width,
+                                    rngs=rngs, **kw)
+      in_channels = self.stem.out_channels
+    p = cfg.patch_size
+    self.embedding = layers.Conv(
+        in_channels, cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
+        rngs=rngs, axes=("patch", "patch", "channels", "embed"), **kw)
+    if cfg.num_prefix_tokens:
+      self.cls = layers.param(rngs, layers.zeros, (1, 1, cfg.hidden_size),
+                              (None, None, "embed"), cfg.param_dtype)
+    gh, gw = cfg.patch_grid
+    self.Transformer = Encoder(cfg, gh * gw + cfg.num_prefix_tokens, rngs=rngs)
+    if cfg.classifier == "map":
+      self.MAPHead_0 = MAPHead(cfg, rngs=rngs)
+    features = cfg.hidden_size
+    if cfg.representation_size is not None:
+      self.pre_logits = layers.Dense(features, cfg.representation_size,
+                                     axes=("embed", "mlp"), rngs=rngs, **kw)
+      features = cfg.representation_size
+    if cfg.num_classes:
+      self.head = layers.Dense(
+          features, cfg.num_classes, axes=("embed", "classes"), rngs=rngs,
+          kernel_init=layers.zeros,
+          bias_init=jax.nn.initializers.constant(cfg.head_bias_init), **kw)
+
+  # Convenience views of the config used by analyses.
+  num_prefix_tokens = property(lambda self: self.config.num_prefix_tokens)
+  patch_grid = property(lambda self: self.config.patch_grid)
+  pixels_per_token = property(lambda self: self.config.pixels_per_token)
+
+  def __call__(self, images: Array, *, train: bool = False,
+               rng: Array | None = None, return_intermediates: bool = False):
+    cfg = self.config
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"{cfg.name} expects NHWC RGB images, got shape "
+                       f"{images.shape}")
+    key = rng if train else None
+    if train and rng is None and (cfg.dropout_rate or cfg.attention_dropout_rate
+                                  or cfg.stochastic_depth):
+      raise ValueError("train=True with dropout / stochastic depth needs rng=")
+    inter: dict[str, Any] = {}
+    x = images.astype(cfg.dtype)
+    if cfg.resnet_layers is not None:
+      x, stem_aux = self.stem(x)
+      inter.update(stem_aux)
+    x = self.embedding(x)
+    n, h, w, d = x.shape
+    x = x.reshape(n, h * w, d)
+    if cfg.num_prefix_tokens:
+      cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (n, 1, d))
+      x = jnp.concatenate([cls, x], axis=1)
+    x, aux = self.Transformer(x, key=key, capture=return_intermediates)
+    inter.update(aux)
+
+    if cfg.classifier == "token":
+      x = x[:, 0]
+    elif cfg.classifier == "gap":
+      x = jnp.mean(x, axis=1)
+    elif cfg.classifier == "map":
+      x = self.MAPHead_0(x)
+    if cfg.representation_size is not None:
+      x = jnp.tanh(self.pre_logits(x))
+    inter["pre_logits"] = x
+    if cfg.num_classes:
+      x = self.head(x)
+    logits = x.astype(jnp.float32)
+    if return_intermediates:
+      return logits, inter
+    return logits
