@@ -1,0 +1,254 @@
+"""Models: published parameter counts, published function, invariants."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vit_jax import checkpoint, models
+import reference_linen as ref
+
+# Published parameter counts with a 1000-class head at 224px.
+PUBLISHED_COUNTS = {
+    "ViT-Ti_16": 5_717_416, "ViT-S_16": 22_050_664, "ViT-S_32": 22_878_952,
+    "ViT-B_8": 86_576_872, "ViT-B_16": 86_567_656, "ViT-B_32": 88_224_232,
+    "ViT-L_16": 304_326_632, "ViT-L_32": 306_535_400, "ViT-H_14": 632_045_800,
+    "ViT-S_16-gap-norep": 22_049_896, "ViT-B_16-gap-norep": 86_566_120,
+    "ViT-S_32-gap-norep": 22_878_184, "ViT-B_32-gap-norep": 88_222_696,
+    "R+ViT-Ti_16": 6_337_704, "R26+ViT-S_32": 36_431_912,
+    "R26+ViT-B_32": 101_383_976, "R50+ViT-B_16": 98_659_112,
+    "R50+ViT-L_32": 328_994_856, "Mixer-B_16": 59_880_472,
+    "Mixer-B_32": 60_293_428, "Mixer-L_16": 208_196_168,
+    # BiT-M ResNet-v2 classifiers (as counted by timm's resnetv2_*_bit).
+    "BiT-R50x1": 25_549_352, "BiT-R101x1": 44_541_480,
+}
+SMALL = ["ViT-test", "ViT-test-gap", "ViT-test-map", "R+ViT-test", "Mixer-test",
+         "BiT-test"]
+
+
+def count_params(model):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def randomize(model, seed=0, scale=0.1):
+  """Perturbs every parameter (fresh heads are zero, which hides bugs)."""
+  for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+    noise = jax.random.normal(jax.random.key(seed + i), var.get_value().shape)
+    var.set_value(var.get_value() + scale * noise)
+  return model
+
+
+def images(n=2, size=32, seed=1):
+  return jax.random.uniform(jax.random.key(seed), (n, size, size, 3),
+                            minval=-1.0, maxval=1.0)
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_COUNTS))
+def test_published_parameter_counts(name):
+  model = nnx.eval_shape(lambda: models.create(name, num_classes=1000))
+  assert count_params(model) == PUBLISHED_COUNTS[name]
+
+
+def test_every_published_name_is_registered():
+  for name in PUBLISHED_COUNTS:
+    assert name in models.names()
+
+
+def test_unknown_name_lists_valid_names():
+  with pytest.raises(ValueError, match="Unknown model name 'ViT-Q_16'") as e:
+    models.create("ViT-Q_16", num_classes=10)
+  assert "ViT-B_16" in str(e.value) and "Mixer-B_16" in str(e.value)
+
+
+def test_unknown_override_lists_valid_fields():
+  with pytest.raises(ValueError, match="Unknown override") as e:
+    models.create("ViT-test", num_classes=10, img_size=32, hiden_size=3)
+  assert "hidden_size" in str(e.value)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("name", SMALL)
+def test_every_parameter_has_logical_axes(name, scan):
+  if models.family(name) == "bit" and scan:
+    pytest.skip("BiT units have different shapes per stage and are not scanned")
+  model = models.create(name, num_classes=10, img_size=32, scan=scan) if scan \
+      else models.create(name, num_classes=10, img_size=32)
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    axes = var.get_metadata().get("out_sharding")
+    assert axes is not None, path
+    assert len(axes) == var.get_value().ndim, (path, axes)
+    if scan and any(p in ("encoderblock", "MixerBlock") for p in path):
+      assert axes[0] == "layers", (path, axes)
+  specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
+  assert jax.tree.leaves(specs)  # every leaf is a PartitionSpec of names
+
+
+# --- The published function: same weights through linen's stock layers. -----
+
+def _linen_reference(model):
+  c = model.config
+  if c.family == "mixer":
+    return ref.RefMixer(c.num_classes, c.patch_size, c.hidden_size, c.num_layers,
+                        c.tokens_mlp_dim, c.channels_mlp_dim)
+  kw = dict(num_classes=c.num_classes, patch=c.patch_size, hidden=c.hidden_size,
+            num_layers=c.num_layers, num_heads=c.num_heads, mlp_dim=c.mlp_dim,
+            classifier=c.classifier, representation_size=c.representation_size)
+  if c.resnet_layers is not None:
+    return ref.RefHybridViT(resnet_layers=c.resnet_layers, **kw)
+  return ref.RefViT(**kw)
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("ViT-test", {}),
+    ("ViT-test", {"representation_size": 16}),
+    ("ViT-test-gap", {}),
+    ("R+ViT-test", {}),
+    ("Mixer-test", {}),
+])
+def test_same_function_as_linen_reference(name, overrides):
+  model = randomize(models.create(name, num_classes=7, img_size=32, **overrides))
+  x = images()
+  expected = ref.apply(_linen_reference(model), checkpoint.to_published(model), x)
+  np.testing.assert_allclose(np.asarray(model(x)), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_intermediates_are_consistent():
+  model = randomize(models.create("ViT-test", num_classes=7, img_size=32))
+  x = images()
+  logits, inter = model(x, return_intermediates=True)
+  # The explicit-softmax path (needed to return weights) equals the fused one.
+  np.testing.assert_allclose(logits, model(x), atol=1e-5)
+  n_tok = 1 + (32 // 8) ** 2
+  assert inter["attention"].shape == (2, 2, 2, n_tok, n_tok)
+  np.testing.assert_allclose(inter["attention"].sum(-1), 1.0, atol=1e-5)
+  assert inter["blocks"].shape == (2, 2, n_tok, 32)
+  # Each block output is its input plus the two residual branches.
+  prev = jnp.concatenate([inter["embedding"][None], inter["blocks"][:-1]])
+  np.testing.assert_allclose(prev + inter["attn_branch"] + inter["mlp_branch"],
+                             inter["blocks"], atol=1e-5)
+  np.testing.assert_allclose(
+      model.Transformer.encoder_norm(inter["blocks"][-1]), inter["encoded"],
+      atol=1e-5)
+
+
+def test_mixer_and_bit_intermediates():
+  mixer = randomize(models.create("Mixer-test", num_classes=3, img_size=32))
+  _, inter = mixer(images(), return_intermediates=True)
+  prev = jnp.concatenate([inter["embedding"][None], inter["blocks"][:-1]])
+  np.testing.assert_allclose(prev + inter["token_branch"] + inter["channel_branch"],
+                             inter["blocks"], atol=1e-5)
+  bit = models.create("BiT-test", num_classes=3, img_size=32)
+  logits, inter = bit(images(), return_intermediates=True)
+  assert len(inter["units"]) == 2 and len(inter["stages"]) == 2
+  assert inter["stem"].shape == (2, 8, 8, 64)
+  assert inter["pre_logits"].shape == (2, 512)
+
+
+@pytest.mark.parametrize("name", ["ViT-test", "ViT-test-map", "Mixer-test", "R+ViT-test"])
+def test_scanned_equals_unrolled(name, tmp_path):
+  model = randomize(models.create(name, num_classes=7, img_size=32))
+  path = tmp_path / "m.npz"
+  checkpoint.save_npz(model, path)
+  scanned = checkpoint.load(path, name, scan=True)
+  x = images()
+  np.testing.assert_allclose(scanned(x), model(x), atol=1e-5)
+  # Intermediates agree too (they are stacked over layers in both layouts).
+  if models.family(name) == "vit":
+    a = model(x, return_intermediates=True)[1]["attention"]
+    b = scanned(x, return_intermediates=True)[1]["attention"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_bfloat16_close_to_float32():
+  model = randomize(models.create("ViT-test", num_classes=7, img_size=32))
+  bf16 = models.create("ViT-test", num_classes=7, img_size=32, dtype=jnp.bfloat16)
+  nnx.update(bf16, nnx.state(model, nnx.Param))
+  x = images(4)
+  y32, y16 = model(x), bf16(x)
+  assert y16.dtype == jnp.float32  # logits are returned in float32
+  np.testing.assert_allclose(y16, y32, atol=0.1, rtol=0.05)
+  assert not np.allclose(y16, y32, atol=1e-6)  # it really ran in bfloat16
+
+
+def test_dropout_and_stochastic_depth_are_keyed():
+  model = randomize(models.create("ViT-test", num_classes=7, img_size=32,
+                                  dropout_rate=0.2, stochastic_depth=0.5))
+  x = images()
+  a = model(x, train=True, rng=jax.random.key(0))
+  b = model(x, train=True, rng=jax.random.key(0))
+  c = model(x, train=True, rng=jax.random.key(1))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  np.testing.assert_array_equal(model(x), model(x, train=False, rng=jax.random.key(1)))
+  with pytest.raises(ValueError, match="needs rng"):
+    model(x, train=True)
+
+
+def test_scan_and_unrolled_apply_the_same_dropout():
+  model = randomize(models.create("ViT-test", num_classes=7, img_size=32,
+                                  dropout_rate=0.2, stochastic_depth=0.3))
+  scanned = models.create("ViT-test", num_classes=7, img_size=32, dropout_rate=0.2,
+                          stochastic_depth=0.3, scan=True)
+  checkpoint.load_params_into(scanned, checkpoint.to_published(model))
+  x, key = images(), jax.random.key(3)
+  np.testing.assert_allclose(model(x, train=True, rng=key),
+                             scanned(x, train=True, rng=key), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_gradients(policy):
+  base = randomize(models.create("ViT-test", num_classes=7, img_size=32, scan=True))
+  remat = models.create("ViT-test", num_classes=7, img_size=32, scan=True,
+                        remat_policy=policy)
+  nnx.update(remat, nnx.state(base, nnx.Param))
+  x = images()
+
+  def loss(m):
+    return jnp.sum(m(x) ** 2)
+
+  g1 = nnx.state(nnx.grad(loss)(base), nnx.Param)
+  g2 = nnx.state(nnx.grad(loss)(remat), nnx.Param)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  with pytest.raises(ValueError, match="remat_policy"):
+    models.create("ViT-test", num_classes=7, img_size=32, remat_policy="bogus")(x)
+
+
+def test_token_unpooled_and_unpooled_heads():
+  m = models.create("ViT-test", num_classes=5, img_size=32, classifier="unpooled")
+  assert m(images()).shape == (2, 16, 5)
+  m = models.create("ViT-test", num_classes=5, img_size=32, classifier="token_unpooled")
+  assert m(images()).shape == (2, 17, 5)
+
+
+def test_head_bias_init_and_zero_head():
+  m = models.create("ViT-test", num_classes=5, img_size=32, head_bias_init=-10.0)
+  np.testing.assert_allclose(m(images()), -10.0)
+
+
+def test_config_properties():
+  cfg = models.create("R50+ViT-B_16", num_classes=1, img_size=384, rngs=None).config \
+      if False else models.get_config("R50+ViT-B_16", num_classes=1, img_size=384)
+  assert cfg.pixels_per_token == 16 and cfg.patch_grid == (24, 24)
+  assert models.get_config("R26+ViT-S_32", num_classes=1).pixels_per_token == 32
+  assert models.get_config("R+ViT-Ti_16", num_classes=1).patch_grid == (7, 7)
+  with pytest.raises(ValueError, match="not divisible"):
+    models.get_config("ViT-B_16", num_classes=1, img_size=100).patch_grid
+  with pytest.raises(ValueError, match="NHWC"):
+    models.create("ViT-test", num_classes=5, img_size=32)(jnp.zeros((2, 3, 32, 32)))
+
+
+def test_prepare_images():
+  rng = np.random.default_rng(0)
+  photo = rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8)
+  x = models.prepare_images(photo, 32)
+  assert x.shape == (1, 32, 32, 3) and x.dtype == jnp.float32
+  assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0
+  white = models.prepare_images(np.full((10, 10), 255, np.uint8), (8, 16))
+  assert white.shape == (1, 8, 16, 3)
+  np.testing.assert_allclose(white, 1.0, atol=1e-6)
+  black = models.prepare_images(np.zeros((2, 9, 9, 4), np.uint8), 8)
+  np.testing.assert_allclose(black, -1.0)
