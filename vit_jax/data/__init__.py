@@ -1,0 +1,28 @@
+"""Input pipelines: tfds datasets -> preprocessed, host-local numpy batches.
+
+    from vit_jax import data
+    data.num_examples(config, split)
+    data.train_iterator(config, global_batch_size=..., seed=..., start_step=...)
+    data.eval_iterator(config, split, global_batch_size=...)
+
+Modules: pipeline (iterators, dataset resolution, errors), preprocess (ops
+parsed from spec strings), randaug (RandAugment), vtab (VTAB-1k task table),
+digits (scikit-learn digits as the offline tfds dataset 'digits').
+"""
+
+from vit_jax.data import digits
+from vit_jax.data import preprocess
+from vit_jax.data import vtab
+from vit_jax.data.pipeline import DatasetNotPreparedError
+from vit_jax.data.pipeline import eval_iterator
+from vit_jax.data.pipeline import get_builder
+from vit_jax.data.pipeline import num_examples
+from vit_jax.data.pipeline import prepare_hint
+from vit_jax.data.pipeline import train_iterator
+from vit_jax.data.preprocess import get_preprocess_fn
+
+__all__ = [
+    "DatasetNotPreparedError", "digits", "eval_iterator", "get_builder",
+    "get_preprocess_fn", "num_examples", "prepare_hint", "preprocess",
+    "train_iterator", "vtab",
+]
