@@ -1,0 +1,1 @@
+"""Benchmarks: throughput, MFU, compile time, memory, input pipeline."""
