@@ -254,6 +254,12 @@ def test_epochs_are_permutations_of_the_shard(digits_dir):
   epoch1, epoch2 = keys[:751], keys[751:1500]
   assert len(set(epoch1)) == 751  # each example exactly once per epoch
   assert set(epoch2) <= set(epoch1) and epoch2 != epoch1[:749]  # reshuffled
+  # The other process trains on the other 750 examples.
+  other = _take(data.train_iterator(
+      config, start_step=0, **{**kwargs, "process_index": 1}), 75)
+  other = {x.astype(np.uint8).tobytes()
+           for b in other for x in b["image"]}
+  assert len(other) == 750 and not other & set(epoch1)
 
 
 def test_process_shards_are_disjoint_and_cover_the_split(digits_dir):
