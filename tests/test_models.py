@@ -230,8 +230,7 @@ def test_head_bias_init_and_zero_head():
 
 
 def test_config_properties():
-  cfg = models.create("R50+ViT-B_16", num_classes=1, img_size=384, rngs=None).config \
-      if False else models.get_config("R50+ViT-B_16", num_classes=1, img_size=384)
+  cfg = models.get_config("R50+ViT-B_16", num_classes=1, img_size=384)
   assert cfg.pixels_per_token == 16 and cfg.patch_grid == (24, 24)
   assert models.get_config("R26+ViT-S_32", num_classes=1).pixels_per_token == 32
   assert models.get_config("R+ViT-Ti_16", num_classes=1).patch_grid == (7, 7)

@@ -34,6 +34,7 @@ from vit_jax import models
 from vit_jax.models import resnet
 
 _STACKS = ("encoderblock", "MixerBlock")
+_EPATH_SCHEMES = ("gs://", "s3://", "az://")  # handled by etils.epath
 _POSEMB = "Transformer/posembed_input/pos_embedding"
 
 
@@ -97,12 +98,22 @@ def to_published(model: nnx.Module) -> dict[str, np.ndarray]:
 def save_npz(model: nnx.Module, path: str | os.PathLike) -> None:
   """Writes the published .npz layout (readable by timm and the original code).
 
-  The file is written to a temporary name and renamed, so an interrupted save
-  never leaves a truncated checkpoint behind.
+  Local files are written to a temporary name and renamed, so an interrupted
+  save never leaves a truncated checkpoint behind; object stores (gs://, any
+  fsspec URL) write objects atomically themselves.
   """
-  path = epath.Path(path)
   buf = io.BytesIO()
   np.savez(buf, **to_published(model))
+  spath = os.fspath(path)
+  if "://" in spath and not spath.startswith(_EPATH_SCHEMES):
+    import fsspec
+    with fsspec.open(spath, "wb") as f:
+      f.write(buf.getvalue())
+    return
+  path = epath.Path(path)
+  if "://" in spath:
+    path.write_bytes(buf.getvalue())
+    return
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_bytes(buf.getvalue())
   tmp.replace(path)
@@ -112,14 +123,26 @@ def save_npz(model: nnx.Module, path: str | os.PathLike) -> None:
 # Reading and normalising files.
 # ---------------------------------------------------------------------------
 
+def _read_bytes(path: str | os.PathLike) -> bytes:
+  """Local paths and gs:// (etils.epath), or any other fsspec URL."""
+  spath = os.fspath(path)
+  if "://" in spath and not spath.startswith(_EPATH_SCHEMES):
+    import fsspec  # memory://, http(s)://, hf://, ... whatever fsspec knows
+    fs, fs_path = fsspec.core.url_to_fs(spath)
+    if not fs.exists(fs_path):
+      raise FileNotFoundError(f"no checkpoint at {spath}")
+    with fs.open(fs_path, "rb") as f:
+      return f.read()
+  epath_path = epath.Path(path)
+  if not epath_path.exists():
+    raise FileNotFoundError(f"no checkpoint at {spath}")
+  return epath_path.read_bytes()
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a flat .npz from a local path or any epath/fsspec URL (gs://...)."""
-  path = epath.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"no checkpoint at {path}")
-  with path.open("rb") as f:
-    data = np.load(io.BytesIO(f.read()), allow_pickle=False)
-    return {k: data[k] for k in data.files}
+  """Reads a flat .npz from a local path or a remote URL (gs://, fsspec)."""
+  data = np.load(io.BytesIO(_read_bytes(path)), allow_pickle=False)
+  return {k: data[k] for k in data.files}
 
 
 _BV_BLOCK_RENAMES = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
@@ -379,7 +402,8 @@ def load(path: str | os.PathLike, name: str | None = None, *,
       the position embedding (posemb_method 'bilinear' or 'bicubic').
     **overrides: model config overrides (dtype, scan, classifier ...).
   """
-  if epath.Path(path).is_dir():
+  spath = os.fspath(path)
+  if not spath.endswith(".npz") and "://" not in spath and epath.Path(path).is_dir():
     return load_workdir(path)
   if name is None:
     raise ValueError(f"load({str(path)!r}) needs the model name, one of: "
