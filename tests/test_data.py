@@ -169,6 +169,18 @@ def test_inception_crop_shape_and_area():
   assert _apply("inception_crop((8, 12))", image)["image"].shape == (8, 12, 3)
 
 
+def test_fused_jpeg_crop_matches_decode_then_crop():
+  image = np.random.RandomState(3).randint(0, 255, (60, 90, 3)).astype(
+      np.uint8)
+  jpeg = tf.io.encode_jpeg(image).numpy()
+  for i in range(3):
+    fused = _apply("decode_jpeg_and_inception_crop(24)", jpeg, rng=i)
+    plain = _apply("decode|inception_crop(24)", jpeg, rng=i)
+    assert fused["image"].shape == plain["image"].shape == (24, 24, 3)
+    diff = np.abs(fused["image"].astype(int) - plain["image"].astype(int))
+    assert diff.mean() < 2.0  # same box; JPEG crop-decoding may differ by 1
+
+
 @pytest.mark.parametrize("op", randaug.OPS, ids=lambda op: op.__name__)
 def test_randaug_ops_keep_shape_and_dtype(op):
   image = tf.constant(np.random.RandomState(2).randint(

@@ -42,6 +42,7 @@ def register(name: str):
 
 
 def op_names() -> list[str]:
+  """Names usable in spec strings."""
   return sorted(_OPS)
 
 
@@ -173,7 +174,7 @@ def get_decode_jpeg_and_inception_crop(size, area_min=5, area_max=100,
   def decode_crop(data):
     data, seed = next_rng(data, "decode_jpeg_and_inception_crop")
     shape = tf.image.extract_jpeg_shape(data[key])
-    begin, crop, _ = _sample_inception_box(shape, seed, area_min, area_max)
+    begin, crop = _sample_inception_box(shape, seed, area_min, area_max)
     window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
     image = tf.image.decode_and_crop_jpeg(data[key], window, channels=3)
     return {**data, key: _resize(image, hw)}
@@ -244,7 +245,7 @@ def _sample_inception_box(shape, seed, area_min, area_max):
       aspect_ratio_range=(3 / 4, 4 / 3),
       min_object_covered=0.0,
       use_image_if_no_bounding_boxes=True)
-  return begin, size, None
+  return begin, size
 
 
 @register("inception_crop")
@@ -255,7 +256,7 @@ def get_inception_crop(size, area_min=5, area_max=100, key="image"):
   def inception_crop(data):
     data, seed = next_rng(data, "inception_crop")
     image = data[key]
-    begin, crop, _ = _sample_inception_box(
+    begin, crop = _sample_inception_box(
         tf.shape(image), seed, area_min, area_max)
     image = tf.slice(image, begin, crop)
     image = _resize(image, hw)
