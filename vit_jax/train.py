@@ -68,9 +68,9 @@ class Setup:
     overrides: tuple
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
     """Creates the mesh, checks the batch sizes, writes the resolved config (process 0)."""
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
     accum = int(config.get("grad_accum_steps", 1) or 1)
     if config.batch_size % accum or (config.batch_size // accum) % sharding.num_batch_shards(mesh):
@@ -488,7 +488,7 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step)}
-        row.update({k: (float(v) if v is not None else None) for k, v in metrics.items()})
+        row.update({k: (v if isinstance(v, int) or v is None else float(v)) for k, v in metrics.items()})
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
         if self._tb is not None:
@@ -533,16 +533,18 @@ def _check_finite(step: int, loss: float, ckpt: Checkpointer) -> None:
             f"enable config.optim.grad_clip_norm or check the input data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=None,
+                       devices=None) -> dict:
     """Trains and evaluates; resumes from workdir/checkpoints when present.
 
     ``data``: an object with the vit_jax.data API (train_iterator, eval_iterator);
-    defaults to vit_jax.data. Returns the final metrics (and 'state').
+    defaults to vit_jax.data. ``devices``: the devices of the mesh (default all).
+    Returns the final metrics (and 'state').
     """
     data = _data_module(data)
 
     # 1. Setup -----------------------------------------------------------------
-    s = setup(config, workdir)
+    s = setup(config, workdir, devices)
     mesh = s.mesh
 
     # 2. Model, optimizer, state: created / restored straight into their shardings

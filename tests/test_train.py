@@ -1,0 +1,259 @@
+"""Train loop: learns, mesh-independent, exact resume, SIGTERM, NaN stop, clear errors."""
+import importlib.util
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import train
+
+# Identical programs (the same config run again, e.g. when resuming) compile once.
+jax.config.update("jax_compilation_cache_dir", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "vit_jax_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config_file(name, arg=None):
+  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(REPO, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+class InMemoryData:
+  """The vit_jax.data API over a small synthetic, learnable dataset.
+
+  Batch k is a pure function of (seed, k) like the real pipeline. Hooks:
+  `on_batch(k)` is called before batch k (0-based step index) is yielded,
+  `nan_at` puts NaNs into batch k.
+  """
+
+  def __init__(self, n=64, num_classes=4, size=32, seed=0, on_batch=None, nan_at=None):
+    r = np.random.default_rng(seed)
+    self.num_classes = num_classes
+    self.y = r.integers(0, num_classes, n)
+    protos = r.normal(size=(num_classes, size, size, 3)).astype(np.float32)
+    self.x = np.clip(0.6 * protos[self.y] + 0.3 * r.normal(size=(n, size, size, 3)), -1, 1
+                     ).astype(np.float32)
+    self.on_batch, self.nan_at = on_batch, nan_at
+
+  def _onehot(self, idx):
+    return np.eye(self.num_classes, dtype=np.float32)[self.y[idx]]
+
+  def train_iterator(self, config, *, global_batch_size, seed, start_step, process_index=None,
+                     process_count=None):
+    pi, pc = process_index or 0, process_count or 1
+    b = global_batch_size // pc
+    k = start_step
+    while True:
+      if self.on_batch:
+        self.on_batch(k)
+      idx = np.random.default_rng([seed, k]).choice(len(self.y), global_batch_size)
+      idx = idx[pi * b:(pi + 1) * b]
+      image = self.x[idx].copy()
+      if self.nan_at is not None and k == self.nan_at:
+        image[:] = np.nan
+      yield {"image": image, "labels": self._onehot(idx)}
+      k += 1
+
+  def eval_iterator(self, config, split, *, global_batch_size, process_index=None, process_count=None):
+    pi, pc = process_index or 0, process_count or 1
+    b, n = global_batch_size // pc, len(self.y)
+    for start in range(0, n, global_batch_size):
+      idx = np.arange(start + pi * b, start + (pi + 1) * b)
+      mask = (idx < n).astype(np.float32)
+      idx = np.minimum(idx, n - 1)
+      yield {"image": self.x[idx], "labels": self._onehot(idx), "mask": mask}
+
+
+def tiny_config(**kw):
+  """ViT-test (32px, 8px patches, width 32) on InMemoryData: a few seconds per run."""
+  c = load_config_file("digits.py")
+  for k in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim"):
+    c.model[k] = None
+  c.model.dropout_rate = 0.1
+  c.num_classes = 4
+  c.dataset = "in_memory"
+  c.test_split = "test"
+  c.total_steps = 6
+  c.warmup_steps = 2
+  c.batch_size = 16
+  c.eval_batch_size = 24  # 64 examples -> the last batch is padded
+  c.log_every = 1
+  c.eval_every = 0
+  c.checkpoint_every = 2
+  c.progress_bar = False
+  c.optim.lr = 3e-3
+  for k, v in kw.items():
+    target = c
+    *parents, last = k.split(".")
+    for p in parents:
+      target = target[p]
+    target[last] = v
+  return c
+
+
+def losses(workdir):
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def params_of(results):
+  return jax.tree.map(np.asarray, results["state"]["params"])
+
+
+def assert_trees_equal(a, b):
+  fa, fb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  for (p, x), (_, y) in zip(fa, fb):
+    np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("full"))
+  res = train.train_and_evaluate(tiny_config(), wd, data=InMemoryData())
+  return wd, res
+
+
+def test_run_writes_metrics_config_events_and_checkpoints(uninterrupted):
+  wd, res = uninterrupted
+  rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  assert all("step" in r for r in rows)
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+  for key in ("train/accuracy", "train/lr", "train/grad_norm", "train/images_per_sec", "train/step_time"):
+    assert key in train_rows[-1]
+  # Warm-up: the first step already has a non-zero learning rate.
+  assert train_rows[0]["train/lr"] == pytest.approx(3e-3 / 2)
+  assert train_rows[1]["train/lr"] == pytest.approx(3e-3)
+  test_rows = [r for r in rows if "test/accuracy" in r]
+  assert test_rows[-1]["step"] == 6 and test_rows[-1]["test/count"] == 64  # every example once
+  assert json.load(open(os.path.join(wd, "config.json")))["model_name"] == "ViT-test"
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(wd, "tensorboard")))
+  assert sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()) == [4, 6]
+
+
+def test_digits_config_learns(tmp_path):
+  """The README's default config, shortened: real digits pipeline, far above chance (10%)."""
+  c = load_config_file("digits.py")
+  c.data_dir = str(tmp_path / "tfds")
+  c.total_steps, c.warmup_steps, c.log_every, c.eval_every, c.checkpoint_every = 150, 20, 50, 0, 0
+  c.model.dropout_rate = 0.0
+  c.ema_decay = 0.9  # also exercises the EMA (evaluated instead of the raw params)
+  c.progress_bar = False
+  res = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert res["test/accuracy"] > 0.6, res
+  from vit_jax import data
+  assert res["test/count"] == data.num_examples(c, "test")  # every test image counted once
+  ema, params = res["state"]["ema"], res["state"]["params"]
+  assert any(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) > 0
+             for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params)))
+
+
+def _sgd_config(**kw):
+  c = tiny_config(total_steps=4, checkpoint_every=0, **kw)
+  c.model.dropout_rate = 0.0
+  c.optim.name, c.optim.lr = "sgd", 0.3
+  return c
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("one")
+  c = _sgd_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, 1, 1
+  return wd, train.train_and_evaluate(c, str(wd), data=InMemoryData(), devices=jax.devices()[:1])
+
+
+def test_mesh_2x2x2_matches_one_device(tmp_path, one_device_run):
+  wd1, r1 = one_device_run
+  c8 = _sgd_config()
+  c8.mesh.data, c8.mesh.fsdp, c8.mesh.model = 2, 2, 2
+  r8 = train.train_and_evaluate(c8, str(tmp_path), data=InMemoryData())
+  # Parameters really are sharded over fsdp and model.
+  specs = {str(x.sharding.spec) for x in jax.tree.leaves(r8["state"]["params"])}
+  assert any("fsdp" in s for s in specs) and any("model" in s for s in specs)
+  l1, l8 = losses(wd1), losses(tmp_path)
+  assert sorted(l1) == sorted(l8) == [1, 2, 3, 4]
+  assert l1[4] < l1[1]  # it trains
+  np.testing.assert_allclose([l8[k] for k in sorted(l8)], [l1[k] for k in sorted(l1)], rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_of(r1), params_of(r8))
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, one_device_run):
+  wd1, r1 = one_device_run
+  c = _sgd_config(grad_accum_steps=4)
+  c.mesh.data = 1
+  r2 = train.train_and_evaluate(c, str(tmp_path), data=InMemoryData(), devices=jax.devices()[:1])
+  l1, l2 = losses(wd1), losses(tmp_path)
+  np.testing.assert_allclose([l2[k] for k in sorted(l2)], [l1[k] for k in sorted(l1)], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               params_of(r1), params_of(r2))
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_sigterm_then_kill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
+  _, full = uninterrupted
+  wd = str(tmp_path)
+
+  def sigterm_at_2(k):  # SIGTERM arrives while step 3 (index 2) runs
+    if k == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  r = train.train_and_evaluate(tiny_config(), wd, data=InMemoryData(on_batch=sigterm_at_2))
+  assert r["preempted_at"] == 3
+  assert "3" in os.listdir(os.path.join(wd, "checkpoints"))
+
+  def crash_at_4(k):  # a hard kill during step 5: steps after the last save (4) are lost
+    if k == 4:
+      raise _Crash()
+
+  with pytest.raises(_Crash):
+    train.train_and_evaluate(tiny_config(), wd, data=InMemoryData(on_batch=crash_at_4))
+  r = train.train_and_evaluate(tiny_config(), wd, data=InMemoryData())
+  assert_trees_equal(params_of(r), params_of(full))
+  assert_trees_equal(jax.tree.map(np.asarray, r["state"]["opt_state"]),
+                     jax.tree.map(np.asarray, full["state"]["opt_state"]))
+
+
+def test_restore_onto_another_mesh(uninterrupted):
+  wd, full = uninterrupted
+  c = tiny_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, 2, 2
+  s = train.setup(c, wd, devices=jax.devices()[:4])
+  spec = train.abstract_model(c)
+  from vit_jax import optim
+  tx = optim.make_optimizer(c)
+  abstract, shardings = train.state_shardings(c, spec, tx, s)
+  ckpt = train.Checkpointer(wd, c)
+  state, meta = ckpt.restore(abstract, shardings)
+  ckpt.close()
+  assert meta["step"] == 6 and int(state["step"]) == 6
+  assert_trees_equal(jax.tree.map(np.asarray, state["params"]), params_of(full))
+  leaf = state["params"]["head"]["kernel"] if "head" in state["params"] else jax.tree.leaves(state["params"])[0]
+  assert len(leaf.sharding.device_set) == 4
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+  wd = str(tmp_path)
+  with pytest.raises(FloatingPointError, match=r"at step 5\b.*last good checkpoint is step 4"):
+    train.train_and_evaluate(tiny_config(), wd, data=InMemoryData(nan_at=4))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit())
+  assert steps == [2, 4]
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the 8 batch shards"):
+    train.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path), data=InMemoryData())
+
+

@@ -1,0 +1,145 @@
+"""Command line: train and evaluate from an ml_collections config.
+
+  python -m vit_jax.main --config=configs/digits.py --workdir=/tmp/digits
+  python -m vit_jax.main --config=configs/finetune.py:b16,cifar100 --workdir=DIR \
+      --config.batch_size=256 --config.pretrained=ViT-B_16.npz
+
+Running the same command again with the same workdir resumes from its last
+checkpoint. Multi-host: pass --coordinator_address=host:port --num_processes=N
+--process_id=i on every process (auto-detected on TPU pods and SLURM when
+omitted). On CPU the processes talk over gloo, so several local processes can
+train together:
+
+  for i in 0 1; do python -m vit_jax.main --config=configs/digits.py --workdir=/tmp/d2 \
+      --coordinator_address=localhost:12345 --num_processes=2 --process_id=$i \
+      --num_cpu_devices=2 & done
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Run config file, e.g. configs/digits.py or configs/finetune.py:b16,cifar100.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROC = flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-host).")
+_PROC_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+_NUM_CPU = flags.DEFINE_integer("num_cpu_devices", None,
+                                "Simulate this many CPU devices in this process (CPU only).")
+
+
+# --------------------------------------------------------------------------
+# Unknown --config.* keys: fail with the list of valid keys
+# --------------------------------------------------------------------------
+def config_keys(config, prefix="") -> list[str]:
+    """Every dotted field name of a ConfigDict (nested dicts included)."""
+    out = []
+    for k, v in config.items():
+        name = f"{prefix}{k}"
+        out.append(name)
+        if hasattr(v, "items") and not isinstance(v, (str, bytes)):
+            out.extend(config_keys(v, name + "."))
+    return out
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Raises app.UsageError naming an unknown --config.<key> and listing the valid ones."""
+    spec = None
+    for a in argv[1:]:
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+    if spec is None or not overrides:
+        return
+    path, _, arg = spec.partition(":")
+    config = load_config(path, arg or None)
+    valid = set(config_keys(config))
+    for key in overrides:
+        if key not in valid:
+            raise app.UsageError(
+                f"Unknown config key --config.{key} for {spec}. Valid keys:\n  "
+                + "\n  ".join(sorted(valid)))
+
+
+def load_config(path: str, arg: str | None = None):
+    """Loads configs/X.py and calls get_config(arg) (as config_flags does)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_vit_run_config", path)
+    if spec is None:
+        raise app.UsageError(f"Config file {path!r} not found.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def _parse_flags(argv):
+    check_overrides(argv)
+    return flags.FLAGS(argv)
+
+
+# --------------------------------------------------------------------------
+# Multi-host initialisation
+# --------------------------------------------------------------------------
+def _auto_multihost() -> bool:
+    """True on multi-process launches that jax.distributed can detect by itself."""
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    if "," in hosts:
+        return True
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    return False
+
+
+def init_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                     num_cpu_devices=None) -> None:
+    """jax.distributed.initialize from flags (or auto-detection); gloo collectives on CPU."""
+    import jax
+    if num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
+    multi = bool(coordinator_address) or (num_processes or 1) > 1 or _auto_multihost()
+    if not multi:
+        return
+    # CPU devices of several processes communicate through gloo (no-op for TPU/GPU devices).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator_address:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    else:
+        jax.distributed.initialize()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required.")
+    init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
+    import jax
+    from vit_jax import train
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / tf chatter
+    if jax.process_index() == 0:
+        logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
+                     jax.device_count(), jax.devices()[0].device_kind)
+    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if jax.process_index() == 0:
+        summary = {k: v for k, v in results.items() if k != "state" and isinstance(v, (int, float))}
+        print(json.dumps(summary, sort_keys=True), file=sys.stdout, flush=True)
+
+
+def run():
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()
