@@ -223,3 +223,20 @@ def shard_batch(x):
 def stack_layers(layers: dict[str, jax.Array] | Sequence[jax.Array]) -> list[jax.Array]:
     vals = list(layers.values()) if isinstance(layers, dict) else list(layers)
     return [v.reshape(v.shape[0], -1) for v in vals]
+
+
+def randomize_head(model, seed: int = 0, scale: float | None = None):
+    """Replaces a zero-initialised classifier head by a random one (in place; returns the model).
+
+    The registry initialises head kernels to zero (as the published code does),
+    so an untrained model's logits are all 0 and class-logit objectives have no
+    gradient. Untrained-model demos of class objectives call this first.
+    ``scale`` defaults to 1/sqrt(fan_in).
+    """
+    head = getattr(model, "head", None)
+    if head is None or not hasattr(head, "kernel"):
+        raise ValueError(f"{type(model).__name__} has no `head` Dense layer")
+    k = head.kernel[...]
+    scale = 1.0 / math.sqrt(k.shape[0]) if scale is None else scale
+    head.kernel[...] = scale * jax.random.normal(jax.random.PRNGKey(seed), k.shape, k.dtype)
+    return model
