@@ -235,13 +235,25 @@ def test_restore_onto_another_mesh(uninterrupted):
   from vit_jax import optim
   tx = optim.make_optimizer(c)
   abstract, shardings = train.state_shardings(c, spec, tx, s)
-  ckpt = train.Checkpointer(wd, c)
+  ckpt = train.make_checkpointer(wd, c)
   state, meta = ckpt.restore(abstract, shardings)
   ckpt.close()
   assert meta["step"] == 6 and int(state["step"]) == 6
   assert_trees_equal(jax.tree.map(np.asarray, state["params"]), params_of(full))
   leaf = state["params"]["head"]["kernel"] if "head" in state["params"] else jax.tree.leaves(state["params"])[0]
   assert len(leaf.sharding.device_set) == 4
+
+
+def test_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
+  wd, full = uninterrupted
+  from vit_jax import checkpoint
+  model = checkpoint.load(wd)
+  assert model.config.name == "ViT-test" and model.config.num_classes == 4
+  assert model.config.dropout_rate == pytest.approx(0.1)  # the run's create() overrides
+  x = InMemoryData().x[:5]
+  spec = train.abstract_model(tiny_config())
+  expected = train.make_apply(spec)(jax.device_get(full["state"]["params"]), x)
+  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):

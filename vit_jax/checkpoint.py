@@ -461,3 +461,169 @@ def _materialize_abstract(cfg) -> nnx.Module:
 def load_workdir(workdir, step: int | None = None) -> nnx.Module:
   raise NotImplementedError("training-state checkpoints are added with the "
                             "training loop")
+
+
+# Training state (orbax)
+# ---------------------------------------------------------------------------
+# A training run's workdir holds checkpoints/<step>/ with two items: 'state'
+# (the train state dict: params, opt_state, step, rng[, ema]; saved with
+# orbax's StandardSave, so it restores onto any mesh) and 'meta' (JSON: step,
+# input position, and the models.create() arguments that rebuild the model).
+# This section (written with the training loop) redefines `load_workdir`.
+
+
+class TrainCheckpointer:
+  """orbax CheckpointManager under <workdir>/checkpoints/<step>/.
+
+  Asynchronous saves; keeps the last `keep` checkpoints plus the best
+  `keep_best` by the 'val/accuracy' metric passed to `save`.
+  """
+
+  def __init__(self, workdir, *, keep: int = 2, keep_best: int = 0,
+               read_only: bool = False):
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import checkpoint_managers as cm
+    self._ocp = ocp
+    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)),
+                                  "checkpoints")
+    policies = [cm.LatestN(n=max(int(keep), 1))]
+    if keep_best and int(keep_best) > 0:
+      policies.append(cm.BestN(get_metric_fn=lambda m: m["val/accuracy"],
+                               n=int(keep_best),
+                               keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=cm.AnyPreservationPolicy(policies),
+        create=not read_only, read_only=read_only,
+        enable_async_checkpointing=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, state, *, meta: Mapping[str, Any],
+           metrics: Mapping[str, float] | None = None) -> None:
+    """Starts an asynchronous save of `state` at step meta['step']."""
+    ocp = self._ocp
+    step = int(meta["step"])
+    if step in self.manager.all_steps():
+      return
+    best = ({"val/accuracy": float(metrics["val/accuracy"])}
+            if metrics and "val/accuracy" in metrics else None)
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
+                      metrics=best, force=True)
+
+  def restore(self, abstract_state, shardings=None, step: int | None = None):
+    """Restores (state, meta) onto `shardings` (any mesh); (None, None) if empty.
+
+    `abstract_state` is a tree of ShapeDtypeStructs; `shardings` the matching
+    tree of jax.sharding.Sharding (None: use the structs' own shardings).
+    """
+    ocp = self._ocp
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None, None
+    if shardings is not None:
+      abstract_state = jax.tree.map(
+          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+          abstract_state, shardings)
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def restore_meta(self, step: int | None = None) -> dict | None:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      return None
+    out = self.manager.restore(step, args=self._ocp.args.Composite(
+        meta=self._ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+  def restore_params(self, abstract_params, step: int | None = None,
+                     key: str = "params"):
+    """Only state[key] (e.g. 'params' or 'ema'), onto the structs' shardings."""
+    ocp = self._ocp
+    step = self.latest_step() if step is None else step
+    path = os.path.join(self.directory, str(step), "state")
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), abstract_params)
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
+          item={key: abstract_params}, restore_args={key: restore_args},
+          partial_restore=True))
+    return out[key]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
+               model_overrides: Mapping[str, Any], has_ema: bool = False
+               ) -> dict:
+  """The JSON metadata saved with each training checkpoint."""
+  def plain(v):
+    if isinstance(v, (jnp.dtype, np.dtype)) or (isinstance(v, type) and
+                                                 issubclass(v, np.generic)):
+      return str(jnp.dtype(v))
+    if hasattr(v, "dtype") and not hasattr(v, "shape"):
+      return str(jnp.dtype(v))
+    return v
+  return {"step": int(step), "data_position": int(step),
+          "model_name": model_name, "num_classes": int(num_classes),
+          "img_size": img_size if isinstance(img_size, int) else list(img_size),
+          "model_overrides": {k: plain(v) for k, v in model_overrides.items()},
+          "has_ema": bool(has_ema)}
+
+
+def _model_from_meta(meta: Mapping[str, Any]):
+  """An abstract model (no memory) described by a checkpoint's metadata."""
+  overrides = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in meta.get("model_overrides", {}).items()}
+  img_size = meta["img_size"]
+  img_size = tuple(img_size) if isinstance(img_size, list) else img_size
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: models.create(
+        meta["model_name"], num_classes=meta["num_classes"], img_size=img_size,
+        **overrides))
+
+
+def load_workdir(workdir, step: int | None = None, *, ema: bool | None = None
+                 ) -> nnx.Module:  # noqa: F811  (replaces the placeholder above)
+  """The trained model of a training run (latest checkpoint, or `step`).
+
+  The model is rebuilt from the checkpoint's metadata (model name and
+  models.create() arguments) and its parameters restored onto the first
+  local device. `ema`: load the EMA parameters (default: when the run kept
+  an EMA, as its evaluation did).
+  """
+  ckpt = TrainCheckpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(
+          f"No training checkpoint under {ckpt.directory}: train first with "
+          f"python -m vit_jax.main --config=... --workdir={workdir}")
+    meta = ckpt.restore_meta(step)
+    abstract = _model_from_meta(meta)
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    device = jax.local_devices()[0]
+    target = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                       sharding=jax.sharding.SingleDeviceSharding(device)),
+        nnx.to_pure_dict(abstract_params))
+    use_ema = meta.get("has_ema", False) if ema is None else ema
+    params = ckpt.restore_params(target, step, key="ema" if use_ema else "params")
+  finally:
+    ckpt.close()
+  nnx.replace_by_pure_dict(abstract_params, params)
+  return nnx.merge(graphdef, abstract_params, rest)

@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from vit_jax import checkpoint
 from vit_jax import evaluate as eval_lib
 from vit_jax import optim
 from vit_jax import sharding
@@ -210,7 +211,6 @@ def load_pretrained(config, spec: ModelSpec, params, param_shardings):
     resize, new head, named key mismatches); a workdir is exported to .npz
     layout first so the same resize / head rules apply.
     """
-    from vit_jax import checkpoint
     path = config.pretrained
     model = params_to_model(spec, params)
     if os.path.isdir(path):
@@ -370,68 +370,21 @@ def run_fewshot(config, data, feature_step, state, mesh) -> dict:
 # ==========================================================================
 # 5. Checkpoints (orbax)
 # ==========================================================================
-class Checkpointer:
+def make_checkpointer(workdir: str, config) -> "checkpoint.TrainCheckpointer":
     """orbax CheckpointManager under workdir/checkpoints/<step>/ (async; last N + best N by val accuracy).
 
     Each checkpoint holds the train state (params, opt_state, step, rng, ema)
-    and JSON metadata with the input position and how to rebuild the model.
+    and JSON metadata with the input position and how to rebuild the model
+    (see vit_jax.checkpoint, "Training state (orbax)").
     """
-
-    def __init__(self, workdir: str, config):
-        import orbax.checkpoint as ocp
-        from orbax.checkpoint import checkpoint_managers as cm
-        self._ocp = ocp
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        policies = [cm.LatestN(n=max(int(config.get("keep_checkpoints", 2)), 1))]
-        if int(config.get("keep_best_checkpoints", 0) or 0) > 0:
-            policies.append(cm.BestN(get_metric_fn=lambda m: m["val/accuracy"],
-                                     n=int(config.keep_best_checkpoints),
-                                     keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
-            preservation_policy=cm.AnyPreservationPolicy(policies), create=True,
-            enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, state, *, meta: dict, metrics: dict | None = None, force: bool = True) -> None:
-        ocp = self._ocp
-        step = int(meta["step"])
-        metrics = ({"val/accuracy": float(metrics["val/accuracy"])}
-                   if metrics and "val/accuracy" in metrics else None)
-        if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)),
-                          metrics=metrics, force=force)
-
-    def restore(self, abstract_state, shardings, step: int | None = None):
-        """Restores onto the given shardings (any mesh); returns (state, meta) or (None, None)."""
-        ocp = self._ocp
-        step = self.latest_step() if step is None else step
-        if step is None:
-            return None, None
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_state, shardings)
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    return checkpoint.TrainCheckpointer(workdir, keep=int(config.get("keep_checkpoints", 2)),
+                                        keep_best=int(config.get("keep_best_checkpoints", 0) or 0))
 
 
 def checkpoint_meta(config, step: int) -> dict:
-    return {"step": int(step), "data_position": int(step), "model_name": config.model_name,
-            "num_classes": int(config.num_classes), "img_size": int(config.img_size),
-            "model_overrides": {k: (str(jnp.dtype(v)) if k in ("dtype", "param_dtype") else v)
-                                for k, v in model_overrides(config).items()}}
+    return checkpoint.train_meta(step=step, model_name=config.model_name, num_classes=config.num_classes,
+                                 img_size=config.img_size, model_overrides=model_overrides(config),
+                                 has_ema=bool(config.get("ema_decay", 0.0)))
 
 
 class Preemption:
@@ -522,7 +475,7 @@ def _data_module(data):
     return data_lib
 
 
-def _check_finite(step: int, loss: float, ckpt: Checkpointer) -> None:
+def _check_finite(step: int, loss: float, ckpt) -> None:
     if not math.isfinite(loss):
         ckpt.wait()
         last = ckpt.latest_step()
@@ -552,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
     schedule = optim.schedule_from_config(config)
     tx = optim.make_optimizer(config, schedule)
     abstract_state, shardings = state_shardings(config, spec, tx, s)
-    ckpt = Checkpointer(workdir, config)
+    ckpt = make_checkpointer(workdir, config)
     state, meta = ckpt.restore(abstract_state, shardings)
     if state is None:
         state = create_train_state(config, spec, tx, shardings)
