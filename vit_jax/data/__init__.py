@@ -5,6 +5,12 @@
     data.train_iterator(config, global_batch_size=..., seed=..., start_step=...)
     data.eval_iterator(config, split, global_batch_size=...)
 
+Config fields read here: dataset (tfds name, 'digits', or 'vtab:<task>'),
+data_dir (None = tfds default), train_split / val_split / test_split (tfds
+split strings, or VTAB split names such as 'train800val200'), num_classes,
+pp_train / pp_eval (spec strings, see preprocess.py), shuffle_buffer,
+prefetch, mixup.alpha (0 = off); optional cache_raw ('auto' | True | False).
+
 Modules: pipeline (iterators, dataset resolution, errors), preprocess (ops
 parsed from spec strings), randaug (RandAugment), vtab (VTAB-1k task table),
 digits (scikit-learn digits as the offline tfds dataset 'digits').

@@ -46,6 +46,13 @@ from vit_jax.data import vtab
 
 Batch = dict[str, np.ndarray]
 
+# TensorFlow only runs tf.data here: keep it off the GPUs that JAX uses (a
+# no-op with tensorflow-cpu; too late if TF already touched its devices).
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:
+  pass
+
 # Datasets that are built from files shipped in Python packages, never
 # downloaded: preparing them on first use is safe everywhere.
 OFFLINE_BUILDERS = {"digits": digits_lib.Digits}
