@@ -32,8 +32,9 @@ def base() -> ml_collections.ConfigDict:
   c.test_split = config_dict.placeholder(str)  # split evaluated at the end (and every eval_every)
   c.num_classes = 100  # classifier outputs
   c.multi_label = False  # sigmoid cross-entropy over multi-hot labels instead of softmax
-  c.pp_train = 'decode|inception_crop(224)|flip_lr|value_range(-1,1)|onehot(100)'  # train preprocessing ops
-  c.pp_eval = 'decode|resize(224)|value_range(-1,1)|onehot(100)'  # eval preprocessing ops
+  # pp specs may use '{img_size}', '{num_classes}' and '{resize}' (img_size*448/384), filled by train.py.
+  c.pp_train = 'decode|inception_crop({img_size})|flip_lr|value_range(-1, 1)|onehot({num_classes})'  # train ops
+  c.pp_eval = 'decode|resize({img_size})|value_range(-1, 1)|onehot({num_classes})'  # eval preprocessing ops
   c.shuffle_buffer = 50_000  # examples in the train shuffle buffer
   c.prefetch = 2  # batches prefetched by tf.data
   c.mixup = ml_collections.ConfigDict()

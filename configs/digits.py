@@ -33,8 +33,8 @@ def get_config(arg=None):
   c.val_split = None  # no separate validation split (the test split is reported)
   c.test_split = 'test'  # ~300 images
   c.num_classes = 10  # digits 0-9
-  c.pp_train = 'decode|resize(32)|value_range(-1,1)|onehot(10)'  # no augmentation
-  c.pp_eval = 'decode|resize(32)|value_range(-1,1)|onehot(10)'
+  c.pp_train = 'decode|resize({img_size})|value_range(-1, 1)|onehot({num_classes})'  # no augmentation
+  c.pp_eval = 'decode|resize({img_size})|value_range(-1, 1)|onehot({num_classes})'  # same, no randomness
   c.shuffle_buffer = 2_000  # the whole training set
 
   c.total_steps = 1_500  # ~125 epochs at batch 128

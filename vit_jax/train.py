@@ -69,6 +69,22 @@ class Setup:
     overrides: tuple
 
 
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy with '{img_size}', '{num_classes}', '{resize}' filled into pp_train / pp_eval.
+
+    ``resize`` is the fine-tuning resize before the random crop: img_size * 448 / 384.
+    So overriding --config.img_size or --config.num_classes keeps the preprocessing consistent.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    fields = {"img_size": config.img_size, "num_classes": config.num_classes,
+              "resize": int(round(int(config.img_size) * 448 / 384))}
+    for key in ("pp_train", "pp_eval"):
+        if isinstance(config.get(key), str):
+            config[key] = config[key].format(**fields)
+    config.lock()
+    return config
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
     """Creates the mesh, checks the batch sizes, writes the resolved config (process 0)."""
     mesh = sharding.make_mesh(config.mesh, devices)
@@ -475,6 +491,28 @@ def _data_module(data):
     return data_lib
 
 
+def _check_batch_shape(config, host_batch) -> None:
+    want = (config.img_size, config.img_size, 3)
+    got = tuple(host_batch["image"].shape[1:])
+    if got != want:
+        raise ValueError(f"config.pp_train yields images of shape {got} but the model expects {want} "
+                         f"(config.img_size={config.img_size}); make pp_train / pp_eval resize to img_size "
+                         f"(they may use '{{img_size}}').")
+    if host_batch["labels"].shape[-1] != config.num_classes:
+        raise ValueError(f"Labels have {host_batch['labels'].shape[-1]} classes but config.num_classes="
+                         f"{config.num_classes}; fix the onehot() in pp_train / pp_eval.")
+
+
+def check_data(config, data) -> None:
+    """Fails early (before compiling) when a split is missing or not prepared offline."""
+    if not hasattr(data, "num_examples"):
+        return
+    for key in ("train_split", "val_split", "test_split"):
+        split = config.get(key)
+        if split:
+            data.num_examples(config, split)  # raises data.DatasetNotPreparedError with a hint
+
+
 def _check_finite(step: int, loss: float, ckpt) -> None:
     if not math.isfinite(loss):
         ckpt.wait()
@@ -495,10 +533,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
     Returns the final metrics (and 'state').
     """
     data = _data_module(data)
+    config = resolve_config(config)
 
     # 1. Setup -----------------------------------------------------------------
     s = setup(config, workdir, devices)
     mesh = s.mesh
+    check_data(config, data)
 
     # 2. Model, optimizer, state: created / restored straight into their shardings
     spec = abstract_model(config)
@@ -552,6 +592,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
             t_last, steps_since, last_log_step = time.perf_counter(), 0, start_step
             for step in range(start_step + 1, total + 1):
                 host_batch = next(train_iter)
+                if step == start_step + 1:
+                    _check_batch_shape(config, host_batch)
                 batch = sharding.global_batch({"image": host_batch["image"],
                                                "labels": host_batch["labels"]}, mesh)
                 state, metrics = train_step(state, batch)

@@ -1,0 +1,147 @@
+"""CLI and configs: unknown keys, every config loads, fine-tuning from a published .npz
+(position-embedding resize, new head) on mocked cifar100 and a mocked VTAB task, the VTAB
+driver's table, and the failure messages of issue 3 item 7."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from absl import app
+
+from vit_jax import checkpoint, data, main, models, train
+from vit_jax import vtab as vtab_driver
+
+import test_train  # noqa: E402  (tests/ is on sys.path under pytest)
+from test_train import load_config_file
+
+CONFIGS = os.path.join(test_train.REPO, "configs")
+
+
+def test_unknown_config_key_lists_valid_keys():
+  argv = ["main", f"--config={CONFIGS}/digits.py", "--workdir=/tmp/x", "--config.optim.lrr=0.1"]
+  with pytest.raises(app.UsageError) as e:
+    main.check_overrides(argv)
+  msg = str(e.value)
+  assert "--config.optim.lrr" in msg and "optim.lr\n" in msg and "mesh.fsdp" in msg
+  main.check_overrides(argv[:-1] + ["--config.optim.lr=0.1"])  # valid keys pass
+
+
+@pytest.mark.parametrize("spec", ["digits.py", "finetune.py:b16,cifar100", "finetune.py:s16,oxford_iiit_pet",
+                                  "vtab.py:b16,clevr/count_all", "pretrain.py:b16,imagenet21k,medium",
+                                  "pretrain.py:l16,jft,strong"])
+def test_configs_load_with_commented_common_fields(spec):
+  path, _, arg = spec.partition(":")
+  c = load_config_file(path, arg or None)
+  for key in ("total_steps", "warmup_steps", "batch_size", "eval_every", "log_every", "checkpoint_every",
+              "seed", "pretrained"):
+    assert key in c
+  assert set(c.mesh.keys()) == {"data", "fsdp", "model"}
+  assert c.model_name in models.names()
+  if path == "pretrain.py" and "jft" in arg:
+    assert c.multi_label and c.model.head_bias_init == -10 and "multi_hot" in c.pp_train
+  if path == "finetune.py" and "cifar100" in arg:
+    assert (c.img_size, c.total_steps, c.batch_size, c.optim.name) == (384, 10_000, 512, "sgd")
+  # Every field has a one-line comment in the config sources.
+  src = open(os.path.join(CONFIGS, "common.py")).read()
+  for line in src.splitlines():
+    if line.strip().startswith("c.") and "=" in line and "ConfigDict()" not in line:
+      assert "#" in line, line
+
+
+def _fake_metadata(data_dir, name, split_sizes):
+  """dataset_info.json for a mocked tfds dataset with these split sizes."""
+  builder = tfds.builder(name, data_dir=str(data_dir))
+  template = tfds.core.ShardedFileTemplate(data_dir=builder.data_dir, dataset_name=builder.name,
+                                           filetype_suffix="tfrecord", split="train")
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name=s, shard_lengths=[n], num_bytes=0,
+                          filename_template=template.replace(split=s)) for s, n in split_sizes.items()]))
+  os.makedirs(builder.data_dir, exist_ok=True)
+  builder.info.write_to_directory(builder.data_dir)
+
+
+@pytest.fixture(scope="module")
+def published_npz(tmp_path_factory):
+  """A published-layout .npz of ViT-test at 16px with a 7-class head."""
+  path = str(tmp_path_factory.mktemp("npz") / "ViT-test.npz")
+  checkpoint.save_npz(models.create("ViT-test", num_classes=7, img_size=16, rngs=__import__("flax").nnx.Rngs(3)),
+                      path)
+  return path
+
+
+def _shrink(c, tmp_path, npz):
+  c.model_name = "ViT-test"
+  c.img_size = 32
+  c.pretrained = npz
+  c.data_dir = str(tmp_path)
+  c.total_steps, c.warmup_steps, c.batch_size, c.eval_batch_size = 2, 1, 8, 16
+  c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 0
+  c.progress_bar = False
+  return c
+
+
+def test_finetune_from_npz_resizes_posemb_and_swaps_head(tmp_path, published_npz):
+  c = _shrink(load_config_file("finetune.py", "b16,cifar100"), tmp_path, published_npz)
+  spec = train.abstract_model(c)
+  from vit_jax import optim
+  s = train.setup(c, str(tmp_path / "wd0"))
+  tx = optim.make_optimizer(c)
+  _, shardings = train.state_shardings(c, spec, tx, s)
+  state = train.create_train_state(c, spec, tx, shardings)
+  flat = checkpoint.read_npz(published_npz)
+  params = jax.device_get(state["params"])
+  posemb = params["Transformer"]["posembed_input"]["pos_embedding"] if "Transformer" in params else None
+  if posemb is not None:
+    assert posemb.shape[1] == 1 + (32 // 8) ** 2  # resized from 1 + 2x2 to 1 + 4x4 tokens
+  assert np.all(params["head"]["kernel"] == 0) and params["head"]["kernel"].shape[-1] == 100
+  # A loaded (non-head, non-posemb) weight equals the file's.
+  key = "embedding/kernel"
+  np.testing.assert_array_equal(params["embedding"]["kernel"], flat[key])
+
+
+def test_finetune_runs_on_mocked_cifar100(tmp_path, published_npz):
+  c = _shrink(load_config_file("finetune.py", "b16,cifar100"), tmp_path, published_npz)
+  _fake_metadata(tmp_path, "cifar100", {"train": 40, "test": 40})
+  with tfds.testing.mock_data(num_examples=40, data_dir=str(tmp_path)):
+    res = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert np.isfinite(res["train/loss"]) and res["test/count"] == 40 and res["val/count"] > 0
+  assert not np.all(np.asarray(res["state"]["params"]["head"]["kernel"]) == 0)
+
+
+def test_vtab_driver_on_mocked_task(tmp_path, published_npz):
+  _fake_metadata(tmp_path, "dtd", {"train": 800, "validation": 200, "test": 24})
+  overrides = {"model_name": "ViT-test", "img_size": 32, "data_dir": str(tmp_path), "total_steps": 2,
+               "warmup_steps": 1, "batch_size": 8, "eval_batch_size": 16, "log_every": 1, "eval_every": 0,
+               "checkpoint_every": 0, "progress_bar": False}
+  with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
+    # No sweep here (one run); the sweep path is the same call with other splits.
+    res = vtab_driver.run_vtab("ViT-test", str(tmp_path / "vtab"), tasks=["dtd"],
+                               pretrained=published_npz, sweep=False, overrides=overrides)
+  r = res["dtd"]
+  assert r["group"] == "natural" and 0.0 <= r["test"] <= 1.0
+  runs = json.load(open(tmp_path / "vtab" / "vtab_runs.json"))
+  assert runs["dtd/final"]["test/count"] == 24
+  table = open(tmp_path / "vtab" / "vtab_results.md").read()
+  assert "| dtd | natural |" in table and "**natural**" in table and "**mean**" in table
+
+
+# ---- failure modes (issue 3, item 7) -------------------------------------------------------
+
+def test_pretrained_that_does_not_fit_names_the_keys(tmp_path):
+  npz = str(tmp_path / "wide.npz")
+  checkpoint.save_npz(models.create("ViT-test", num_classes=4, img_size=32, hidden_size=48, num_heads=2,
+                                    mlp_dim=64), npz)
+  c = test_train.tiny_config(pretrained=npz)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"(?s)shape mismatch.*MlpBlock_3/Dense_0/kernel: checkpoint \(48, 64\) vs model \(32, 64\)"):
+    train.train_and_evaluate(c, str(tmp_path / "wd"), data=test_train.InMemoryData())
+
+
+def test_dataset_not_prepared_names_data_dir_and_how_to_prepare(tmp_path):
+  c = load_config_file("finetune.py", "b16,cifar10")
+  c.model_name, c.img_size, c.batch_size, c.eval_batch_size = "ViT-test", 32, 8, 8
+  c.data_dir = str(tmp_path / "empty")
+  with pytest.raises(data.DatasetNotPreparedError) as e:
+    train.train_and_evaluate(c, str(tmp_path / "wd"))
+  assert str(tmp_path / "empty") in str(e.value) and "tfds build cifar10" in str(e.value)
