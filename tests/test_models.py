@@ -236,6 +236,8 @@ def test_config_properties():
   assert models.get_config("R+ViT-Ti_16", num_classes=1).patch_grid == (7, 7)
   with pytest.raises(ValueError, match="not divisible"):
     models.get_config("ViT-B_16", num_classes=1, img_size=100).patch_grid
+  with pytest.raises(ValueError, match="img_size=\\(48, 48\\)"):
+    models.create("ViT-test", num_classes=5, img_size=32)(jnp.zeros((1, 48, 48, 3)))
   with pytest.raises(ValueError, match="NHWC"):
     models.create("ViT-test", num_classes=5, img_size=32)(jnp.zeros((2, 3, 32, 32)))
 

@@ -309,6 +309,11 @@ class ViT(nnx.Module):
       inter.update(stem_aux)
     x = self.embedding(x)
     n, h, w, d = x.shape
+    if (h, w) != cfg.patch_grid:
+      raise ValueError(
+          f"{cfg.name} was built for {cfg.img_hw} images ({cfg.patch_grid} "
+          f"patches) but got {images.shape[1:3]}; create or load the model "
+          f"with img_size={images.shape[1:3]} (position embeddings are resized)")
     x = x.reshape(n, h * w, d)
     if cfg.num_prefix_tokens:
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (n, 1, d))
