@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from vit_jax.analysis import layers as _layers
 
@@ -245,89 +246,88 @@ def lucent_config(steps: int = 512) -> GenerationConfig:
         scales=(1.0, 0.975, 1.025, 0.95, 1.05), rotate_deg=5.0)
 
 
-def activation_fn(model, objective: Objective):
-    """``(fn, state)``: ``fn(state, images, targets) -> (B,)`` activations of image b for target b."""
-    info = _layers.model_info(model)
-    fwd, state = _layers.pure_forward(model)
+def _activation(graphdef, family: str, num_prefix_tokens: int, objective: "Objective"):
+    """``fn(state, images, targets) -> (B,)``: activation of image b for target b."""
 
     def fn(state, images, targets):
-        logits, inter = fwd(state, images)
+        logits, inter = nnx.merge(graphdef, state)(images, return_intermediates=True)
         if objective.kind == "logit":
             return jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
         if objective.kind != "unit":
             raise ValueError(f"objective kind must be 'logit' or 'unit', got {objective.kind!r}")
-        named = _layers.named_layers(inter, info.family)
+        named = _layers.named_layers(inter, family)
         if objective.layer not in named:
             raise ValueError(f"unknown layer {objective.layer!r}; layers: {list(named)}")
         rep = named[objective.layer]
         if rep.ndim == 4:
             rep = rep.reshape(rep.shape[0], -1, rep.shape[-1])
         else:
-            rep = rep[:, info.num_prefix_tokens:]
+            rep = rep[:, num_prefix_tokens:]
         chan = jnp.take_along_axis(rep, targets[:, None, None], axis=2)[..., 0]  # (B, tokens)
         if objective.patch is None:
             return chan.sum(axis=1)
         return chan[:, objective.patch]
 
-    return fn, state
+    return fn
 
 
-# ----------------------------------------------------------------------------
-# The optimisation
-# ----------------------------------------------------------------------------
+def activation_fn(model, objective: Objective):
+    """``(fn, state)``: ``fn(state, images, targets) -> (B,)`` activations of image b for target b."""
+    info = _layers.model_info(model)
+    return _activation(nnx.graphdef(model), info.family, info.num_prefix_tokens, objective), \
+        nnx.state(model)
 
 
-def _make_step(act_fn, objective: Objective, cfg: GenerationConfig, model_size: int,
-               canvas_size: int, radius: int, opt):
+@functools.partial(jax.jit, static_argnames=("graphdef", "family", "num_prefix_tokens", "objective"))
+def _eval_activation(state, images, targets, *, graphdef, family, num_prefix_tokens, objective):
+    return _activation(graphdef, family, num_prefix_tokens, objective)(state, images, targets)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "family", "num_prefix_tokens", "objective",
+                                             "cfg", "model_size", "canvas_size", "radius"))
+def _step(param, opt_state, state, targets, key, lr, sigma, *, graphdef, family, num_prefix_tokens,
+          objective, cfg, model_size, canvas_size, radius):
+    act_fn = _activation(graphdef, family, num_prefix_tokens, objective)
     fourier = cfg.parameterization == "fourier"
 
-    def loss_fn(param, state, targets, key):
-        img = fourier_image(param, cfg.decorrelate) if fourier else param
+    def loss_fn(cur, key):
+        img = fourier_image(cur, cfg.decorrelate) if fourier else cur
         x = img
         if cfg.pad or cfg.jitter or cfg.scales or cfg.rotate_deg:
             x = random_affine(key, x, model_size, cfg.pad, cfg.jitter, cfg.scales, cfg.rotate_deg)
         elif x.shape[1] != model_size:
             x = jax.image.resize(x, (x.shape[0], model_size, model_size, 3), "bilinear")
         act = act_fn(state, x, targets)
-        if objective.target_value is not None:
-            per = jnp.abs(objective.target_value - act)
-        else:
-            per = -act
+        per = -act if objective.target_value is None else jnp.abs(objective.target_value - act)
         if cfg.l2:
             per = per + cfg.l2 * jnp.mean(img**2, axis=(1, 2, 3))
         if cfg.tv:
             per = per + cfg.tv * total_variation(img)
         return per.sum(), act
 
-    @jax.jit
-    def step(param, opt_state, state, targets, key, lr, sigma):
-        kc, ka = jax.random.split(key)
-        if fourier:
-            cur, offs = param, None
-        elif canvas_size > model_size:
-            cur, offs = random_crops(kc, param, model_size)
-        else:
-            cur, offs = param, None
-        (_, act), g = jax.value_and_grad(loss_fn, has_aux=True)(cur, state, targets, ka)
-        if cfg.optimizer == "adam":
-            upd, opt_state = opt.update(g, opt_state, cur)
-            new = cur + lr * upd  # adam(1.0) gives the unit-rate direction
-        elif cfg.optimizer == "normalized":
-            axes = tuple(range(1, g.ndim))
-            new = cur - lr * g / (jnp.mean(jnp.abs(g), axis=axes, keepdims=True) + 1e-12)
-        elif cfg.optimizer == "sgd":
-            new = cur - lr * g
-        else:
-            raise ValueError(f"optimizer must be 'sgd', 'normalized' or 'adam', got {cfg.optimizer!r}")
-        if not fourier:
-            new = gaussian_blur(new, sigma, radius)
-            if cfg.clip:
-                new = jnp.clip(new, -1.0, 1.0)
-            if offs is not None:
-                new = paste_crops(param, new, offs)
-        return new, opt_state, act
-
-    return step
+    kc, ka = jax.random.split(key)
+    offs = None
+    cur = param
+    if not fourier and canvas_size > model_size:
+        cur, offs = random_crops(kc, param, model_size)
+    (_, act), g = jax.value_and_grad(loss_fn, has_aux=True)(cur, ka)
+    if cfg.optimizer == "adam":
+        upd, opt_state = optax.adam(1.0).update(g, opt_state, cur)
+        new = cur + lr * upd  # adam(1.0) gives the unit-rate direction
+    elif cfg.optimizer == "normalized":
+        axes = tuple(range(1, g.ndim))
+        new = cur - lr * g / (jnp.mean(jnp.abs(g), axis=axes, keepdims=True) + 1e-12)
+    elif cfg.optimizer == "sgd":
+        new = cur - lr * g
+    else:
+        raise ValueError(f"optimizer must be 'sgd', 'normalized' or 'adam', got {cfg.optimizer!r}")
+    if not fourier:
+        new = gaussian_blur(new, sigma, radius)
+        if cfg.clip:
+            new = jnp.clip(new, -1.0, 1.0)
+        if offs is not None:
+            new = paste_crops(param, new, offs)
+    return new, opt_state, act
 
 
 def generate(model, targets, objective: Objective = Objective(),
@@ -353,7 +353,8 @@ def generate(model, targets, objective: Objective = Objective(),
     targets = jnp.asarray(np.asarray(targets), jnp.int32)
     t = targets.shape[0]
     size = info.img_size
-    act_fn, state = activation_fn(model, objective)
+    state = nnx.state(model)
+    graphdef = nnx.graphdef(model)
     fourier = config.parameterization == "fourier"
     if fourier and len(config.octaves) != 1:
         raise ValueError("the Fourier parameterisation uses a single octave")
@@ -378,20 +379,20 @@ def generate(model, targets, objective: Objective = Objective(),
         canvas = max(int(round(octave.scale * size)), size)
         if not fourier and param.shape[1] != canvas:
             param = jax.image.resize(param, (t, canvas, canvas, 3), "bilinear")
-        opt = optax.adam(1.0) if config.optimizer == "adam" else None
-        opt_state = opt.init(param if fourier or canvas == size else param[:, :size, :size]) \
-            if opt is not None else ()
-        if opt is not None and not fourier and canvas > size:
+        if config.optimizer == "adam" and not fourier and canvas > size:
             raise ValueError("adam is supported on a single model-sized canvas (no crops)")
+        opt_state = optax.adam(1.0).init(param) if config.optimizer == "adam" else ()
         bscale = size / 224 if config.blur_scale is None else config.blur_scale
         radius = _blur_radius(max(octave.blur) * bscale)
-        step = _make_step(act_fn, objective, config, size, canvas, radius, opt)
+        static = dict(graphdef=graphdef, family=info.family, num_prefix_tokens=info.num_prefix_tokens,
+                      objective=objective, cfg=config, model_size=size, canvas_size=canvas,
+                      radius=radius)
         for i in range(octave.steps):
             frac = i / max(octave.steps - 1, 1)
             lr = octave.lr[0] + (octave.lr[1] - octave.lr[0]) * frac
             sigma = (octave.blur[0] + (octave.blur[1] - octave.blur[0]) * frac) * bscale
-            param, opt_state, act = step(param, opt_state, state, targets_s,
-                                         jax.random.fold_in(key, gstep), lr, sigma)
+            param, opt_state, act = _step(param, opt_state, state, targets_s,
+                                          jax.random.fold_in(key, gstep), lr, sigma, **static)
             trace.append(float(jnp.mean(act)))
             gstep += 1
             if bar is not None:
@@ -401,6 +402,7 @@ def generate(model, targets, objective: Objective = Objective(),
     images = fourier_image(param, config.decorrelate) if fourier else param
     model_images = images if images.shape[1] == size else jax.image.resize(
         images, (t, size, size, 3), "bilinear")
-    final = jax.jit(act_fn)(state, model_images, targets_s)
+    final = _eval_activation(state, model_images, targets_s, graphdef=graphdef, family=info.family,
+                             num_prefix_tokens=info.num_prefix_tokens, objective=objective)
     return {"images": np.asarray(images), "model_images": np.asarray(model_images),
             "activation": np.asarray(final), "trace": np.asarray(trace)}

@@ -24,12 +24,14 @@ Published step counts: 500 (ResNet) to 1,500 (ViT, Mixer).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from vit_jax.analysis import layers as _layers
 from vit_jax.analysis.generation import gaussian_blur, init_noise, to_unit, _blur_radius
@@ -53,31 +55,52 @@ def published_config(family: str) -> InversionConfig:
     return InversionConfig(steps=500 if family == "bit" else 1500)
 
 
-def _layer_fn(model, names: Sequence[str] | None, resnet_layers: str):
-    info = _layers.model_info(model)
-    fwd, state = _layers.pure_forward(model)
-
-    def reps(state, images):
-        _, inter = fwd(state, images)
-        named = _layers.named_layers(inter, info.family, resnet_layers)
-        keys = list(named) if names is None else list(names)
-        missing = [k for k in keys if k not in named]
-        if missing:
-            raise ValueError(f"unknown layers {missing}; layers: {list(named)}")
-        return [named[k] for k in keys], keys
-
-    return reps, state
+def _select(inter, family: str, names: Sequence[str], resnet_layers: str) -> list:
+    named = _layers.named_layers(inter, family, resnet_layers)
+    missing = [k for k in names if k not in named]
+    if missing:
+        raise ValueError(f"unknown layers {missing}; layers: {list(named)}")
+    return [named[k] for k in names]
 
 
 def layer_representations(model, images, names=None, resnet_layers: str = "stages"):
     """``(names, [(B, ...) arrays])`` -- ``images`` at every named layer (jitted)."""
     keys = _names(model, names, resnet_layers)
-    reps, state = _layer_fn(model, keys, resnet_layers)
-    return keys, jax.jit(lambda s, x: reps(s, x)[0])(state, jnp.asarray(images, jnp.float32))
+    _, inter = _layers.intermediates(model, jnp.asarray(images, jnp.float32))
+    return keys, _select(inter, _layers.model_info(model).family, keys, resnet_layers)
 
 
 def _names(model, names, resnet_layers) -> list[str]:
     return _layers.layer_names(model, resnet_layers) if names is None else list(names)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "family", "names", "resnet_layers",
+                                             "optimizer", "radius"))
+def _step(x, opt_state, state, targets, scales, img_of, layer_of, lr, sigma, *, graphdef, family,
+          names, resnet_layers, optimizer, radius):
+    b = x.shape[0]
+
+    def loss_fn(x):
+        _, inter = nnx.merge(graphdef, state)(x, return_intermediates=True)
+        out = _select(inter, family, names, resnet_layers)
+        total = 0.0
+        for li in range(len(names)):
+            diff = jnp.abs(out[li] - targets[li][img_of]).reshape(b, -1).mean(axis=1)
+            total = total + jnp.sum((layer_of == li) * diff / scales[li][img_of])
+        return total / b
+
+    loss, g = jax.value_and_grad(loss_fn)(x)
+    if optimizer == "adam":
+        upd, opt_state = optax.adam(1.0).update(g, opt_state, x)
+        x = x + lr * upd  # adam(1.0) gives the unit-rate direction
+    elif optimizer == "normalized":
+        x = x - lr * g / (jnp.mean(jnp.abs(g), axis=(1, 2, 3), keepdims=True) + 1e-12)
+    elif optimizer == "sgd":
+        x = x - lr * g
+    else:
+        raise ValueError(f"optimizer must be 'adam', 'normalized' or 'sgd', got {optimizer!r}")
+    x = gaussian_blur(x, sigma, radius)
+    return jnp.clip(x, -1.0, 1.0), opt_state, loss
 
 
 def invert(model, images, layers: Sequence[str] | None = None,
@@ -94,67 +117,43 @@ def invert(model, images, layers: Sequence[str] | None = None,
 
     Returns {'layers': names (L,), 'images': (N, L, H, W, 3) reconstructions in
     [-1, 1], 'loss': (steps,) mean scaled L1, plus the :func:`judge` numbers,
-    each (N, L)}.
+    each (N, L)}. The step is jitted once per (model structure, layers, shapes).
     """
     key = jax.random.PRNGKey(0) if key is None else key
     images = jnp.asarray(images, jnp.float32)
     n = images.shape[0]
-    names = _names(model, layers, config.resnet_layers)
+    info = _layers.model_info(model)
+    names = tuple(_names(model, layers, config.resnet_layers))
     num_l = len(names)
-    reps, state = _layer_fn(model, names, config.resnet_layers)
-    targets = jax.jit(lambda s, x: reps(s, x)[0])(state, images)  # list of (N, ...)
+    _, targets = layer_representations(model, images, names, config.resnet_layers)
     scales = [jnp.mean(jnp.abs(t.reshape(n, -1)), axis=1) + 1e-6 for t in targets]  # (N,)
-
-    b = n * num_l
     img_of = jnp.repeat(jnp.arange(n), num_l)  # batch index -> target image
     layer_of = jnp.tile(jnp.arange(num_l), n)  # batch index -> layer
-    masks = [(layer_of == li).astype(jnp.float32) for li in range(num_l)]
-
-    def loss_fn(x, state):
-        out = reps(state, x)[0]
-        total = 0.0
-        for li in range(num_l):
-            diff = jnp.abs(out[li] - targets[li][img_of]).reshape(b, -1).mean(axis=1)
-            total = total + jnp.sum(masks[li] * diff / scales[li][img_of])
-        return total / b
-
-    opt = optax.adam(1.0) if config.optimizer == "adam" else None
     blur_scale = images.shape[1] / 224 if config.blur_scale is None else config.blur_scale
-    radius = _blur_radius(max(config.blur) * blur_scale)
-
-    @jax.jit
-    def step(x, opt_state, state, lr, sigma):
-        loss, g = jax.value_and_grad(loss_fn)(x, state)
-        if config.optimizer == "adam":
-            upd, opt_state = opt.update(g, opt_state, x)
-            x = x + lr * upd
-        elif config.optimizer == "normalized":
-            x = x - lr * g / (jnp.mean(jnp.abs(g), axis=(1, 2, 3), keepdims=True) + 1e-12)
-        elif config.optimizer == "sgd":
-            x = x - lr * g
-        else:
-            raise ValueError(f"optimizer must be 'adam', 'normalized' or 'sgd', got {config.optimizer!r}")
-        x = gaussian_blur(x, sigma, radius)
-        return jnp.clip(x, -1.0, 1.0), opt_state, loss
+    static = dict(graphdef=nnx.graphdef(model), family=info.family, names=names,
+                  resnet_layers=config.resnet_layers, optimizer=config.optimizer,
+                  radius=_blur_radius(max(config.blur) * blur_scale))
+    state = nnx.state(model)
 
     key, k0 = jax.random.split(key)
-    x = init_noise(k0, (b,) + images.shape[1:], config.init_mean, config.init_std)
+    x = init_noise(k0, (n * num_l,) + images.shape[1:], config.init_mean, config.init_std)
     x = _layers.shard_batch(x)
-    opt_state = opt.init(x) if opt is not None else ()
+    opt_state = optax.adam(1.0).init(x) if config.optimizer == "adam" else ()
     losses = []
     it = range(config.steps)
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc=f"invert {_layers.model_info(model).name}", leave=False)
+        it = tqdm(it, desc=f"invert {info.name}", leave=False)
     for i in it:
         frac = i / max(config.steps - 1, 1)
         lr = config.lr[0] + (config.lr[1] - config.lr[0]) * frac
         sigma = (config.blur[0] + (config.blur[1] - config.blur[0]) * frac) * blur_scale
-        x, opt_state, loss = step(x, opt_state, state, lr, sigma)
+        x, opt_state, loss = _step(x, opt_state, state, targets, scales, img_of, layer_of,
+                                   lr, sigma, **static)
         losses.append(float(loss))
     recon = np.asarray(x).reshape(n, num_l, *images.shape[1:])
-    out = {"layers": names, "images": recon, "loss": np.asarray(losses)}
+    out = {"layers": list(names), "images": recon, "loss": np.asarray(losses)}
     out.update(judge(model, images, recon, names, config, key))
     return out
 
@@ -182,21 +181,20 @@ def judge(model, images, recon, names, config: InversionConfig = InversionConfig
     images = jnp.asarray(images, jnp.float32)
     recon = jnp.asarray(recon, jnp.float32)
     n, num_l = recon.shape[:2]
-    reps, state = _layer_fn(model, names, config.resnet_layers)
-    f = jax.jit(lambda s, x: reps(s, x)[0])
-    target = f(state, images)
-    got = f(state, recon.reshape(n * num_l, *recon.shape[2:]))
+    noisy = [images + 2.0 * config.noise_std * jax.random.normal(jax.random.fold_in(key, d), images.shape)
+             for d in range(config.noise_draws)]
+    batch = jnp.concatenate([images, recon.reshape(n * num_l, *recon.shape[2:])] + noisy)
+    _, reps = layer_representations(model, _layers.shard_batch(batch), names, config.resnet_layers)
     rep_d = np.zeros((n, num_l))
-    for li in range(num_l):
-        g = np.asarray(got[li]).reshape(n, num_l, -1)[:, li]
-        rep_d[:, li] = np.linalg.norm(g - np.asarray(target[li]).reshape(n, -1), axis=1)
     noise_d = np.zeros((n, num_l))
-    for d in range(config.noise_draws):
-        noise = 2.0 * config.noise_std * jax.random.normal(jax.random.fold_in(key, d), images.shape)
-        noisy = f(state, images + noise)
-        for li in range(num_l):
-            diff = np.asarray(noisy[li] - target[li]).reshape(n, -1)
-            noise_d[:, li] += np.linalg.norm(diff, axis=1) / config.noise_draws
+    for li in range(num_l):
+        r = np.asarray(reps[li]).reshape(batch.shape[0], -1)
+        target = r[:n]
+        got = r[n:n + n * num_l].reshape(n, num_l, -1)[:, li]
+        rep_d[:, li] = np.linalg.norm(got - target, axis=1)
+        for d in range(config.noise_draws):
+            lo = n + n * num_l + d * n
+            noise_d[:, li] += np.linalg.norm(r[lo:lo + n] - target, axis=1) / config.noise_draws
     t01 = np.asarray(to_unit(images))
     r01 = np.clip(np.asarray(to_unit(recon)), 0.0, 1.0)
     ps = psnr(t01[:, None], r01)
