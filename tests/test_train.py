@@ -89,6 +89,7 @@ def tiny_config(**kw):
   c.checkpoint_every = 2
   c.progress_bar = False
   c.optim.lr = 3e-3
+  c.peak_flops = 1e12  # MFU is reported against this peak
   for k, v in kw.items():
     target = c
     *parents, last = k.split(".")
@@ -127,7 +128,8 @@ def test_run_writes_metrics_config_events_and_checkpoints(uninterrupted):
   assert all("step" in r for r in rows)
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
-  for key in ("train/accuracy", "train/lr", "train/grad_norm", "train/images_per_sec", "train/step_time"):
+  for key in ("train/accuracy", "train/lr", "train/grad_norm", "train/images_per_sec", "train/step_time",
+              "train/mfu"):
     assert key in train_rows[-1]
   # Warm-up: the first step already has a non-zero learning rate.
   assert train_rows[0]["train/lr"] == pytest.approx(3e-3 / 2)
@@ -252,8 +254,24 @@ def test_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
   assert model.config.dropout_rate == pytest.approx(0.1)  # the run's create() overrides
   x = InMemoryData().x[:5]
   spec = train.abstract_model(tiny_config())
-  expected = train.make_apply(spec)(jax.device_get(full["state"]["params"]), x)
-  np.testing.assert_allclose(np.asarray(model(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
+  expected = jax.jit(train.make_apply(spec))(jax.device_get(full["state"]["params"]), x)
+  from flax import nnx
+  got = nnx.jit(lambda m, images: m(images))(model, x)  # one compile instead of op-by-op
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_from_a_training_workdir_swaps_the_head(uninterrupted):
+  wd, full = uninterrupted
+  c = tiny_config(pretrained=wd, num_classes=5)
+  s = train.setup(c, wd + "_ft")
+  spec = train.abstract_model(c)
+  from vit_jax import optim
+  tx = optim.make_optimizer(c)
+  _, shardings = train.state_shardings(c, spec, tx, s)
+  state = train.create_train_state(c, spec, tx, shardings)
+  params, trained = jax.device_get(state["params"]), params_of(full)
+  np.testing.assert_array_equal(params["embedding"]["kernel"], trained["embedding"]["kernel"])
+  assert params["head"]["kernel"].shape[-1] == 5 and not params["head"]["kernel"].any()
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):

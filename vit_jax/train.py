@@ -610,7 +610,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
                 fewshot_every = config.fewshot.get("every", 0) if config.get("fewshot") else 0
                 do_fewshot = feature_step is not None and (is_last or step % fewshot_every == 0)
                 do_ckpt = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
-                stop = _any_process(preempt.requested)
+                # SIGTERM may reach only some processes: agree on it (every 10 steps when multi-host).
+                stop = (_any_process(preempt.requested)
+                        if jax.process_count() == 1 or step % 10 == 0 or do_ckpt else False)
 
                 if do_log or do_ckpt or stop:
                     _check_finite(step, float(metrics["loss"]), ckpt)
