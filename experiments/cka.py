@@ -39,7 +39,7 @@ def photo_crops(size: int, n: int, seed: int) -> np.ndarray:
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 32)
+    p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
     p.add_argument("--data", default="digits", choices=["digits", "photos"])
     p.add_argument("--num-examples", type=int, default=1024, help="published: 10,240")
     p.add_argument("--batch-size", type=int, default=256, help="published: 1024 (Raghu), 256 (Nguyen)")
@@ -75,12 +75,9 @@ def main(argv=None) -> dict:
             _, inter = layers.intermediates(zoo[n], x)
             named = layers.named_layers(inter, infos[n].family, args.resnet_layers)
             layer_names[n] = list(named)
-            feats[n] = [v.reshape(v.shape[0], -1) for v in named.values()]
+            feats[n] = cka.layer_grams(list(named.values()))  # (layers, bs, bs), once per model
         for (i, j), acc in accs.items():
-            if i == j:
-                acc.update(feats[names[i]])
-            else:
-                acc.update(feats[names[i]], feats[names[j]])
+            acc.update_grams(feats[names[i]], feats[names[j]])
     results = common.header(args, {"layers": layer_names, "num_batches": nb, "batch_size": bs,
                                    "pairs": {}})
     plt = common.plt()

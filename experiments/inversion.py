@@ -25,7 +25,7 @@ from vit_jax.analysis import inversion, layers
 
 def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
-    p.add_argument("--photos", default="astronaut,coffee", help="scikit-image sample photos")
+    p.add_argument("--photos", default="astronaut", help="comma-separated scikit-image sample photos")
     p.add_argument("--steps", type=int, default=150, help="steps per model (published: 1500 ViT/Mixer, 500 ResNet)")
     p.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.005), help="step size, start end")
     p.add_argument("--optimizer", default="adam", choices=["adam", "normalized", "sgd"])

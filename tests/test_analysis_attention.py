@@ -103,3 +103,13 @@ def test_model_helpers(vit, images):
     assert kern.shape == (8, 8, 3, cfg.hidden_size)
     with pytest.raises(ValueError, match="no attention"):
         attention.rollout_for_model(models.create("Mixer-test", num_classes=10, img_size=32), images[:2])
+
+
+def test_hybrid_uses_effective_patch_size():
+    hybrid = models.create("R+ViT-test", num_classes=10, img_size=32)
+    info = layers.model_info(hybrid)
+    assert info.patch_grid == (2, 2) and info.patch_size == 16  # pixels per token, not the ViT patch
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3), minval=-1, maxval=1)
+    d = attention.mean_attention_distance_by_layer(hybrid, x)
+    assert d.shape == (2, 2) and np.all(d > 0) and np.all(d <= 16 * np.sqrt(2) + 1e-4)
+    assert embeddings.position_similarity_for_model(hybrid).shape == (2, 2, 2, 2)

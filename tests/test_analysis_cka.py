@@ -84,6 +84,13 @@ def test_minibatch_within_and_across_models_layers_of_different_shapes():
     assert heat.shape == (2, 3) and acc.num_batches == 4
     assert heat[0, 0] == pytest.approx(heat[0, 2], abs=1e-5)  # isotropic scaling
     assert heat[0, 0] > heat[1, 0]
+    # precomputed Grams give the same heatmap
+    acc2 = cka_lib.MinibatchCKA()
+    for i in range(4):
+        sl = slice(16 * i, 16 * (i + 1))
+        acc2.update_grams(cka_lib.layer_grams([a[sl] for a in layers_a]),
+                          cka_lib.layer_grams([b[sl] for b in layers_b]))
+    np.testing.assert_allclose(acc2.result(), heat, atol=1e-5)
     self_heat = cka_lib.MinibatchCKA().update(layers_a).result()
     np.testing.assert_allclose(self_heat, self_heat.T, atol=1e-6)
     np.testing.assert_allclose(np.diag(self_heat), 1.0, atol=1e-5)

@@ -147,6 +147,21 @@ def hsic1(k: jax.Array, l: jax.Array) -> jax.Array:
 
 
 @jax.jit
+def layer_grams(layers: Sequence[jax.Array]) -> jax.Array:
+    """(num_layers, n, n) zero-diagonal linear Grams of a list of (n, ...) layer outputs.
+
+    Compute once per model and batch, then feed :meth:`MinibatchCKA.update_grams`
+    for every pair of models the batch takes part in.
+    """
+    return _grams([jnp.asarray(x) for x in layers])
+
+
+@jax.jit
+def _hsic_from_grams(kx, ky):
+    return hsic1(kx, ky), jnp.diagonal(hsic1(kx, kx)), jnp.diagonal(hsic1(ky, ky))
+
+
+@jax.jit
 def _hsic_update(xs, ys):
     kx = _grams(xs)
     ky = _grams(ys)
@@ -191,6 +206,16 @@ class MinibatchCKA:
             if xs[0].shape[0] != ys[0].shape[0]:
                 raise ValueError("x and y layers must be computed on the same batch")
             h, dx, dy = _hsic_update(xs, ys)
+        return self._accumulate(h, dx, dy)
+
+    def update_grams(self, kx: jax.Array, ky: jax.Array | None = None):
+        """Like :meth:`update` with precomputed :func:`layer_grams` (num_layers, n, n)."""
+        ky = kx if ky is None else ky
+        if kx.shape[-1] != ky.shape[-1]:
+            raise ValueError("x and y Grams must come from the same batch")
+        return self._accumulate(*_hsic_from_grams(kx, ky))
+
+    def _accumulate(self, h, dx, dy):
         if self.hsic_xy is None:
             self.hsic_xy, self.hsic_xx, self.hsic_yy = h, dx, dy
         else:

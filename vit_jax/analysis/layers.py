@@ -43,12 +43,17 @@ class ModelInfo:
 def model_info(model) -> ModelInfo:
     cfg = model.config
     grid = getattr(model, "patch_grid", None)
+    img_size = int(getattr(cfg, "img_size", 224))
+    patch = getattr(cfg, "patch_size", None)
+    if grid is not None and grid[0]:
+        # effective pixels per token (hybrids: the ResNet stride x the ViT patch on its features)
+        patch = img_size // int(grid[0])
     return ModelInfo(
         name=str(getattr(cfg, "name", type(model).__name__)),
         family=str(getattr(cfg, "family", "vit")),
-        img_size=int(getattr(cfg, "img_size", 224)),
+        img_size=img_size,
         num_classes=int(getattr(cfg, "num_classes", 0)),
-        patch_size=getattr(cfg, "patch_size", None),
+        patch_size=patch,
         num_prefix_tokens=int(getattr(model, "num_prefix_tokens", 0) or 0),
         patch_grid=None if grid is None else (int(grid[0]), int(grid[1])),
     )
