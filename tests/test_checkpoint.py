@@ -163,6 +163,25 @@ def test_big_vision_layout(vit_npz, tmp_path, scanned):
   np.testing.assert_allclose(loaded(images()), model(images()), atol=1e-5)
 
 
+@pytest.mark.parametrize("posemb_key,with_cls_row", [
+    ("params/pos_embedding", True),                 # old: cls row kept at top level
+    ("params/Transformer/pos_embedding", False),    # before 2022: inside the encoder
+    ("params/Transformer/pos_embedding", True),
+])
+def test_older_big_vision_posemb_layouts(vit_npz, tmp_path, posemb_key, with_cls_row):
+  model, path = vit_npz
+  flat = dict(np.load(path))
+  pe = flat["Transformer/posembed_input/pos_embedding"]
+  if not with_cls_row:  # fold the class-token position embedding into cls
+    flat["cls"] = flat["cls"] + pe[:, :1]
+  bv = _to_big_vision(flat, scanned=False)
+  del bv["params/pos_embedding"]
+  bv[posemb_key] = pe if with_cls_row else pe[:, 1:]
+  np.savez(tmp_path / "old_bv.npz", **bv)
+  loaded = checkpoint.load(tmp_path / "old_bv.npz", "ViT-test")
+  np.testing.assert_allclose(loaded(images()), model(images()), atol=1e-5)
+
+
 def test_old_groupnorm_shapes(tmp_path):
   model = randomize(models.create("R+ViT-test", num_classes=3, img_size=32))
   flat = checkpoint.to_published(model)

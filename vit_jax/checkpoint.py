@@ -152,6 +152,7 @@ _BV_BLOCK_RENAMES = {"MultiHeadDotProductAttention_0": "MultiHeadDotProductAtten
 def _is_big_vision(flat: Mapping[str, np.ndarray]) -> bool:
   keys = list(flat)
   return (any(k.startswith("params/") for k in keys) or "pos_embedding" in flat
+          or "Transformer/pos_embedding" in flat
           or any(k.startswith("Transformer/encoderblock/") for k in keys)
           or any(re.match(r"Transformer/encoderblock_\d+/MlpBlock_0/", k)
                  for k in keys))
@@ -178,13 +179,23 @@ def normalize_layout(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
       if len(parts) > 2 and re.fullmatch(r"encoderblock_\d+", parts[1]):
         parts = parts[:2] + [_BV_BLOCK_RENAMES.get(p, p) for p in parts[2:]]
       out["/".join(parts)] = v
+    # Older big_vision files keep the position embedding inside the encoder
+    # ('Transformer/pos_embedding', before 2022) or in the original module.
+    for old_key in ("Transformer/pos_embedding", _POSEMB):
+      if old_key in out and "pos_embedding" not in out:
+        out["pos_embedding"] = out.pop(old_key)
     if "pos_embedding" in out:
       # big_vision adds the position embedding before prepending the class
       # token; a zero row for the class token computes the same function.
+      # Older files (those big_vision's fix_old_checkpoints folds) already hold
+      # the class-token row (1 + gh*gw rows): that is the published layout.
       pe = out.pop("pos_embedding")
       if pe.ndim == 2:
         pe = pe[None]
-      if "cls" in out:
+      n = pe.shape[1]
+      has_cls_row = (math.isqrt(n) ** 2 != n and n > 1
+                     and math.isqrt(n - 1) ** 2 == n - 1)
+      if "cls" in out and not has_cls_row:
         pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
       out[_POSEMB] = pe
     flat = out
