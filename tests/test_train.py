@@ -148,11 +148,13 @@ def test_digits_config_learns(tmp_path):
   c.total_steps, c.warmup_steps, c.log_every, c.eval_every, c.checkpoint_every = 150, 20, 50, 0, 0
   c.model.dropout_rate = 0.0
   c.ema_decay = 0.9  # also exercises the EMA (evaluated instead of the raw params)
+  c.fewshot.every, c.fewshot.shots, c.fewshot.max_examples = 150, (5,), 300  # and the few-shot probe
   c.progress_bar = False
   res = train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert res["test/accuracy"] > 0.6, res
   from vit_jax import data
   assert res["test/count"] == data.num_examples(c, "test")  # every test image counted once
+  assert res["fewshot/5shot"] > 0.3  # 5 examples per class on pre_logits, chance 0.1
   ema, params = res["state"]["ema"], res["state"]["params"]
   assert any(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) > 0
              for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(params)))
@@ -287,3 +289,15 @@ def test_batch_not_divisible_by_devices(tmp_path):
     train.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path), data=InMemoryData())
 
 
+
+
+def test_checkpoints_keep_last_n_and_best_by_val_accuracy(tmp_path):
+  from vit_jax import checkpoint
+  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=1, keep_best=1)
+  state = {"params": {"w": np.zeros(3, np.float32)}}
+  for step, acc in [(1, 0.9), (2, 0.1), (3, 0.2), (4, None)]:
+    meta = {"step": step, "data_position": step}
+    ckpt.save(state, meta=meta, metrics=None if acc is None else {"val/accuracy": acc})
+    ckpt.wait()
+  assert ckpt.all_steps() == [1, 4]  # the best (step 1) and the latest (step 4)
+  ckpt.close()
