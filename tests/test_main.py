@@ -114,7 +114,7 @@ def test_vtab_driver_on_mocked_task(tmp_path, published_npz):
   _fake_metadata(tmp_path, "dtd", {"train": 800, "validation": 200, "test": 24})
   overrides = {"model_name": "ViT-test", "img_size": 32, "data_dir": str(tmp_path), "total_steps": 2,
                "warmup_steps": 1, "batch_size": 8, "eval_batch_size": 16, "log_every": 1, "eval_every": 0,
-               "checkpoint_every": 0, "progress_bar": False}
+               "checkpoint_every": 0, "progress_bar": False, "shuffle_buffer": 16}
   with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
     # No sweep here (one run); the sweep path is the same call with other splits.
     res = vtab_driver.run_vtab("ViT-test", str(tmp_path / "vtab"), tasks=["dtd"],
@@ -145,3 +145,26 @@ def test_dataset_not_prepared_names_data_dir_and_how_to_prepare(tmp_path):
   with pytest.raises(data.DatasetNotPreparedError) as e:
     train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert str(tmp_path / "empty") in str(e.value) and "tfds build cifar10" in str(e.value)
+
+
+def test_cli_trains_then_resumes_from_the_same_command(tmp_path):
+  """The README's command, shortened: runs, writes the workdir, and a rerun resumes (no new steps)."""
+  import subprocess
+  import sys
+  wd = tmp_path / "wd"
+  cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/digits.py", f"--workdir={wd}",
+         f"--config.data_dir={tmp_path / 'tfds'}", "--config.total_steps=6", "--config.warmup_steps=2",
+         "--config.log_every=3", "--config.eval_every=0", "--config.checkpoint_every=3",
+         "--config.batch_size=32", "--config.model.dropout_rate=0.0"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  out = subprocess.run(cmd, cwd=test_train.REPO, env=env, capture_output=True, text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads(out.stdout.strip().splitlines()[-1])
+  assert summary["test/count"] > 250 and "train/loss" in summary
+  assert "6/6" in out.stderr  # the progress bar reached the end
+  config = json.load(open(wd / "config.json"))
+  assert config["total_steps"] == 6 and config["model"]["dropout_rate"] == 0.0
+  n_rows = len(open(wd / "metrics.jsonl").readlines())
+  again = subprocess.run(cmd, cwd=test_train.REPO, env=env, capture_output=True, text=True, timeout=400)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert len(open(wd / "metrics.jsonl").readlines()) == n_rows  # resumed at step 6: nothing retrained

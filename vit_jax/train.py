@@ -557,8 +557,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
     # 3. Train step, 4. eval steps ------------------------------------------------
     train_step = make_train_step(config, spec, tx, schedule, shardings, mesh)
     image_shape = (config.img_size, config.img_size, 3)
-    train_step, flops = compile_train_step(train_step, abstract_state, shardings, config, mesh,
-                                           image_shape, config.num_classes)
+    flops = None
+    if start_step < int(config.total_steps):  # (a finished run restarted has nothing to compile)
+        train_step, flops = compile_train_step(train_step, abstract_state, shardings, config, mesh,
+                                               image_shape, config.num_classes)
     peak = peak_flops(config)
     apply = make_apply(spec)
     eval_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
