@@ -10,7 +10,10 @@ every other tfds dataset:
 
 Images are upsampled to 32x32 RGB uint8 with bilinear interpolation: smooth
 strokes rather than 4x4 blocks, so a patch-4 ViT sees gradients inside its
-patches and random crops / shifts stay plausible digits.
+patches and random crops / shifts stay plausible digits. Measured with the
+configs/digits.py model (patch 8, 2 layers, width 64, 1,500 Adam steps, no
+augmentation): 99.0% / 99.0% test accuracy with bilinear vs 95.9% / 98.6%
+with nearest (seeds 0 / 1).
 
 Split (fixed, no RNG): within each class, in scikit-learn's order, every 6th
 example (ranks 5, 11, 17, ...) is a test example: 296 test, 1,501 train, every
