@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.1.0,<2",
     "tensorflow-cpu>=2.21,<2.22",  # tf.data input pipelines only; JAX does the math
     "tensorflow-datasets>=4.9.10,<4.10",
+    "importlib_resources>=6.0",  # tfds imports it to build datasets defined in packages
     "tensorboard>=2.21,<2.22",
     "numpy>=2.0,<3",
     "scipy>=1.14,<2",
