@@ -50,7 +50,7 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every = 1000  # steps between evaluations (0 = only at the end)
   c.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end / on SIGTERM)
   c.keep_checkpoints = 2  # keep the last N checkpoints
-  c.keep_best_checkpoints = 1  # also keep the best N by val accuracy (0 = none)
+  c.keep_best_checkpoints = 1  # also keep the best N by val accuracy of checkpoints saved at eval steps (0 = none)
 
   # ---- Optimizer -----------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

@@ -478,7 +478,7 @@ def _progress(config, total: int, initial: int, enabled: bool):
     if not (enabled and config.get("progress_bar", True)):
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
 # ==========================================================================
@@ -591,7 +591,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
                                              start_step=start_step, process_index=jax.process_index(),
                                              process_count=jax.process_count())
             pending = None  # (step, loss array): checked one step late to keep the device busy
-            t_last, steps_since, last_log_step = time.perf_counter(), 0, start_step
+            t_last, steps_since = time.perf_counter(), 0
             for step in range(start_step + 1, total + 1):
                 host_batch = next(train_iter)
                 if step == start_step + 1:
