@@ -1,6 +1,6 @@
-"""Two processes on localhost (jax.distributed, gloo, 2 CPU devices each) train exactly like
-one process with 4 devices: same per-step losses, every eval example counted once, and a
-checkpoint written together."""
+"""Two processes on localhost (jax.distributed, gloo, 2 CPU devices each) train like one
+process with 4 devices: same per-step losses (to float tolerance), every eval example counted once across
+hosts, and a checkpoint written together."""
 import json
 import os
 import socket
@@ -25,8 +25,7 @@ import test_train
 from vit_jax import train
 import time
 t0 = time.time()
-c = test_train.tiny_config(total_steps=3, checkpoint_every=0)
-c.model.dropout_rate = 0.0
+c = test_train._sgd_config()
 res = train.train_and_evaluate(c, {workdir!r}, data=test_train.InMemoryData())
 print("RESULT", res["test/count"], "seconds", time.time() - t0, flush=True)
 """
@@ -58,13 +57,13 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     assert p.returncode == 0, out[-3000:]
     assert "RESULT 64" in out  # each process sees the full eval count
 
+  # The reference: the same config in one process with 4 devices.
   wd1 = str(tmp_path / "one")
-  c = test_train.tiny_config(total_steps=3, checkpoint_every=0)
-  c.model.dropout_rate = 0.0
+  c = test_train._sgd_config()
   train.train_and_evaluate(c, wd1, data=test_train.InMemoryData(), devices=jax.devices()[:4])
   l1, l2 = test_train.losses(wd1), test_train.losses(wd2)
-  assert sorted(l1) == sorted(l2) == [1, 2, 3]
-  np.testing.assert_allclose([l2[k] for k in (1, 2, 3)], [l1[k] for k in (1, 2, 3)], rtol=1e-5)
+  assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
+  np.testing.assert_allclose([l2[k] for k in sorted(l2)], [l1[k] for k in sorted(l1)], rtol=2e-5)
   rows = [json.loads(l) for l in open(os.path.join(wd2, "metrics.jsonl"))]
   assert rows[-1]["test/count"] == 64
-  assert "3" in os.listdir(os.path.join(wd2, "checkpoints"))
+  assert "4" in os.listdir(os.path.join(wd2, "checkpoints"))
