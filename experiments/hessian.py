@@ -36,8 +36,8 @@ def augmented_batches(x, y, num_batches, batch_size, seed):
 
 def main(argv=None) -> dict:
     p = common.parser(__doc__.splitlines()[0], "ViT-test,Mixer-test,BiT-test", 32)
-    p.add_argument("--num-batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-batches", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--max-iters", type=int, default=100)
     p.add_argument("--tol", type=float, default=1e-3)

@@ -133,3 +133,19 @@ def test_model_hessian(zoo, images):
                                  k=2, max_iters=10)
     assert spec.shape == (2, 2) and np.all(np.isfinite(spec))
     assert np.all(np.abs(spec[:, 0]) >= np.abs(spec[:, 1]) - 1e-6)
+
+
+def test_published_settings():
+    c = generation.published_class_config()
+    assert [o.steps for o in c.octaves] == [220, 500] and c.optimizer == "sgd"
+    assert c.octaves[1].scale * 224 == pytest.approx(600)
+    assert c.octaves[0].blur == (2.4, 0.8) and c.octaves[1].blur == (1.5, 0.4)
+    assert c.octaves[0].lr == (4 * 2.5, 4 * 1.5)  # eps 2.5 -> 1.5 on [0, 1] images
+    u = generation.published_unit_config()
+    assert [o.steps for o in u.octaves] == [100, 100, 100]
+    lc = generation.lucent_config()
+    assert lc.octaves[0].steps == 512 and lc.optimizer == "adam" and lc.octaves[0].lr[0] == 0.05
+    assert lc.parameterization == "fourier" and lc.decorrelate
+    assert inversion.published_config("bit").steps == 500 and inversion.published_config("vit").steps == 1500
+    assert inversion.InversionConfig().blur == (2.4, 0.4)
+    assert hessian.top_eigenvalues.__defaults__[:3] == (None, 5, 100)  # batch, k, max_iters

@@ -221,20 +221,34 @@ class GenerationConfig:
     blur_scale: float | None = None  # multiplies sigma; None: img_size / 224 (published at 224 px)
 
 
+# Published step sizes are for images in [0, 1]; ours live in [-1, 1] (x = 2a - 1), where the
+# same plain gradient step is 4x larger: a - eps dL/da  <=>  x - 4 eps dL/dx.
+_UNIT_TO_SYMMETRIC_LR = 4.0
+
+
+def _eps(a: float, b: float) -> tuple[float, float]:
+    return (_UNIT_TO_SYMMETRIC_LR * a, _UNIT_TO_SYMMETRIC_LR * b)
+
+
 def published_class_config(img_size: int = 224) -> GenerationConfig:
-    """blbadger's class-logit settings (two octaves; the 600 px canvas scaled with ``img_size``)."""
+    """blbadger's class-logit settings (two octaves; the 600 px canvas scales with the model).
+
+    Use with ``Objective('logit', target_value=200.0)``.
+    """
+    del img_size  # the canvas is a multiple of the model's input size
     return GenerationConfig(
-        octaves=(Octave(220, 1.0, (2.5, 1.5), (2.4, 0.8)),
-                 Octave(500, 600 / 224, (1.5, 0.3), (1.5, 0.4))),
+        octaves=(Octave(220, 1.0, _eps(2.5, 1.5), (2.4, 0.8)),
+                 Octave(500, 600 / 224, _eps(1.5, 0.3), (1.5, 0.4))),
         optimizer="sgd")
 
 
 def published_unit_config() -> GenerationConfig:
-    """Neuron / channel settings: three octaves of 100 steps (canvas sizes are our choice)."""
+    """Neuron / channel settings: three octaves of 100 steps (canvas sizes and step sizes of
+    octaves 2 and 3 are our choice; the source gives only the octave and step counts)."""
     return GenerationConfig(
-        octaves=(Octave(100, 1.0, (2.5, 1.5), (2.4, 0.8)),
-                 Octave(100, 1.5, (1.5, 0.8), (1.5, 0.6)),
-                 Octave(100, 2.0, (0.8, 0.3), (1.0, 0.4))),
+        octaves=(Octave(100, 1.0, _eps(2.5, 1.5), (2.4, 0.8)),
+                 Octave(100, 1.5, _eps(1.5, 0.8), (1.5, 0.6)),
+                 Octave(100, 2.0, _eps(0.8, 0.3), (1.0, 0.4))),
         optimizer="sgd")
 
 
