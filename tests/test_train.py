@@ -115,14 +115,19 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(p))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  wd = str(tmp_path_factory.mktemp("full"))
-  res = train.train_and_evaluate(tiny_config(), wd, data=InMemoryData())
-  return wd, res
+def test_full_run_outputs_exact_resume_other_mesh_and_reload(tmp_path):
+  """One uninterrupted run, then everything that compares against it (one test, so the run is
+  made once even when pytest-xdist spreads tests over workers)."""
+  wd = str(tmp_path / "full")
+  uninterrupted = (wd, train.train_and_evaluate(tiny_config(), wd, data=InMemoryData()))
+  check_run_writes_metrics_config_events_and_checkpoints(uninterrupted)
+  check_sigterm_then_kill_then_resume_is_bitwise_identical(tmp_path / "resumed", uninterrupted)
+  check_restore_onto_another_mesh(uninterrupted)
+  check_checkpoint_load_workdir_returns_the_trained_model(uninterrupted)
+  check_finetune_from_a_training_workdir_swaps_the_head(uninterrupted)
 
 
-def test_run_writes_metrics_config_events_and_checkpoints(uninterrupted):
+def check_run_writes_metrics_config_events_and_checkpoints(uninterrupted):
   wd, res = uninterrupted
   rows = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
   assert all("step" in r for r in rows)
@@ -167,15 +172,16 @@ def _sgd_config(**kw):
   return c
 
 
-@pytest.fixture(scope="module")
-def one_device_run(tmp_path_factory):
-  wd = tmp_path_factory.mktemp("one")
+def test_one_device_vs_mesh_2x2x2_and_gradient_accumulation(tmp_path):
+  wd = tmp_path / "one"
   c = _sgd_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, 1, 1
-  return wd, train.train_and_evaluate(c, str(wd), data=InMemoryData(), devices=jax.devices()[:1])
+  one_device_run = (wd, train.train_and_evaluate(c, str(wd), data=InMemoryData(), devices=jax.devices()[:1]))
+  check_mesh_2x2x2_matches_one_device(tmp_path / "mesh", one_device_run)
+  check_gradient_accumulation_matches_full_batch(tmp_path / "accum", one_device_run)
 
 
-def test_mesh_2x2x2_matches_one_device(tmp_path, one_device_run):
+def check_mesh_2x2x2_matches_one_device(tmp_path, one_device_run):
   wd1, r1 = one_device_run
   c8 = _sgd_config()
   c8.mesh.data, c8.mesh.fsdp, c8.mesh.model = 2, 2, 2
@@ -191,7 +197,7 @@ def test_mesh_2x2x2_matches_one_device(tmp_path, one_device_run):
                params_of(r1), params_of(r8))
 
 
-def test_gradient_accumulation_matches_full_batch(tmp_path, one_device_run):
+def check_gradient_accumulation_matches_full_batch(tmp_path, one_device_run):
   wd1, r1 = one_device_run
   c = _sgd_config(grad_accum_steps=4)
   c.mesh.data = 1
@@ -206,7 +212,7 @@ class _Crash(Exception):
   pass
 
 
-def test_sigterm_then_kill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
+def check_sigterm_then_kill_then_resume_is_bitwise_identical(tmp_path, uninterrupted):
   _, full = uninterrupted
   wd = str(tmp_path)
 
@@ -230,7 +236,7 @@ def test_sigterm_then_kill_then_resume_is_bitwise_identical(tmp_path, uninterrup
                      jax.tree.map(np.asarray, full["state"]["opt_state"]))
 
 
-def test_restore_onto_another_mesh(uninterrupted):
+def check_restore_onto_another_mesh(uninterrupted):
   wd, full = uninterrupted
   c = tiny_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, 2, 2
@@ -248,7 +254,7 @@ def test_restore_onto_another_mesh(uninterrupted):
   assert len(leaf.sharding.device_set) == 4
 
 
-def test_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
+def check_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
   wd, full = uninterrupted
   from vit_jax import checkpoint
   model = checkpoint.load(wd)
@@ -262,7 +268,7 @@ def test_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
 
 
-def test_finetune_from_a_training_workdir_swaps_the_head(uninterrupted):
+def check_finetune_from_a_training_workdir_swaps_the_head(uninterrupted):
   wd, full = uninterrupted
   c = tiny_config(pretrained=wd, num_classes=5)
   s = train.setup(c, wd + "_ft")
