@@ -11,7 +11,8 @@ variance. Writes:
   fourier_depth.png       -- highest-frequency relative log amplitude and variance against normalised depth
   band_noise.png          -- accuracy drop with noise restricted to radial frequency bands
   fourier.json            -- all curves, values by depth and accuracies per band
-For untrained models the "labels" of the band-noise test are the clean predictions.
+For untrained models the "labels" of the band-noise test are the clean predictions (of
+a random head: the registry's zero head predicts one class for every input).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(argv=None) -> dict:
     p.add_argument("--num-bands", type=int, default=6)
     args = common.parse(p, argv)
     timer = common.Timer()
-    zoo = common.load_models(args)
+    zoo = common.load_models(args, random_head=True)  # a zero head predicts one class for all
     results = common.header(args, {"models": {}})
     plt = common.plt()
     figs = []
@@ -58,11 +59,10 @@ def main(argv=None) -> dict:
         results["models"][name] = {**r, "band_noise": rob}
 
         fig, ax = plt.subplots(figsize=(4, 3.2))
-        amp = r["log_amplitude"]
         cmap = plt.get_cmap("plasma")
-        freqs = np.linspace(0, 1, amp.shape[1])
-        for s in range(len(amp)):
-            ax.plot(freqs, amp[s], color=cmap(r["depth"][s]), lw=1)
+        for s, curve in enumerate(r["curves"]):
+            if len(curve) > 1:
+                ax.plot(np.linspace(0, 1, len(curve)), curve, color=cmap(r["depth"][s]), lw=1)
         ax.set_xlabel("frequency (0 = DC, 1 = highest)")
         ax.set_ylabel("relative log amplitude")
         ax.set_title(f"{name}: colour = depth", fontsize=8)

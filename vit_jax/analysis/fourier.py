@@ -58,35 +58,41 @@ def feature_map_variance(x: jax.Array) -> jax.Array:
     return jnp.var(x, axis=(1, 2)).mean()
 
 
-def fourier_by_depth(model, images, batch_size: int = 64) -> dict:
+def fourier_by_depth(model, images, batch_size: int = 64, num_freqs: int | None = None) -> dict:
     """Relative log amplitude and variance of every sub-layer's feature map.
 
-    Returns {'names', 'kinds', 'depth' (normalised 0..1), 'log_amplitude' (S, K),
-    'high_freq' (S,) = last diagonal bin, 'variance' (S,)}, averaged over batches.
+    Returns {'names', 'kinds', 'depth' (normalised 0..1), 'curves' (per sub-layer, its own
+    diagonal from DC to its highest frequency), 'log_amplitude' (S, F): the curves
+    resampled onto F normalised frequencies in [0, 1] (F = the longest curve unless
+    ``num_freqs``), 'high_freq' (S,): each map's value at its own highest frequency (NaN
+    for maps too small to have one, e.g. 2x2), 'variance' (S,)}, averaged over batches.
     """
     info = _layers.model_info(model)
-    acc_amp, acc_var, count, names, kinds = None, None, 0, None, None
+    acc_curves, acc_var, count, names, kinds = None, None, 0, None, None
     for batch in _layers.batches(images, batch_size):
         batch = _layers.shard_batch(batch)
         _, inter = _layers.intermediates(model, batch)
         maps = _layers.sublayer_feature_maps(inter, info)
         names = [m[0] for m in maps]
         kinds = [m[1] for m in maps]
-        amps = [np.asarray(relative_log_amplitude(m[2])) for m in maps]
-        kmin = min(len(a) for a in amps)
-        amp = np.stack([a[:kmin] for a in amps]) * batch.shape[0]
+        curves = [np.asarray(relative_log_amplitude(m[2]), np.float64) * batch.shape[0] for m in maps]
         var = np.asarray([float(feature_map_variance(m[2])) for m in maps]) * batch.shape[0]
-        acc_amp = amp if acc_amp is None else acc_amp + amp
+        acc_curves = curves if acc_curves is None else [a + c for a, c in zip(acc_curves, curves)]
         acc_var = var if acc_var is None else acc_var + var
         count += batch.shape[0]
-    amp = acc_amp / count
+    curves = [c / count for c in acc_curves]
+    f = num_freqs or max(len(c) for c in curves)
+    grid = np.linspace(0.0, 1.0, f)
+    resampled = np.stack([np.interp(grid, np.linspace(0.0, 1.0, len(c)), c) if len(c) > 1
+                          else np.full(f, np.nan) for c in curves])
     s = len(names)
     return {
         "names": names,
         "kinds": kinds,
         "depth": (np.arange(s) / max(s - 1, 1)).tolist(),
-        "log_amplitude": amp,
-        "high_freq": amp[:, -1],
+        "curves": curves,
+        "log_amplitude": resampled,
+        "high_freq": np.asarray([c[-1] if len(c) > 1 else np.nan for c in curves]),
         "variance": acc_var / count,
     }
 
