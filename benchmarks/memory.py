@@ -1,0 +1,214 @@
+"""Train-step memory with and without rematerialisation (remat).
+
+    python -m benchmarks.memory [--model ViT-L_16] [--remat none,full,dots]
+        [--batch 8,16,32,64,128] [--budget_gib 16] [--time_batch 2]
+        [--steps 3] [--json OUT]
+
+For each remat policy and batch size, compiles the train step (forward +
+backward + SGD-momentum, state donated, layers scanned) on abstract inputs and
+reads the compiled program's memory analysis: peak = temp + arguments +
+outputs - donated aliases. Then finds the largest batch whose peak fits
+`--budget_gib` (doubling, then bisection; compile only). With `--time_batch`
+it also runs the step at that small batch, interleaving the policies, and
+reports the per-image step time of each relative to no remat.
+
+On a GPU the same script answers "how much larger a batch fits with remat":
+set --budget_gib to the device memory (e.g. 80 for an H100).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import jax
+
+from benchmarks import common
+
+
+def compiled_peak(name: str, batch: int, remat: str, scan: bool,
+                  img_size: int, dtype: str) -> dict:
+  s = common.Setup(name, batch=batch, img_size=img_size, num_classes=1000,
+                   scan=scan, remat=remat, dtype=dtype)
+  model = common.make_model(s, abstract=True)
+  train_step, _, state, _ = common.make_fns(model, s)
+  compiled, t = common.compile_timed(
+      train_step, state, *common.batch_arrays(s, abstract=True))
+  mem = common.memory(compiled)
+  del compiled
+  jax.clear_caches()
+  return {"batch": batch, "remat": remat, "compile_s": t["lower_compile_s"],
+          **{f"{k}_bytes": v for k, v in mem.items()}}
+
+
+def largest_batch(name, remat, budget, scan, img_size, dtype, start=8,
+                  limit=4096, cache=None, peak_fn=None):
+  """Largest batch whose compiled peak <= budget (bytes), to within ~6%."""
+  cache = {} if cache is None else cache
+
+  def peak(b):
+    if peak_fn is not None:
+      return peak_fn(b)
+    if (remat, b) not in cache:
+      cache[(remat, b)] = compiled_peak(name, b, remat, scan, img_size, dtype)
+    return cache[(remat, b)]["peak_bytes"]
+
+  lo, hi = 0, start
+  while hi <= limit and peak(hi) <= budget:
+    lo, hi = hi, hi * 2
+  if lo == 0:
+    hi_fail = hi
+    lo = 1 if peak(1) <= budget else 0
+    hi = hi_fail
+    if lo == 0:
+      return 0
+  while hi - lo > max(1, lo // 16):  # within ~6%
+    mid = (lo + hi) // 2
+    if peak(mid) <= budget:
+      lo = mid
+    else:
+      hi = mid
+  return lo
+
+
+def largest_batch_linear(peaks: dict[int, int], budget: int,
+                         verify=None) -> dict:
+  """Largest batch under `budget` from a straight-line fit of compiled peak
+  vs batch (peak = fixed + per_image * batch: parameters, optimizer state and
+  workspace, plus activations), optionally checked by compiling `verify(b)`
+  at the predicted batch (and stepping down while it does not fit)."""
+  (b1, p1), (b2, p2) = sorted(peaks.items())[:1] + sorted(peaks.items())[-1:]
+  per_image = (p2 - p1) / (b2 - b1)
+  fixed = p1 - per_image * b1
+  pred = int((budget - fixed) // per_image) if per_image > 0 else 0
+  out = {"fixed_bytes": fixed, "per_image_bytes": per_image,
+         "predicted": max(pred, 0)}
+  if verify is not None and pred > 0:
+    b = pred
+    while b > 0 and verify(b) > budget:
+      b = int(b * 0.97)
+    out["verified"] = b
+    out["verified_peak_bytes"] = verify(b) if b > 0 else None
+  return out
+
+
+def time_policies(name, policies, batch, steps, scan, img_size, dtype):
+  fns = {}
+  for remat in policies:
+    s = common.Setup(name, batch=batch, img_size=img_size, num_classes=1000,
+                     scan=scan, remat=remat, dtype=dtype)
+    model = common.make_model(s)
+    train_step, _, state, _ = common.make_fns(model, s)
+    del model
+    images, labels, key = common.batch_arrays(s)
+    holder = {"state": state}
+
+    def step(holder=holder, train_step=train_step, images=images,
+             labels=labels, key=key):
+      holder["state"], loss = train_step(holder["state"], images, labels, key)
+      loss.block_until_ready()
+
+    step()  # compile + warm-up
+    fns[remat] = step
+  times = {r: [] for r in policies}
+  for i in range(steps):
+    for remat in (policies if i % 2 == 0 else list(reversed(policies))):
+      times[remat] += common.time_calls(fns[remat], 1, warmup=0)
+  out = {r: {"median_s": statistics.median(t), "per_image_s":
+             statistics.median(t) / batch, "n": len(t)}
+         for r, t in times.items()}
+  for r in policies:
+    out[r]["slowdown_vs_none"] = (out[r]["median_s"] / out["none"]["median_s"]
+                                  if "none" in out else None)
+  return out
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="ViT-L_16")
+  parser.add_argument("--remat", default="none,full,dots")
+  parser.add_argument("--batch", default="8,32,128")
+  parser.add_argument("--budget_gib", type=float, default=16.0)
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--img_size", type=int, default=224)
+  parser.add_argument("--unrolled", action="store_true",
+                      help="unrolled layers instead of scan")
+  parser.add_argument("--no_search", action="store_true")
+  parser.add_argument("--search", default="linear", choices=("linear", "bisect"),
+                      help="linear: fit peak vs batch from --batch sizes and "
+                      "verify the prediction with one compile; bisect: "
+                      "doubling + bisection (more compiles)")
+  parser.add_argument("--time_batch", type=int, default=0,
+                      help="also time the step at this batch (0 = skip)")
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args(argv)
+  policies = args.remat.split(",")
+  scan = not args.unrolled
+  budget = int(args.budget_gib * 2**30)
+  result = {"model": args.model, "dtype": args.dtype, "scan": scan,
+            "img_size": args.img_size, "budget_bytes": budget,
+            "device": jax.devices()[0].device_kind, "cpu": common.cpu_info()}
+
+  cache = {}
+  print(f"{args.model} train step, {args.dtype}, scan={scan}: compiled peak "
+        "memory (GiB)")
+  print(f"{'batch':>6s} " + " ".join(f"{p:>10s}" for p in policies))
+  for b in [int(x) for x in args.batch.split(",")]:
+    for p in policies:
+      cache[(p, b)] = compiled_peak(args.model, b, p, scan, args.img_size,
+                                    args.dtype)
+    print(f"{b:6d} " + " ".join(
+        f"{cache[(p, b)]['peak_bytes'] / 2**30:10.2f}" for p in policies),
+          flush=True)
+  result["peaks"] = [v for v in cache.values()]
+
+  if not args.no_search:
+    result["largest_batch"] = {}
+    result["linear_fit"] = {}
+    batches = [int(x) for x in args.batch.split(",")]
+    for p in policies:
+      if args.search == "bisect":
+        result["largest_batch"][p] = largest_batch(
+            args.model, p, budget, scan, args.img_size, args.dtype,
+            cache=cache)
+      else:
+        def verify(b, p=p):
+          if (p, b) not in cache:
+            cache[(p, b)] = compiled_peak(args.model, b, p, scan,
+                                          args.img_size, args.dtype)
+          return cache[(p, b)]["peak_bytes"]
+        fit = largest_batch_linear(
+            {b: cache[(p, b)]["peak_bytes"] for b in batches}, budget,
+            verify=verify)
+        result["linear_fit"][p] = fit
+        result["largest_batch"][p] = fit.get("verified", fit["predicted"])
+      print(f"largest batch under {args.budget_gib:g} GiB with remat={p}: "
+            f"{result['largest_batch'][p]}", flush=True)
+    if "none" in policies and result["largest_batch"]["none"]:
+      result["largest_batch_ratio_vs_none"] = {
+          p: result["largest_batch"][p] / result["largest_batch"]["none"]
+          for p in policies}
+      print("ratio vs none: " + ", ".join(
+          f"{p} {v:.2f}x" for p, v in
+          result["largest_batch_ratio_vs_none"].items()))
+    result["peaks"] = [v for v in cache.values()]
+
+  if args.time_batch:
+    t = time_policies(args.model, policies, args.time_batch, args.steps, scan,
+                      args.img_size, args.dtype)
+    result["timing"] = {"batch": args.time_batch, **t}
+    for p, v in t.items():
+      print(f"batch {args.time_batch} remat={p}: {v['median_s']:.2f}s/step, "
+            f"{v['per_image_s']:.2f}s/image, "
+            f"{v['slowdown_vs_none'] or float('nan'):.2f}x of no-remat")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+    print(f"wrote {args.json}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,81 @@
+"""Smoke tests of the benchmark tools on a tiny model (not timed tests)."""
+
+import json
+
+import pytest
+
+from benchmarks import common
+from benchmarks import compile_time
+from benchmarks import memory
+from benchmarks import run
+
+
+def test_run_writes_json_with_expected_fields(tmp_path):
+  out = tmp_path / "bench.json"
+  rows = run.main(["--models", "ViT-test", "--img_size", "32", "--batch", "2",
+                   "--num_classes", "10", "--steps", "1", "--cpu_peak_n", "256",
+                   "--json", str(out)])
+  assert len(rows) == 1 and "error" not in rows[0], rows
+  data = json.loads(out.read_text())
+  assert data["device"]["platform"] == "cpu"
+  assert data["cpu_matmul_peaks"][0]["flops_per_s"] > 0
+  row = data["rows"][0]
+  for key in ("train_images_per_s", "train_mfu", "infer_images_per_s",
+              "infer_mfu", "compile_train_s", "compile_infer_s",
+              "memory_train", "fwd_flops_per_image", "params"):
+    assert row[key] is not None, key
+  assert row["train_images_per_s"] > 0 and row["infer_images_per_s"] > 0
+  assert 0 < row["train_mfu"] < 5   # a fraction of a measured peak
+  # peak = temp + arguments + outputs - donated aliases, all non-negative.
+  mem = row["memory_train"]
+  assert mem["peak"] == mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
+  assert mem["argument"] > 0 and mem["alias"] > 0  # the state is donated
+
+
+def test_analytic_flops_match_cost_analysis():
+  """The analytic ViT count agrees with XLA's count of the compiled forward
+  (which also counts elementwise work, hence the tolerance)."""
+  s = common.Setup("ViT-test", batch=2, img_size=32, num_classes=10)
+  model = common.make_model(s)
+  _, infer, state, _ = common.make_fns(model, s)
+  images, _, _ = common.batch_arrays(s)
+  compiled, _ = common.compile_timed(infer, state[0], state[1], images)
+  measured = common.cost_flops(compiled) / s.batch
+  analytic = common.vit_forward_flops(model.config)
+  assert analytic == pytest.approx(measured, rel=0.35)
+
+
+def test_scan_and_unrolled_losses_agree():
+  check = compile_time.check_same_loss()
+  assert check["agree"], check
+
+
+def test_remat_memory_analysis():
+  none = memory.compiled_peak("ViT-test", 64, "none", True, 32, "float32")
+  full = memory.compiled_peak("ViT-test", 64, "full", True, 32, "float32")
+  assert none["peak_bytes"] > 0 and full["peak_bytes"] > 0
+  assert full["temp_bytes"] <= none["temp_bytes"]
+
+
+@pytest.mark.parametrize("fits", [1, 7, 8, 100, 1000, 4096])
+def test_largest_batch_search(fits):
+  peak = lambda b: 1000 + 10 * b       # bytes for batch b
+  budget = peak(fits)
+  best = memory.largest_batch("-", "none", budget, True, 32, "float32",
+                              peak_fn=peak)
+  assert best <= fits and best >= fits * 15 / 16 - 1
+  assert memory.largest_batch("-", "none", 999, True, 32, "float32",
+                              peak_fn=peak) == 0
+
+
+def test_peak_table_knows_accelerators():
+  for kind in ("h100", "h200", "a100", "tpu v4", "tpu v5e"):
+    assert common.PEAK_FLOPS[kind]["bfloat16"] > 1e14
+
+
+def test_largest_batch_linear_fit():
+  peak = lambda b: 5000 + 30 * b
+  fit = memory.largest_batch_linear({8: peak(8), 32: peak(32)}, peak(200),
+                                    verify=peak)
+  assert fit["predicted"] == 200 and fit["verified"] == 200
+  assert fit["per_image_bytes"] == pytest.approx(30)
