@@ -10,3 +10,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tf.data must not grab the GPU or all host threads while JAX runs.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+import jax  # noqa: E402  (after the flags above)
+
+# Identical programs (the same config run again, e.g. when a test resumes a
+# run, or in another test) compile once per machine.
+jax.config.update("jax_compilation_cache_dir", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "vit_jax_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

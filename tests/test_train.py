@@ -10,11 +10,6 @@ import pytest
 
 from vit_jax import train
 
-# Identical programs (the same config run again, e.g. when resuming) compile once.
-jax.config.update("jax_compilation_cache_dir", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), "vit_jax_test_jax_cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
