@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
         a, b = names[i], names[j]
         results["pairs"][f"{a} vs {b}"] = heat
         for ax_, h, ya, xb in [(gaxes[i, j], heat, a, b), (gaxes[j, i], heat.T, b, a)]:
-            gim = ax_.imshow(h, origin="lower", vmin=0, vmax=1, cmap="magma")
+            gim = ax_.imshow(h, origin="lower", vmin=0, vmax=1, cmap="magma", aspect="auto")
             ax_.set_ylabel(f"{ya.split(' ')[0]} layer", fontsize=8)
             ax_.set_xlabel(f"{xb.split(' ')[0]} layer", fontsize=8)
         fig, ax = plt.subplots(figsize=(3.6, 3.2))
