@@ -16,6 +16,7 @@ import jax  # noqa: E402  (after the flags above)
 
 # Identical programs (the same config run again, e.g. when a test resumes a
 # run, or in another test) compile once per machine.
-jax.config.update("jax_compilation_cache_dir", os.path.join(
-    os.environ.get("TMPDIR", "/tmp"), "vit_jax_test_jax_cache"))
+_CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "vit_jax_test_jax_cache")
+os.makedirs(_CACHE_DIR, exist_ok=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
