@@ -46,9 +46,6 @@ def main(argv=None) -> dict:
     timer = common.Timer()
     zoo = common.load_models(args, random_head=True)
     results = common.header(args, {"models": {}})
-    plt = common.plt()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    fig2, ax2 = plt.subplots(figsize=(4.5, 3.2))
     for mi, (name, model) in enumerate(zoo.items()):
         info = layers.model_info(model)
         x, y = common.digits(info.img_size)
@@ -61,22 +58,32 @@ def main(argv=None) -> dict:
                                    "num_negative": int((spec < 0).sum()),
                                    "num_params": int(sum(v.size for v in jax.tree.leaves(
                                        nnx.state(model, nnx.Param))))}
-        ax.plot(grid, dens, label=name)
-        ax.plot(spec.ravel(), np.zeros(spec.size), "|", ms=8, color=ax.lines[-1].get_color())
-        ax2.plot(np.arange(len(spec)), spec[:, 0], "o-", label=name)
         print(f"{name}: top eigenvalues per batch {np.round(np.asarray(spec, float), 3).tolist()} ({timer()} s)")
-    ax.set_xlabel("Hessian eigenvalue")
-    ax.set_ylabel("density")
-    ax.set_title(f"top-{args.k} eigenvalues of {args.num_batches} batches", fontsize=8)
-    ax.legend(fontsize=7)
-    ax2.set_xlabel("batch")
-    ax2.set_ylabel("largest-magnitude eigenvalue")
-    ax2.legend(fontsize=7)
-    results["figures"] = [common.savefig(fig, args.out, "hessian_spectra.png"),
-                          common.savefig(fig2, args.out, "hessian_top.png")]
+    results["figures"] = plot(results["models"], args.out, args.k)
     results["seconds"] = timer()
     common.save_json(args.out, "hessian.json", results)
     return results
+
+
+def plot(models: dict, out: str, k: int) -> list[str]:
+    """Density of the batch-wise top eigenvalues (one panel per model) and the top one per batch."""
+    plt = common.plt()
+    n = len(models)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    fig2, ax2 = plt.subplots(figsize=(4.5, 3.2))
+    for ax, (name, r) in zip(axes[0], models.items()):
+        spec = np.asarray(r["eigenvalues"], float)
+        ax.plot(r["density_grid"], r["density"])
+        ax.plot(spec.ravel(), np.zeros(spec.size), "|", ms=10, color="k")
+        ax.axvline(0.0, color="grey", lw=0.6, ls="--")
+        ax.set_title(f"{name}: {int((spec < 0).sum())}/{spec.size} negative", fontsize=8)
+        ax.set_xlabel("Hessian eigenvalue")
+        ax2.plot(np.arange(len(spec)), spec[:, 0], "o-", label=name)
+    axes[0, 0].set_ylabel(f"density of top-{k} per batch")
+    ax2.set_xlabel("batch")
+    ax2.set_ylabel("largest-magnitude eigenvalue")
+    ax2.legend(fontsize=7)
+    return [common.savefig(fig, out, "hessian_spectra.png"), common.savefig(fig2, out, "hessian_top.png")]
 
 
 if __name__ == "__main__":
