@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
     plt = common.plt()
     figs = []
     k = len(names)
-    gfig, gaxes = plt.subplots(k, k, figsize=(3.2 * k, 3.0 * k), squeeze=False)
+    gfig, gaxes = plt.subplots(k, k, figsize=(3.4 * k, 3.0 * k), squeeze=False)
+    gfig.subplots_adjust(wspace=0.4, hspace=0.35)
     for (i, j), acc in accs.items():
         heat = acc.result()
         a, b = names[i], names[j]
