@@ -173,11 +173,13 @@ class EncoderBlock(nnx.Module):
   def __call__(self, x: Array, *, key: Array | None, drop_rate,
                capture: bool = False):
     k_attn, k_drop, k_mlp, k_path1, k_path2 = layers.split_key(key, 5)
+    x = layers.residual_barrier(x)
     y = self.LayerNorm_0(x)
     y, weights = self.MultiHeadDotProductAttention_1(
         y, y, key=k_attn, return_weights=capture)
     attn_branch = layers.dropout(y, self.dropout_rate, k_drop)
-    x = x + layers.drop_path(attn_branch, drop_rate, k_path1)
+    x = layers.residual_barrier(
+        x + layers.drop_path(attn_branch, drop_rate, k_path1))
     mlp_branch = self.MlpBlock_3(self.LayerNorm_2(x), key=k_mlp)
     x = x + layers.drop_path(mlp_branch, drop_rate, k_path2)
     aux = {}
