@@ -147,12 +147,30 @@ class MultiHeadDotProductAttention(nnx.Module):
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
       probs = layers.dropout(weights, self.dropout_rate, key)
       ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+    elif self.attention_impl is None:
+      # jax picks; on CPU the head-major einsums below run ~2x faster than
+      # jax.nn.dot_product_attention's XLA lowering (benchmarks/RESULTS.md).
+      ctx = jax.lax.platform_dependent(
+          q, k, v, cpu=_attention_head_major,
+          default=jax.nn.dot_product_attention)
     else:
       ctx = jax.nn.dot_product_attention(q, k, v,
                                          implementation=self.attention_impl)
     out = jnp.einsum("bqhd,hde->bqe", ctx, self.out["kernel"][...].astype(self.dtype))
     out = out + self.out["bias"][...].astype(self.dtype)
     return out, weights
+
+
+def _attention_head_major(q: Array, k: Array, v: Array) -> Array:
+  """softmax(q k^T / sqrt(d)) v for (B, N, H, D) inputs, computed with the
+  heads moved before the tokens so every matmul is a plain batched (B*H)
+  matmul; softmax in float32 as in jax.nn.dot_product_attention."""
+  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))   # (B, H, N, D)
+  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k,
+                      preferred_element_type=jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)
 
 
 class EncoderBlock(nnx.Module):
