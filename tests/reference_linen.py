@@ -82,33 +82,6 @@ class Unit(nn.Module):
     return nn.relu(residual + y)
 
 
-class RefViT(nn.Module):
-  num_classes: int
-  patch: int
-  hidden: int
-  num_layers: int
-  num_heads: int
-  mlp_dim: int
-  classifier: str = "token"
-  representation_size: Optional[int] = None
-  resnet_layers: Optional[Sequence[int]] = None
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Conv(self.hidden, (self.patch, self.patch), (self.patch, self.patch),
-                "VALID", name="embedding")(x)
-    n, h, w, c = x.shape
-    x = x.reshape(n, h * w, c)
-    if self.classifier == "token":
-      cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-      x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
-    x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, name="Transformer")(x)
-    x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
-    if self.representation_size:
-      x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
-    return nn.Dense(self.num_classes, name="head")(x)
-
-
 class _Stage(nn.Module):
   """Holds units named unit1.. so the tree is block{s}/unit{u}."""
   features: int
@@ -123,16 +96,27 @@ class _Stage(nn.Module):
     return x
 
 
-class RefHybridViT(RefViT):
+class RefViT(nn.Module):
+  """ViT; with resnet_layers set, the R+ViT hybrid (published stem names)."""
+  num_classes: int
+  patch: int
+  hidden: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str = "token"
+  representation_size: Optional[int] = None
+  resnet_layers: Optional[Sequence[int]] = None
 
   @nn.compact
   def __call__(self, x):
-    x = StdConv(64, (7, 7), (2, 2), name="conv_root")(x)
-    x = nn.relu(nn.GroupNorm(name="gn_root")(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
-    for s, n in enumerate(self.resnet_layers):
-      x = _Stage(64 * 2 ** s, n, (1, 1) if s == 0 else (2, 2),
-                 name=f"block{s + 1}")(x)
+    if self.resnet_layers is not None:
+      x = StdConv(64, (7, 7), (2, 2), name="conv_root")(x)
+      x = nn.relu(nn.GroupNorm(name="gn_root")(x))
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+      for s, n in enumerate(self.resnet_layers):
+        x = _Stage(64 * 2 ** s, n, (1, 1) if s == 0 else (2, 2),
+                   name=f"block{s + 1}")(x)
     x = nn.Conv(self.hidden, (self.patch, self.patch), (self.patch, self.patch),
                 "VALID", name="embedding")(x)
     n, h, w, c = x.shape
@@ -142,6 +126,8 @@ class RefHybridViT(RefViT):
       x = jnp.concatenate([jnp.tile(cls, [n, 1, 1]), x], axis=1)
     x = Encoder(self.num_layers, self.num_heads, self.mlp_dim, name="Transformer")(x)
     x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
+    if self.representation_size:
+      x = nn.tanh(nn.Dense(self.representation_size, name="pre_logits")(x))
     return nn.Dense(self.num_classes, name="head")(x)
 
 

@@ -95,9 +95,7 @@ def _linen_reference(model):
   kw = dict(num_classes=c.num_classes, patch=c.patch_size, hidden=c.hidden_size,
             num_layers=c.num_layers, num_heads=c.num_heads, mlp_dim=c.mlp_dim,
             classifier=c.classifier, representation_size=c.representation_size)
-  if c.resnet_layers is not None:
-    return ref.RefHybridViT(resnet_layers=c.resnet_layers, **kw)
-  return ref.RefViT(**kw)
+  return ref.RefViT(resnet_layers=c.resnet_layers, **kw)
 
 
 @pytest.mark.parametrize("name,overrides", [

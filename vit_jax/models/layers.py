@@ -86,6 +86,19 @@ def residual_barrier(x: Array) -> Array:
                                     default=lambda y: y)
 
 
+def image_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
+  return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+
+def token_grid(img_size, pixels_per_token: int, name: str) -> tuple[int, int]:
+  """(rows, cols) of tokens; an image size the patches do not tile is an error."""
+  h, w = image_hw(img_size)
+  if h % pixels_per_token or w % pixels_per_token:
+    raise ValueError(f"image size {(h, w)} is not divisible by the "
+                     f"{pixels_per_token}-pixel patches of {name}")
+  return (h // pixels_per_token, w // pixels_per_token)
+
+
 def split_key(key: Array | None, num: int) -> list[Array | None]:
   if key is None:
     return [None] * num

@@ -39,17 +39,11 @@ class MixerConfig:
 
   @property
   def img_hw(self) -> tuple[int, int]:
-    s = self.img_size
-    return (s, s) if isinstance(s, int) else tuple(s)
+    return layers.image_hw(self.img_size)
 
   @property
   def patch_grid(self) -> tuple[int, int]:
-    h, w = self.img_hw
-    p = self.patch_size
-    if h % p or w % p:
-      raise ValueError(f"image size {self.img_hw} is not divisible by the "
-                       f"{p}-pixel patches of {self.name}")
-    return (h // p, w // p)
+    return layers.token_grid(self.img_size, self.patch_size, self.name)
 
   @property
   def num_tokens(self) -> int:

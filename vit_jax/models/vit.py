@@ -66,8 +66,7 @@ class ViTConfig:
 
   @property
   def img_hw(self) -> tuple[int, int]:
-    s = self.img_size
-    return (s, s) if isinstance(s, int) else tuple(s)
+    return layers.image_hw(self.img_size)
 
   @property
   def stem_stride(self) -> int:
@@ -81,12 +80,7 @@ class ViTConfig:
 
   @property
   def patch_grid(self) -> tuple[int, int]:
-    h, w = self.img_hw
-    p = self.pixels_per_token
-    if h % p or w % p:
-      raise ValueError(f"image size {self.img_hw} is not divisible by the "
-                       f"{p}-pixel patches of {self.name}")
-    return (h // p, w // p)
+    return layers.token_grid(self.img_size, self.pixels_per_token, self.name)
 
   @property
   def num_prefix_tokens(self) -> int:
