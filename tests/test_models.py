@@ -195,11 +195,12 @@ def test_scan_and_unrolled_apply_the_same_dropout():
                              scanned(x, train=True, rng=key), atol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_gives_the_same_gradients(policy):
-  base = randomize(models.create("ViT-test", num_classes=7, img_size=32, scan=True))
-  remat = models.create("ViT-test", num_classes=7, img_size=32, scan=True,
-                        remat_policy=policy)
+@pytest.mark.parametrize("name,policy", [("ViT-test", "full"), ("ViT-test", "dots"),
+                                         ("BiT-test", "full")])
+def test_remat_gives_the_same_gradients(name, policy):
+  scan = {} if name.startswith("BiT") else {"scan": True}
+  base = randomize(models.create(name, num_classes=7, img_size=32, **scan))
+  remat = models.create(name, num_classes=7, img_size=32, remat_policy=policy, **scan)
   nnx.update(remat, nnx.state(base, nnx.Param))
   x = images()
 
@@ -211,7 +212,7 @@ def test_remat_gives_the_same_gradients(policy):
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   with pytest.raises(ValueError, match="remat_policy"):
-    models.create("ViT-test", num_classes=7, img_size=32, remat_policy="bogus")(x)
+    models.create(name, num_classes=7, img_size=32, remat_policy="bogus", **scan)(x)
 
 
 def test_token_unpooled_and_unpooled_heads():

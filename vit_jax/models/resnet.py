@@ -77,10 +77,16 @@ class Stage(nnx.Module):
   def units(self):
     return [getattr(self, f"unit{u + 1}") for u in range(self.num_units)]
 
-  def __call__(self, x: Array, capture: bool = False):
+  def __call__(self, x: Array, capture: bool = False,
+               remat_policy: str = "none"):
     outputs = []
     for unit in self.units():
-      x = unit(x)
+      if remat_policy == "none":
+        x = unit(x)
+      else:  # recompute the unit's activations in the backward pass
+        graphdef, state = nnx.split(unit)
+        x = jax.checkpoint(lambda st, y, g=graphdef: nnx.merge(g, st)(y),
+                           policy=layers.REMAT_POLICIES[remat_policy])(state, x)
       if capture:
         outputs.append(x)
     return x, outputs
@@ -134,8 +140,13 @@ class BiTConfig:
   head_bias_init: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat_policy: str = "none"  # accepted for a uniform API; units are not remat'ed
+  remat_policy: str = "none"  # per residual unit; see layers.REMAT_POLICIES
   family: str = "bit"
+
+  def __post_init__(self):
+    if self.remat_policy not in layers.REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; valid: "
+                       f"{sorted(layers.REMAT_POLICIES)}")
 
   @property
   def hidden_size(self) -> int:
@@ -218,7 +229,7 @@ class BiT(nnx.Module):
     inter: dict[str, Any] = {"stem": x, "units": [], "stages": []}
     for s in range(len(cfg.layers)):
       x, unit_outputs = getattr(self, f"block{s + 1}")(
-          x, capture=return_intermediates)
+          x, capture=return_intermediates, remat_policy=cfg.remat_policy)
       inter["units"].extend(unit_outputs)
       inter["stages"].append(x)
     x = jax.nn.relu(self.norm(x))
