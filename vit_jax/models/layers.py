@@ -99,6 +99,26 @@ def token_grid(img_size, pixels_per_token: int, name: str) -> tuple[int, int]:
   return (h // pixels_per_token, w // pixels_per_token)
 
 
+def check_images(images: Array, name: str) -> None:
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f"{name} expects NHWC RGB images, got shape {images.shape}")
+
+
+def drop_path_rates(stochastic_depth: float, num_layers: int) -> list[float]:
+  """Stochastic-depth rate per layer: 0 for the first, rising linearly to
+  `stochastic_depth` for the last."""
+  return [stochastic_depth * i / max(num_layers - 1, 1) for i in range(num_layers)]
+
+
+def classifier_head(in_features: int, num_classes: int, *, bias_init: float,
+                    rngs: nnx.Rngs, dtype: Dtype, param_dtype: Dtype) -> Dense:
+  """The classification head: zero kernel (as published), constant bias."""
+  return Dense(in_features, num_classes, axes=("embed", "classes"), rngs=rngs,
+               kernel_init=zeros,
+               bias_init=jax.nn.initializers.constant(bias_init), dtype=dtype,
+               param_dtype=param_dtype)
+
+
 def split_key(key: Array | None, num: int) -> list[Array | None]:
   if key is None:
     return [None] * num

@@ -94,10 +94,8 @@ class Mixer(nnx.Module):
                                         cfg.num_layers, cfg.scan, rngs)
     self.pre_head_layer_norm = layers.LayerNorm(cfg.hidden_size, **kw)
     if cfg.num_classes:
-      self.head = layers.Dense(
-          cfg.hidden_size, cfg.num_classes, axes=("embed", "classes"),
-          kernel_init=layers.zeros,
-          bias_init=jax.nn.initializers.constant(cfg.head_bias_init), **kw)
+      self.head = layers.classifier_head(cfg.hidden_size, cfg.num_classes,
+                                         bias_init=cfg.head_bias_init, **kw)
 
   num_prefix_tokens = property(lambda self: 0)
   patch_grid = property(lambda self: self.config.patch_grid)
@@ -106,9 +104,7 @@ class Mixer(nnx.Module):
   def __call__(self, images: Array, *, train: bool = False,
                rng: Array | None = None, return_intermediates: bool = False):
     cfg = self.config
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"{cfg.name} expects NHWC RGB images, got shape "
-                       f"{images.shape}")
+    layers.check_images(images, cfg.name)
     key = rng if train else None
     if train and rng is None and cfg.stochastic_depth:
       raise ValueError("train=True with stochastic depth needs rng=")
@@ -120,11 +116,11 @@ class Mixer(nnx.Module):
     x = x.reshape(n, h * w, d)
     embedding = x
     layer_keys = None if key is None else jax.random.split(key, cfg.num_layers)
-    drop_rates = [cfg.stochastic_depth * i / max(cfg.num_layers - 1, 1)
-                  for i in range(cfg.num_layers)]
     x, inter = layers.run_stack(
         self.MixerBlock, x, scan=cfg.scan, num_layers=cfg.num_layers,
-        keys=layer_keys, drop_rates=drop_rates, remat_policy=cfg.remat_policy,
+        keys=layer_keys,
+        drop_rates=layers.drop_path_rates(cfg.stochastic_depth, cfg.num_layers),
+        remat_policy=cfg.remat_policy,
         capture=return_intermediates)
     encoded = self.pre_head_layer_norm(x)
     x = jnp.mean(encoded, axis=1)

@@ -209,10 +209,8 @@ class BiT(nnx.Module):
       in_features = features * 4
     self.norm = layers.GroupNorm(in_features, epsilon=BIT_GN_EPS, **kw)
     if cfg.num_classes:
-      self.head = layers.Dense(
-          in_features, cfg.num_classes, axes=("embed", "classes"),
-          kernel_init=layers.zeros,
-          bias_init=jax.nn.initializers.constant(cfg.head_bias_init), **kw)
+      self.head = layers.classifier_head(in_features, cfg.num_classes,
+                                         bias_init=cfg.head_bias_init, **kw)
 
   num_prefix_tokens = property(lambda self: 0)
   patch_grid = property(lambda self: None)
@@ -222,6 +220,7 @@ class BiT(nnx.Module):
                rng: Array | None = None, return_intermediates: bool = False):
     del train, rng  # BiT has no dropout.
     cfg = self.config
+    layers.check_images(images, cfg.name)
     x = self.conv_root(images.astype(cfg.dtype))
     # Zero padding then VALID pooling, as the published BiT root block.
     x = layers.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), 3, 2,

@@ -234,11 +234,11 @@ class Encoder(nnx.Module):
     embedding = x
     x = layers.dropout(x, cfg.dropout_rate, k_emb)
     layer_keys = None if key is None else jax.random.split(k_layers, cfg.num_layers)
-    drop_rates = [cfg.stochastic_depth * i / max(cfg.num_layers - 1, 1)
-                  for i in range(cfg.num_layers)]
     x, aux = layers.run_stack(
         self.encoderblock, x, scan=cfg.scan, num_layers=cfg.num_layers,
-        keys=layer_keys, drop_rates=drop_rates, remat_policy=cfg.remat_policy,
+        keys=layer_keys,
+        drop_rates=layers.drop_path_rates(cfg.stochastic_depth, cfg.num_layers),
+        remat_policy=cfg.remat_policy,
         capture=capture)
     encoded = self.encoder_norm(x)
     if capture:
@@ -296,10 +296,9 @@ class ViT(nnx.Module):
                                      axes=("embed", "mlp"), rngs=rngs, **kw)
       features = cfg.representation_size
     if cfg.num_classes:
-      self.head = layers.Dense(
-          features, cfg.num_classes, axes=("embed", "classes"), rngs=rngs,
-          kernel_init=layers.zeros,
-          bias_init=jax.nn.initializers.constant(cfg.head_bias_init), **kw)
+      self.head = layers.classifier_head(features, cfg.num_classes,
+                                         bias_init=cfg.head_bias_init,
+                                         rngs=rngs, **kw)
 
   # Convenience views of the config used by analyses.
   num_prefix_tokens = property(lambda self: self.config.num_prefix_tokens)
@@ -309,9 +308,7 @@ class ViT(nnx.Module):
   def __call__(self, images: Array, *, train: bool = False,
                rng: Array | None = None, return_intermediates: bool = False):
     cfg = self.config
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ValueError(f"{cfg.name} expects NHWC RGB images, got shape "
-                       f"{images.shape}")
+    layers.check_images(images, cfg.name)
     key = rng if train else None
     if train and rng is None and (cfg.dropout_rate or cfg.attention_dropout_rate
                                   or cfg.stochastic_depth):
