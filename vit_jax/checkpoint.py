@@ -16,7 +16,6 @@ files that store GroupNorm parameters as (1, 1, 1, C).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import math
 import os
@@ -74,10 +73,6 @@ def _param_items(model: nnx.Module):
     key, stacked = _published_template(tuple(path), family)
     items.append((key, stacked, var))
   return items
-
-
-def _num_layers(model) -> int:
-  return model.config.num_layers
 
 
 def to_published(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -378,17 +373,30 @@ def _place_like(value: np.ndarray, var) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
+def _is_workdir(path) -> bool:
+  """A local directory (a training run's workdir) rather than an .npz file."""
+  spath = os.fspath(path)
+  return (not spath.endswith(".npz") and "://" not in spath
+          and epath.Path(path).is_dir())
+
+
 def load_params_into(model: nnx.Module, source, *, posemb_method: str = "bilinear"
                      ) -> nnx.Module:
   """Fills an existing (possibly sharded) model from a published checkpoint.
 
-  `source` is a path or a flat dict. The position embedding is resized to the
+  `source` is a published .npz (path or URL), a training workdir, or a flat
+  dict in the published layout. The position embedding is resized to the
   model's grid; the head is kept only when its shape matches (otherwise the
   model's own freshly initialised head stays), and `pre_logits` is ignored
   when the model has no representation layer.
   """
-  flat = normalize_layout(read_npz(source) if not isinstance(source, Mapping)
-                          else source)
+  if isinstance(source, Mapping):
+    flat = source
+  elif _is_workdir(source):
+    flat = to_published(load_workdir(source))
+  else:
+    flat = read_npz(source)
+  flat = normalize_layout(flat)
   head_key = "resnet/head/conv2d/bias" if model.config.family == "bit" else "head/bias"
   keep_head = (head_key in flat and model.config.num_classes and
                flat[head_key].shape[-1] == model.config.num_classes)
@@ -413,8 +421,7 @@ def load(path: str | os.PathLike, name: str | None = None, *,
       the position embedding (posemb_method 'bilinear' or 'bicubic').
     **overrides: model config overrides (dtype, scan, classifier ...).
   """
-  spath = os.fspath(path)
-  if not spath.endswith(".npz") and "://" not in spath and epath.Path(path).is_dir():
+  if _is_workdir(path):
     return load_workdir(path)
   if name is None:
     raise ValueError(f"load({str(path)!r}) needs the model name, one of: "
@@ -469,9 +476,6 @@ def _materialize_abstract(cfg) -> nnx.Module:
   return abstract
 
 
-def load_workdir(workdir, step: int | None = None) -> nnx.Module:
-  raise NotImplementedError("training-state checkpoints are added with the "
-                            "training loop")
 
 
 # Training state (orbax)
@@ -480,7 +484,6 @@ def load_workdir(workdir, step: int | None = None) -> nnx.Module:
 # (the train state dict: params, opt_state, step, rng[, ema]; saved with
 # orbax's StandardSave, so it restores onto any mesh) and 'meta' (JSON: step,
 # input position, and the models.create() arguments that rebuild the model).
-# This section (written with the training loop) redefines `load_workdir`.
 
 
 class TrainCheckpointer:
@@ -609,7 +612,7 @@ def _model_from_meta(meta: Mapping[str, Any]):
 
 
 def load_workdir(workdir, step: int | None = None, *, ema: bool | None = None
-                 ) -> nnx.Module:  # noqa: F811  (replaces the placeholder above)
+                 ) -> nnx.Module:
   """The trained model of a training run (latest checkpoint, or `step`).
 
   The model is rebuilt from the checkpoint's metadata (model name and

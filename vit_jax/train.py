@@ -24,10 +24,9 @@ import logging
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -223,20 +222,11 @@ def init_optimizer_state(config, tx, params, shardings) -> dict:
 def load_pretrained(config, spec: ModelSpec, params, param_shardings):
     """Fills params from config.pretrained: a published .npz or a training workdir.
 
-    The .npz goes through checkpoint.load_params_into (position-embedding
-    resize, new head, named key mismatches); a workdir is exported to .npz
-    layout first so the same resize / head rules apply.
+    Both go through checkpoint.load_params_into (position-embedding resize,
+    new head, named key mismatches).
     """
-    path = config.pretrained
     model = params_to_model(spec, params)
-    if os.path.isdir(path):
-        src = checkpoint.load_workdir(path)
-        with tempfile.TemporaryDirectory() as tmp:
-            npz = os.path.join(tmp, "pretrained.npz")
-            checkpoint.save_npz(src, npz)
-            checkpoint.load_params_into(model, npz)
-    else:
-        checkpoint.load_params_into(model, path)
+    checkpoint.load_params_into(model, config.pretrained)
     loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if config.get("head_zero_init"):
         loaded = _head_zero(config, loaded)
