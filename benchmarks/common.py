@@ -10,6 +10,7 @@ analysis. Nothing here is a test; everything returns plain dicts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -257,3 +258,10 @@ def cpu_info() -> dict:
   except OSError:
     pass
   return info
+
+
+def write_json(path: str, result: Any) -> None:
+  """Writes a benchmark's result and says where."""
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {path}")

@@ -14,18 +14,15 @@ benchmarks.run: forward + backward + SGD-momentum update, state donated.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 
 import jax
 import numpy as np
-from flax import nnx
 
 from benchmarks import common
 from vit_jax import checkpoint
-from vit_jax import models
 
 
 def check_same_loss(name: str = "ViT-test", img_size: int = 32,
@@ -117,9 +114,7 @@ def main(argv=None):
         f"{med['unrolled']:.1f}s, scan {med['scan']:.1f}s -> scan is "
         f"{result['speedup_scan']:.1f}x faster")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+    common.write_json(args.json, result)
   return result
 
 

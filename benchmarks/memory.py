@@ -19,7 +19,6 @@ set --budget_gib to the device memory (e.g. 80 for an H100).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import jax
@@ -204,9 +203,7 @@ def main(argv=None):
             f"{v['per_image_s']:.2f}s/image, "
             f"{v['slowdown_vs_none'] or float('nan'):.2f}x of no-remat")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+    common.write_json(args.json, result)
   return result
 
 

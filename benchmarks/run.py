@@ -203,16 +203,11 @@ def main(argv=None):
         pipeline = json.load(f)
 
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": {"kind": device.device_kind,
-                            "platform": device.platform,
-                            "count": jax.device_count(),
-                            "cpu": common.cpu_info()},
-                 "jax": jax.__version__,
-                 "xla_flags": os.environ.get("XLA_FLAGS", ""),
-                 "cpu_matmul_peaks": peaks, "rows": rows,
-                 "input_pipeline": pipeline}, f, indent=2)
-    print(f"wrote {args.json}")
+    common.write_json(args.json, {
+        "device": {"kind": device.device_kind, "platform": device.platform,
+                   "count": jax.device_count(), "cpu": common.cpu_info()},
+        "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "cpu_matmul_peaks": peaks, "rows": rows, "input_pipeline": pipeline})
   return rows
 
 

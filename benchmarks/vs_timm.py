@@ -241,9 +241,8 @@ def main(argv=None):
             what=tuple(args.what.split(",")), layers=args.layers)
   print_table(res)
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(res, f, indent=2)
-    print(f"wrote {args.json}")
+    from benchmarks import common  # pylint: disable=g-import-not-at-top
+    common.write_json(args.json, res)
 
 
 if __name__ == "__main__":
