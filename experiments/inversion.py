@@ -14,7 +14,6 @@ L1 distance of its representation. Writes:
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import numpy as np

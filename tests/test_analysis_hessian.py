@@ -1,5 +1,4 @@
 """Top Hessian eigenvalues by power iteration / deflation, checked against exact ones."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

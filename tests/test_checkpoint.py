@@ -1,6 +1,5 @@
 """Published .npz checkpoints: round trips, layouts, resizing, head swap, errors."""
 
-import os
 
 import jax
 import jax.numpy as jnp

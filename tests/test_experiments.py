@@ -3,7 +3,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from experiments import attention, cka, fourier, generation, hessian, inversion
 

@@ -1,6 +1,5 @@
 """Models: published parameter counts, published function, invariants."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,5 @@
 """The inference notebook runs top to bottom (on a small model)."""
 
-import os
 import pathlib
 
 import nbclient

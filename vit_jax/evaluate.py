@@ -11,7 +11,7 @@ ridge regression onto +-1 one-hot targets, report test accuracy.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
