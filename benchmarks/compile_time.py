@@ -78,13 +78,14 @@ def main(argv=None):
   parser.add_argument("--model", default="ViT-H_14")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--img_size", type=int, default=224)
+  parser.add_argument("--dtype", default="float32")
   parser.add_argument("--repeats", type=int, default=1,
                       help="compile each variant this many times (interleaved)")
   parser.add_argument("--skip_check", action="store_true")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
 
-  result = {"model": args.model, "batch": args.batch,
+  result = {"model": args.model, "batch": args.batch, "dtype": args.dtype,
             "img_size": args.img_size, "device": jax.devices()[0].device_kind,
             "cpu": common.cpu_info()}
   if not args.skip_check:
@@ -100,7 +101,8 @@ def main(argv=None):
   for r in range(args.repeats):
     for label in (("scan", "unrolled") if r % 2 == 0 else
                   ("unrolled", "scan")):
-      t = time_compile(args.model, label == "scan", args.batch, args.img_size)
+      t = time_compile(args.model, label == "scan", args.batch, args.img_size,
+                       dtype=args.dtype)
       runs[label].append(t)
       print(f"{args.model} {label:8s}: lower {t['lower_s']:.1f}s  compile "
             f"{t['compile_s']:.1f}s  total {t['lower_compile_s']:.1f}s  "

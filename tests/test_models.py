@@ -250,3 +250,79 @@ def test_prepare_images():
   np.testing.assert_allclose(white, 1.0, atol=1e-6)
   black = models.prepare_images(np.zeros((2, 9, 9, 4), np.uint8), 8)
   np.testing.assert_allclose(black, -1.0)
+
+
+@pytest.mark.parametrize("nq,nk", [(197, 197), (1, 197), (50, 50), (5, 8), (0, 0)])
+def test_padded_attention_is_exact(nq, nk):
+  # cuDNN rejects odd token counts, so attention_cudnn pads the token inputs
+  # and masks the padding. Through XLA on CPU, the padded computation must
+  # equal plain attention, outputs and gradients (nq == 0: self-attention).
+  from vit_jax.models import vit
+  self_attention = nq == 0
+  nq, nk = (9, 9) if self_attention else (nq, nk)
+  kq, kk, kw, kg = jax.random.split(jax.random.key(nq * 1000 + nk), 4)
+  x_q = jax.random.normal(kq, (3, nq, 16))
+  x_kv = x_q if self_attention else jax.random.normal(kk, (3, nk, 16))
+  w = jax.random.normal(kw, (3, 16, 4, 8)) / 4
+  g = jax.random.normal(kg, (3, nq, 4, 8))
+
+  def project(a, b):
+    return tuple(jnp.einsum("bnd,dhk->bnhk", x, wi) + 0.1
+                 for x, wi in zip((a, b, b), w))
+
+  def plain(a, b):
+    return jax.nn.dot_product_attention(*project(a, b), implementation="xla")
+
+  def padded(a, b):
+    return vit.attention_cudnn(a, b, project, implementation="xla")
+
+  if self_attention:  # the same array as queries and keys: padded once
+    out, vjp = jax.vjp(lambda a: padded(a, a), x_q)
+    out_ref, vjp_ref = jax.vjp(lambda a: plain(a, a), x_q)
+  else:
+    out, vjp = jax.vjp(padded, x_q, x_kv)
+    out_ref, vjp_ref = jax.vjp(plain, x_q, x_kv)
+  assert out.shape == (3, nq, 4, 8)
+  np.testing.assert_allclose(out, out_ref, atol=1e-6)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_layer_norm_gradient_matches_float64_autodiff():
+  # layers.layer_norm writes its backward pass out; it must be the gradient
+  # of the LayerNorm function, and forward-over-reverse (Hessian-vector
+  # products, vit_jax.analysis.hessian) must still work through it.
+  from vit_jax.models import layers
+  k = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(k[0], (4, 7, 32)) * 3 + 1
+  scale, bias = jax.random.normal(k[1], (32,)), jax.random.normal(k[2], (32,))
+  w = jax.random.normal(k[3], (4, 7, 32))
+
+  def reference(x, scale, bias):
+    x, scale, bias = (np.asarray(t, np.float64) for t in (x, scale, bias))
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
+
+  ours = lambda x, s, b: jnp.sum(layers.layer_norm(x, s, b, 1e-6, jnp.float32) * w)
+  np.testing.assert_allclose(layers.layer_norm(x, scale, bias, 1e-6, jnp.float32),
+                             reference(x, scale, bias), atol=1e-5)
+  grads = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
+  # d/dparams of sum(w * LN): by central differences in float64.
+  eps = 1e-4
+  for i, (arg, grad) in enumerate(zip((x, scale, bias), grads)):
+    arg64 = np.asarray(arg, np.float64)
+    direction = np.asarray(jax.random.normal(jax.random.key(i), arg.shape),
+                           np.float64)
+    args_p = [np.asarray(t, np.float64) for t in (x, scale, bias)]
+    args_m = list(args_p)
+    args_p[i] = arg64 + eps * direction
+    args_m[i] = arg64 - eps * direction
+    w64 = np.asarray(w, np.float64)
+    numeric = ((reference(*args_p) * w64).sum()
+               - (reference(*args_m) * w64).sum()) / (2 * eps)
+    np.testing.assert_allclose(np.sum(np.asarray(grad) * direction), numeric,
+                               rtol=1e-4)
+  hvp = jax.jvp(jax.grad(ours, argnums=1), (x, scale, bias),
+                (jnp.zeros_like(x), jnp.ones_like(scale), jnp.zeros_like(bias)))[1]
+  assert hvp.shape == scale.shape and bool(jnp.all(jnp.isfinite(hvp)))
