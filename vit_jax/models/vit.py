@@ -151,12 +151,15 @@ class MultiHeadDotProductAttention(nnx.Module):
       # head-major einsums below (~2x jax.nn.dot_product_attention's XLA
       # lowering); on NVIDIA GPUs cuDNN's fused flash attention in bf16/fp16
       # (~2.3x XLA for ViT-B/16 forward + backward on an H100).
-      branches = dict(
-          cpu=lambda a, b: _attention_head_major(*self._qkv(a, b)),
-          default=lambda a, b: jax.nn.dot_product_attention(*self._qkv(a, b)))
+      # (The choice is made when tracing: a program traced where the default
+      # backend is an NVIDIA GPU uses cuDNN; pass attention_impl='xla' to
+      # place it elsewhere. Tracing one branch only keeps lowering fast.)
       if _cudnn_usable(self.dtype, self.query["kernel"].shape[-1]):
-        branches["cuda"] = lambda a, b: attention_cudnn(a, b, self._qkv)
-      ctx = jax.lax.platform_dependent(x_q, x_kv, **branches)
+        ctx = attention_cudnn(x_q, x_kv, self._qkv)
+      else:
+        ctx = jax.lax.platform_dependent(
+            *self._qkv(x_q, x_kv), cpu=_attention_head_major,
+            default=jax.nn.dot_product_attention)
     elif self.attention_impl == "cudnn":
       ctx = attention_cudnn(x_q, x_kv, self._qkv)
     else:
