@@ -1,6 +1,16 @@
-"""Scratch probe for the GPU session: cuDNN attention rules and a train-step trace."""
+"""GPU probes behind benchmarks/RESULTS.md section 7 (run on an NVIDIA GPU).
+
+    python benchmarks/gpu_probe.py attention      # XLA vs cuDNN attention
+    python benchmarks/gpu_probe.py trace DIR default|xla|cudnn
+
+`attention` prints the installed jax's cuDNN flash-attention conditions, then
+times one ViT-B/16 attention layer (256 x 197 tokens, 12 heads of 64, bf16)
+forward and forward+backward through XLA and through cuDNN with the tokens
+padded to 198 / 208 / 256 and masked, and checks them against XLA.
+`trace` writes a jax.profiler (perfetto) trace of three ViT-B/16 bf16 train
+steps at batch 256 to DIR; per-kernel times come from its .trace.json.gz.
+"""
 import inspect
-import os
 import sys
 import time
 

@@ -79,3 +79,16 @@ def test_largest_batch_linear_fit():
                                     verify=peak)
   assert fit["predicted"] == 200 and fit["verified"] == 200
   assert fit["per_image_bytes"] == pytest.approx(30)
+
+
+def test_time_policies_at_different_batches():
+  # --time_ratio: no remat at one batch, remat at 4x; per-image times compare.
+  t = memory.time_policies("ViT-test", ["none", "full"], {"none": 2, "full": 8},
+                           steps=2, scan=True, img_size=32, dtype="float32")
+  assert t["none"]["batch"] == 2 and t["full"]["batch"] == 8
+  for policy in ("none", "full"):
+    assert t[policy]["per_image_s"] == pytest.approx(
+        t[policy]["median_s"] / t[policy]["batch"])
+  assert t["none"]["slowdown_vs_none"] == 1.0
+  assert t["full"]["slowdown_vs_none"] == pytest.approx(
+      t["full"]["per_image_s"] / t["none"]["per_image_s"])
