@@ -5,22 +5,15 @@
 #   bash benchmarks/gpu_session.sh env b16        # versions, bf16 peak, ViT-B/16
 #   bash benchmarks/gpu_session.sh large compile  # ViT-L/16, ViT-H/14, compile
 #
-# Results go to $OUT (default ./out/gpu). Uses the machine's own jax; if a
-# .whl/ folder is present (flax/optax wheels pinned like setup.py), they are
-# installed to /tmp/site first.
+# Results go to $OUT (default ./out/gpu). Uses the machine's own jax, flax and
+# optax (flax >= 0.12.10 with jax 0.11; see RESULTS.md section 7).
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # Let XLA take most of the card (default 75%), for the largest-batch runs.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+export PYTHONPATH=$PWD
 PY=python3
 B16="--models ViT-B_16 --dtype bfloat16 --steps 10"
 

@@ -231,6 +231,8 @@ def test_config_properties():
   assert cfg.pixels_per_token == 16 and cfg.patch_grid == (24, 24)
   assert models.get_config("R26+ViT-S_32", num_classes=1).pixels_per_token == 32
   assert models.get_config("R+ViT-Ti_16", num_classes=1).patch_grid == (7, 7)
+  with pytest.raises(ValueError, match="attention_impl 'flash' is not one of"):
+    models.create("ViT-test", num_classes=3, attention_impl="flash")
   with pytest.raises(ValueError, match="not divisible"):
     models.get_config("ViT-B_16", num_classes=1, img_size=100).patch_grid
   with pytest.raises(ValueError, match="img_size=\\(48, 48\\)"):
@@ -288,7 +290,7 @@ def test_padded_attention_is_exact(nq, nk):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_layer_norm_gradient_matches_float64_autodiff():
+def test_layer_norm_gradient_matches_float64_finite_differences():
   # layers.layer_norm writes its backward pass out; it must be the gradient
   # of the LayerNorm function, and forward-over-reverse (Hessian-vector
   # products, vit_jax.analysis.hessian) must still work through it.

@@ -181,9 +181,7 @@ def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float,
   for the backward pass; autodiff of the float32 forward would keep float32
   copies of the centred activations instead (2x the bytes of bfloat16 ones).
   """
-  xhat, _, _ = _ln_stats(x, epsilon)
-  y = xhat * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(dtype)
+  return _layer_norm_fwd(x, scale, bias, epsilon, dtype)[0]
 
 
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):

@@ -29,6 +29,7 @@ from vit_jax.models import resnet
 Array = jax.Array
 
 CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,10 @@ class ViTConfig:
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"classifier {self.classifier!r} is not one of "
                        f"{CLASSIFIERS}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
+                       f"{ATTENTION_IMPLS} (None picks the fastest exact path "
+                       "for the platform)")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                        f"num_heads {self.num_heads}")
