@@ -194,6 +194,34 @@ def test_scan_and_unrolled_apply_the_same_dropout():
                              scanned(x, train=True, rng=key), atol=1e-5)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_class_token_only_last_block_gives_the_same_gradients(remat):
+  # Unrolled, the token classifier's last block computes the class token
+  # only; the scanned stack computes every token. Same logits and gradients,
+  # with stochastic depth on (its per-example masks do not depend on the
+  # number of tokens).
+  kw = dict(num_classes=7, img_size=32, stochastic_depth=0.3)
+  unrolled = randomize(models.create("ViT-test", remat_policy=remat, **kw))
+  scanned = models.create("ViT-test", scan=True, **kw)
+  checkpoint.load_params_into(scanned, checkpoint.to_published(unrolled))
+  x, key = images(), jax.random.key(5)
+
+  def loss(m):
+    return jnp.sum(jnp.sin(m(x, train=True, rng=key)))
+
+  np.testing.assert_allclose(unrolled(x, train=True, rng=key),
+                             scanned(x, train=True, rng=key), atol=1e-5)
+  def published_grads(m):   # gradients in the published (unstacked) layout
+    holder = nnx.clone(m)
+    nnx.update(holder, nnx.grad(loss)(m))
+    return checkpoint.to_published(holder)
+
+  g1, g2 = published_grads(unrolled), published_grads(scanned)
+  assert g1.keys() == g2.keys()
+  for name in g1:
+    np.testing.assert_allclose(g1[name], g2[name], atol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize("name,policy", [("ViT-test", "full"), ("ViT-test", "dots"),
                                          ("BiT-test", "full")])
 def test_remat_gives_the_same_gradients(name, policy):

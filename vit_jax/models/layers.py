@@ -126,6 +126,19 @@ def split_key(key: Array | None, num: int) -> list[Array | None]:
   return list(jax.random.split(key, num))
 
 
+def matmul_rows(x: Array, w: Array) -> Array:
+  """x (..., K) @ w (K, N), computed as one 2-D matmul over x's rows.
+
+  Same function as jnp.dot. Autodiff then takes the kernel gradient as a
+  plain (rows, K)^T (rows, N) matmul, which XLA runs directly; written on the
+  3-D (batch, tokens, features) activations, XLA's CPU backend first copies a
+  transposed version of the gradient operand (an extra pass over every MLP
+  activation: ~10% of ViT-B/16's train step on CPU; benchmarks/RESULTS.md).
+  """
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
 class Dense(nnx.Module):
   """y = x @ kernel + bias, kernel (in, out)."""
 
@@ -140,7 +153,7 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = matmul_rows(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -302,7 +315,7 @@ def _patchify_dot(x: Array, w: Array) -> Array:
   x = x[:, :gh * kh, :gw * kw]
   x = x.reshape(n, gh, kh, gw, kw, c).transpose(0, 1, 3, 2, 4, 5)
   x = x.reshape(n, gh, gw, kh * kw * c)
-  return jnp.dot(x, w.reshape(kh * kw * c, o))
+  return matmul_rows(x, w.reshape(kh * kw * c, o))
 
 
 class GroupNorm(nnx.Module):
@@ -379,21 +392,26 @@ def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
 
 def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
               keys: Array | None, drop_rates: Sequence[float],
-              remat_policy: str, **block_kwargs):
+              remat_policy: str, last_block_kwargs: dict | None = None,
+              **block_kwargs):
   """Applies the stack; returns (output, per-layer auxiliary outputs stacked).
 
   Each block is called as `block(x, key=..., drop_rate=..., **block_kwargs)`
   and returns `(x, aux_dict)`. `keys` holds one PRNG key per layer (or None
   at evaluation), `drop_rates` the stochastic-depth rate per layer.
+  `last_block_kwargs` go to the last block only (unrolled stacks only: a
+  scanned stack runs one program for every layer).
   """
+  if last_block_kwargs and scan:
+    raise ValueError("last_block_kwargs needs an unrolled stack (scan=False)")
   if remat_policy not in REMAT_POLICIES:
     raise ValueError(f"unknown remat_policy {remat_policy!r}; valid: "
                      f"{sorted(REMAT_POLICIES)}")
   use_drop = any(r > 0 for r in drop_rates)
 
-  def apply(graphdef, state, carry, key, rate):
+  def apply(graphdef, state, carry, key, rate, kwargs):
     block = nnx.merge(graphdef, state)
-    return block(carry, key=key, drop_rate=rate, **block_kwargs)
+    return block(carry, key=key, drop_rate=rate, **kwargs)
 
   def maybe_remat(fn):
     if remat_policy == "none":
@@ -411,7 +429,7 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
     @maybe_remat
     def step(carry, layer):
       return apply(graphdef, layer["state"], carry, layer.get("key"),
-                   layer.get("rate", 0.0))
+                   layer.get("rate", 0.0), block_kwargs)
 
     return jax.lax.scan(step, x, xs)
 
@@ -419,8 +437,11 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
   for i, block in enumerate(blocks):
     graphdef, state = nnx.split(block)
     key = None if keys is None else keys[i]
-    fn = maybe_remat(lambda s, c, k, _g=graphdef, _r=drop_rates[i]:
-                     apply(_g, s, c, k, _r))
+    kwargs = dict(block_kwargs)
+    if i == len(blocks) - 1:
+      kwargs.update(last_block_kwargs or {})
+    fn = maybe_remat(lambda s, c, k, _g=graphdef, _r=drop_rates[i], _kw=kwargs:
+                     apply(_g, s, c, k, _r, _kw))
     x, aux = fn(state, x, key)
     auxes.append(aux)
   if auxes and auxes[0]:
