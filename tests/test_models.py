@@ -318,6 +318,28 @@ def test_padded_attention_is_exact(nq, nk):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("nq,dtype", [(9, jnp.float32), (1, jnp.float32),
+                                      (9, jnp.bfloat16)])
+def test_cpu_head_major_attention_equals_xla_attention(nq, dtype):
+  # The CPU path normalises the softmax after the second matmul; same values
+  # and gradients as jax.nn.dot_product_attention (large logits included,
+  # where an unshifted exp would overflow).
+  from vit_jax.models import vit
+  k = jax.random.split(jax.random.key(nq), 4)
+  q = (jax.random.normal(k[0], (2, nq, 3, 8)) * 30).astype(dtype)
+  kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
+  g = jax.random.normal(k[3], (2, nq, 3, 8)).astype(dtype)
+  out, vjp = jax.vjp(vit._attention_head_major, q, *kv)
+  ref, vjp_ref = jax.vjp(
+      lambda *a: jax.nn.dot_product_attention(*a, implementation="xla"), q, *kv)
+  assert out.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  f32 = lambda a: np.asarray(a, np.float32)
+  np.testing.assert_allclose(f32(out), f32(ref), atol=tol, rtol=tol)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    np.testing.assert_allclose(f32(a), f32(b), atol=tol * 30, rtol=tol)
+
+
 def test_layer_norm_gradient_matches_float64_finite_differences():
   # layers.layer_norm writes its backward pass out; it must be the gradient
   # of the LayerNorm function, and forward-over-reverse (Hessian-vector
