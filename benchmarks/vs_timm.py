@@ -132,6 +132,17 @@ def _serve(conn, fns):
     conn.send(times)
 
 
+def _receive(label: str, process, conn):
+  try:
+    return conn.recv()
+  except EOFError:
+    process.join(timeout=10)
+    raise RuntimeError(
+        f"benchmark worker {label!r} died (exit code {process.exitcode}); "
+        "its error is printed above (an XLA flag it was given may be "
+        "unknown or crash the compiler)") from None
+
+
 def run(batch: int = 8, rounds: int = 5, steps: int = 3, warmup: int = 1,
         threads: int | None = None, xla_flags: str = "",
         variants: dict | None = None, what=("train", "infer"),
@@ -153,8 +164,9 @@ def run(batch: int = 8, rounds: int = 5, steps: int = 3, warmup: int = 1,
     parent, child = ctx.Pipe()
     p = ctx.Process(target=target, args=(child, *args), daemon=True)
     p.start()
+    child.close()   # so that a worker that dies gives EOFError, not a hang
     workers[label] = (p, parent)
-    infos[label] = parent.recv()  # wait until compiled / warmed up
+    infos[label] = _receive(label, p, parent)  # compiled and warmed up
   times = {(label, w): [] for label in workers for w in what}
   try:
     for r in range(rounds + warmup):
@@ -162,7 +174,7 @@ def run(batch: int = 8, rounds: int = 5, steps: int = 3, warmup: int = 1,
       for w in what:
         for label in order:
           workers[label][1].send((w, steps))
-          t = workers[label][1].recv()
+          t = _receive(label, *workers[label])
           if r >= warmup:
             times[(label, w)].extend(t)
   finally:
