@@ -214,17 +214,25 @@ def memory(compiled) -> dict | None:
 
 def vit_forward_flops(cfg) -> float | None:
   """Analytic forward FLOPs per image of a plain ViT (2 per multiply-add):
-  patch embedding, per-block QKV/out projections, attention, MLP, head."""
+  patch embedding, per-block QKV/out projections, attention, MLP, head.
+
+  What the logits need: with the token classifier the last block's output is
+  needed for the class token only (keys and values still for every token),
+  which is what an unrolled ViT computes (vit.ViT.__call__)."""
   if getattr(cfg, "family", None) != "vit" or cfg.resnet_layers is not None:
     return None
   gh, gw = cfg.patch_grid
   n = gh * gw + cfg.num_prefix_tokens
   d, m, p = cfg.hidden_size, cfg.mlp_dim, cfg.patch_size
   embed = 2 * gh * gw * (p * p * 3) * d
-  block = 2 * n * (4 * d * d + 2 * d * m) + 2 * 2 * n * n * d
+  def block(queries):   # queries: tokens whose output is computed
+    return (2 * n * 2 * d * d + 2 * queries * (2 * d * d + 2 * d * m)
+            + 2 * 2 * queries * n * d)
+  last = 1 if cfg.classifier == "token" else n
+  blocks = (cfg.num_layers - 1) * block(n) + block(last)
   head = 2 * d * (cfg.representation_size or 0)
   head += 2 * (cfg.representation_size or d) * cfg.num_classes
-  return float(embed + cfg.num_layers * block + head)
+  return float(embed + blocks + head)
 
 
 # ---------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 import json
 
 import pytest
+from flax import nnx
 
 from benchmarks import common
 from benchmarks import compile_time
 from benchmarks import memory
 from benchmarks import run
+from vit_jax import models
 
 
 def test_run_writes_json_with_expected_fields(tmp_path):
@@ -43,6 +45,21 @@ def test_analytic_flops_match_cost_analysis():
   measured = common.cost_flops(compiled) / s.batch
   analytic = common.vit_forward_flops(model.config)
   assert analytic == pytest.approx(measured, rel=0.35)
+
+
+@pytest.mark.parametrize("classifier", ["token", "gap"])
+def test_analytic_flops_match_cost_analysis_at_scale(classifier):
+  """At ViT-B/16 width (2 blocks) matmuls dominate, so the counts agree
+  closely, including the class-token-only last block of the token head."""
+  s = common.Setup("ViT-B_16", batch=2, img_size=224, num_classes=1000)
+  model = models.create("ViT-B_16", num_classes=1000, num_layers=2,
+                        classifier=classifier, rngs=nnx.Rngs(0))
+  _, infer, state, _ = common.make_fns(model, s)
+  images, _, _ = common.batch_arrays(s)
+  compiled, _ = common.compile_timed(infer, state[0], state[1], images)
+  measured = common.cost_flops(compiled) / s.batch
+  assert common.vit_forward_flops(model.config) == pytest.approx(measured,
+                                                                 rel=0.02)
 
 
 def test_scan_and_unrolled_losses_agree():
