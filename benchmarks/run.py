@@ -20,7 +20,9 @@ One row per (model, batch, dtype, scan, remat, attention):
 Forward FLOPs are the analytic count for plain ViTs (matmuls, incl.
 attention), else the compiled forward's cost analysis (unrolled programs;
 XLA counts a scanned loop body once). --input_pipeline adds the 224 px JPEG
-training pipeline's images/s (benchmarks.input_pipeline).
+training pipeline's images/s (benchmarks.input_pipeline). The process is set
+up as `python -m vit_jax.main` sets up its own (reuse_cpu_step_memory) unless
+--no_reuse_cpu_memory.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import tempfile
 import jax
 
 from benchmarks import common
+from vit_jax.main import reuse_cpu_step_memory
 
 
 def bench_one(s: common.Setup, steps: int, peak: float | None,
@@ -159,8 +162,13 @@ def main(argv=None):
                       help="also measure the 224 px JPEG training pipeline")
   parser.add_argument("--input_seconds", type=float, default=5.0)
   parser.add_argument("--json", default=None, help="write all results here")
+  parser.add_argument("--no_reuse_cpu_memory", action="store_true",
+                      help="skip vit_jax.main.reuse_cpu_step_memory (which "
+                      "`python -m vit_jax.main` applies by default)")
   args = parser.parse_args(argv)
 
+  reuse_cpu_memory = (not args.no_reuse_cpu_memory
+                      and reuse_cpu_step_memory())
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}) x "
         f"{jax.device_count()}; {common.cpu_info()}")
@@ -207,6 +215,7 @@ def main(argv=None):
         "device": {"kind": device.device_kind, "platform": device.platform,
                    "count": jax.device_count(), "cpu": common.cpu_info()},
         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "reuse_cpu_memory": reuse_cpu_memory,
         "cpu_matmul_peaks": peaks, "rows": rows, "input_pipeline": pipeline})
   return rows
 

@@ -15,7 +15,9 @@ intra-op threads (torch.set_num_threads / XLA's default of one per core), and
 the parent asks them in turn, round after round, for a few timed steps: the
 two never run at the same time, and slow phases of a shared machine hit both
 alike. Reported: the median step time of each, and ratios (timm time / ours:
-above 1 means vit_jax is faster), from this one run.
+above 1 means vit_jax is faster), from this one run. The vit_jax worker sets
+up its process as `python -m vit_jax.main` does (reuse_cpu_step_memory: XLA's
+per-step CPU memory stays in the heap); timm runs with PyTorch's defaults.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ def _jax_worker(conn, batch: int, xla_flags: str, variant: dict,
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
                                + xla_flags).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  reuse = variant.pop("reuse_cpu_memory", True)
+  if reuse:  # as `python -m vit_jax.main` does by default
+    try:
+      from vit_jax.main import reuse_cpu_step_memory  # pylint: disable=g-import-not-at-top
+      reuse = reuse_cpu_step_memory()
+    except ImportError:  # an older checkout ("repo") without it
+      reuse = False
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import common  # pylint: disable=g-import-not-at-top
 
@@ -77,6 +86,7 @@ def _jax_worker(conn, batch: int, xla_flags: str, variant: dict,
   conn.send({"ready": True, "first_train_s": t_train_compile,
              "vit_jax": os.path.dirname(vit_jax.__file__),
              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+             "reuse_cpu_memory": reuse,
              "first_infer_s": t_infer_compile,
              "threads": "xla default (one per core)"})
   _serve(conn, {"train": train, "infer": inference})
@@ -150,20 +160,32 @@ def run(batch: int = 8, rounds: int = 5, steps: int = 3, warmup: int = 1,
   """Starts the workers, interleaves measurements, returns a results dict.
 
   `variants` maps a label to Setup overrides for the vit_jax side (several
-  vit_jax variants can be compared against timm in the same run).
+  vit_jax variants can be compared against timm in the same run), plus
+  optional "repo" (another checkout), "xla_flags", "reuse_cpu_memory"
+  (default True: vit_jax.main.reuse_cpu_step_memory, as the CLI) and "env" (environment
+  variables the worker process starts with, e.g. {"GLIBC_TUNABLES":
+  "glibc.malloc.hugetlb=1"}).
   """
   threads = threads or len(os.sched_getaffinity(0))
   variants = variants or {"vit_jax": {}}
   ctx = mp.get_context("spawn")
   workers = {}
   infos = {}
-  specs = [("timm", _torch_worker, (batch, threads, layers))]
-  specs += [(label, _jax_worker, (batch, xla_flags, v, layers))
-            for label, v in variants.items()]
-  for label, target, args in specs:
+  specs = [("timm", _torch_worker, (batch, threads, layers), {})]
+  for label, v in variants.items():
+    v = dict(v)
+    env = v.pop("env", {})
+    specs.append((label, _jax_worker, (batch, xla_flags, v, layers), env))
+  for label, target, args, env in specs:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=target, args=(child, *args), daemon=True)
-    p.start()
+    saved = dict(os.environ)
+    os.environ.update(env)   # read when the worker process starts (glibc)
+    try:
+      p.start()
+    finally:
+      os.environ.clear()
+      os.environ.update(saved)
     child.close()   # so that a worker that dies gives EOFError, not a hang
     workers[label] = (p, parent)
     infos[label] = _receive(label, p, parent)  # compiled and warmed up

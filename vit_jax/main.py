@@ -33,6 +33,10 @@ _NUM_PROC = flags.DEFINE_integer("num_processes", None, "Total number of process
 _PROC_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _NUM_CPU = flags.DEFINE_integer("num_cpu_devices", None,
                                 "Simulate this many CPU devices in this process (CPU only).")
+_REUSE_CPU_MEMORY = flags.DEFINE_boolean(
+    "reuse_cpu_memory", True,
+    "Linux/glibc: keep XLA's per-step CPU memory in the heap instead of fresh mmaps "
+    "(faster CPU training; see reuse_cpu_step_memory).")
 
 
 # --------------------------------------------------------------------------
@@ -118,11 +122,43 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
         jax.distributed.initialize()
 
 
+def reuse_cpu_step_memory() -> bool:
+    """Lets XLA's CPU runtime reuse each step's temporary memory (Linux with glibc).
+
+    XLA allocates a step's temporaries afresh on every call (1.4 GB for a ViT-B/16 train step
+    at batch 8). glibc serves blocks above 32 MiB with new mmaps, so the kernel faults in and
+    zero-fills every page on every step: 355k page faults, ~9% of the step on a 2-core CPU
+    (benchmarks/RESULTS.md). Served from the heap instead (mallopt M_MMAP_MAX = 0) and kept
+    there (M_TRIM_THRESHOLD), the same pages are reused. Only the main thread's heap grows to
+    such sizes, so CPU computations run on the calling thread (no async dispatch; the input
+    pipeline keeps its own threads). Same results. Full effect with one CPU device per
+    process (the default); with several (--num_cpu_devices), steps run on other threads and
+    fewer of their pages are reused. Call before JAX starts its CPU client; returns whether
+    it applied (False off glibc, or when the client already exists).
+    """
+    import ctypes
+    import ctypes.util
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    import jax
+    from jax._src import xla_bridge
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        return False
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_trim_threshold, m_mmap_max = -1, -4        # from glibc's malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(
+        libc.mallopt(m_trim_threshold, 2**31 - 1))  # mallopt takes a C int
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required.")
+    if _REUSE_CPU_MEMORY.value:
+        reuse_cpu_step_memory()
     init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
     import jax
     from vit_jax import train
