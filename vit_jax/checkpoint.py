@@ -476,8 +476,6 @@ def _materialize_abstract(cfg) -> nnx.Module:
   return abstract
 
 
-
-
 # Training state (orbax)
 # ---------------------------------------------------------------------------
 # A training run's workdir holds checkpoints/<step>/ with two items: 'state'

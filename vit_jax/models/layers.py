@@ -369,6 +369,20 @@ REMAT_POLICIES = {
 }
 
 
+def check_remat_policy(policy: str) -> None:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat_policy {policy!r}; valid: "
+                     f"{sorted(REMAT_POLICIES)}")
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+  """`fn` recomputed in the backward pass under `policy` (as-is for 'none')."""
+  check_remat_policy(policy)
+  if policy == "none":
+    return fn
+  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+
+
 def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
                scan: bool, rngs: nnx.Rngs):
   """Creates `num_layers` blocks: a list, or one stacked block when scanned."""
@@ -404,19 +418,14 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
   """
   if last_block_kwargs and scan:
     raise ValueError("last_block_kwargs needs an unrolled stack (scan=False)")
-  if remat_policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat_policy {remat_policy!r}; valid: "
-                     f"{sorted(REMAT_POLICIES)}")
+  check_remat_policy(remat_policy)
   use_drop = any(r > 0 for r in drop_rates)
 
   def apply(graphdef, state, carry, key, rate, kwargs):
     block = nnx.merge(graphdef, state)
     return block(carry, key=key, drop_rate=rate, **kwargs)
 
-  def maybe_remat(fn):
-    if remat_policy == "none":
-      return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat_policy])
+  maybe_remat = functools.partial(remat, policy=remat_policy)
 
   if scan:
     graphdef, state = nnx.split(blocks)

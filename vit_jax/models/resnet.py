@@ -81,12 +81,9 @@ class Stage(nnx.Module):
                remat_policy: str = "none"):
     outputs = []
     for unit in self.units():
-      if remat_policy == "none":
-        x = unit(x)
-      else:  # recompute the unit's activations in the backward pass
-        graphdef, state = nnx.split(unit)
-        x = jax.checkpoint(lambda st, y, g=graphdef: nnx.merge(g, st)(y),
-                           policy=layers.REMAT_POLICIES[remat_policy])(state, x)
+      graphdef, state = nnx.split(unit)
+      x = layers.remat(lambda st, y, g=graphdef: nnx.merge(g, st)(y),
+                       remat_policy)(state, x)
       if capture:
         outputs.append(x)
     return x, outputs
@@ -144,9 +141,7 @@ class BiTConfig:
   family: str = "bit"
 
   def __post_init__(self):
-    if self.remat_policy not in layers.REMAT_POLICIES:
-      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; valid: "
-                       f"{sorted(layers.REMAT_POLICIES)}")
+    layers.check_remat_policy(self.remat_policy)
 
   @property
   def hidden_size(self) -> int:
