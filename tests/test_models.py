@@ -1,11 +1,15 @@
 """Models: published parameter counts, published function, invariants."""
 
+import contextlib
+import io
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from vit_jax import checkpoint, models
 import reference_linen as ref
@@ -375,6 +379,75 @@ def test_layer_norm_gradient_matches_float64_finite_differences():
                - (reference(*args_m) * w64).sum()) / (2 * eps)
     np.testing.assert_allclose(np.sum(np.asarray(grad) * direction), numeric,
                                rtol=1e-4)
-  hvp = jax.jvp(jax.grad(ours, argnums=1), (x, scale, bias),
-                (jnp.zeros_like(x), jnp.ones_like(scale), jnp.zeros_like(bias)))[1]
-  assert hvp.shape == scale.shape and bool(jnp.all(jnp.isfinite(hvp)))
+  # Forward-over-reverse: Hessian-vector products against float64 central
+  # differences of the (float64) gradient.
+  ref_grad = jax.grad(lambda x: jnp.sum(w * layers.layer_norm(
+      x, scale, bias, 1e-6, jnp.float32)))
+  v = jax.random.normal(jax.random.key(9), x.shape)
+  hvp = jax.jvp(ref_grad, (x,), (v,))[1]
+  numeric = (ref_grad(x + 1e-2 * v) - ref_grad(x - 1e-2 * v)) / 2e-2
+  np.testing.assert_allclose(hvp, numeric, rtol=2e-2, atol=2e-3)
+  # Of the activations, only x is kept for the backward pass (with per-row
+  # statistics and per-feature vectors), also for bfloat16 inputs.
+  for dtype in (jnp.float32, jnp.bfloat16):
+    shapes = saved_shapes(lambda x: layers.layer_norm(
+        x, scale, bias, 1e-6, dtype), x.astype(dtype))
+    assert [s for s in shapes if s not in ((4, 7, 1), (32,))] == [x.shape]
+
+
+def saved_shapes(f, *args):
+  """Shapes of the arrays f's backward pass keeps (parsed from JAX's public
+  print_saved_residuals)."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(f, *args)
+  return [tuple(int(d) for d in m.group(1).split(",") if d)
+          for m in re.finditer(r"^\w+\[([\d,]*)\]", out.getvalue(), re.M)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gelu_backward_keeps_one_array(dtype):
+  # layers.gelu_tanh is jax.nn.gelu(approximate=True) with a written-out
+  # derivative: its backward pass keeps one array (autodiff keeps five).
+  from vit_jax.models import layers
+  x = (jax.random.normal(jax.random.key(0), (6, 50)) * 3).astype(dtype)
+  g = jax.random.normal(jax.random.key(1), (6, 50)).astype(dtype)
+  np.testing.assert_array_equal(layers.gelu_tanh(x),
+                                jax.nn.gelu(x, approximate=True))
+  ours = jax.vjp(layers.gelu_tanh, x)[1](g)[0]
+  autodiff = jax.vjp(lambda t: jax.nn.gelu(t, approximate=True),
+                     x.astype(jnp.float32))[1](g.astype(jnp.float32))[0]
+  assert ours.dtype == dtype
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  np.testing.assert_allclose(np.asarray(ours, np.float32), autodiff,
+                             rtol=tol, atol=tol)
+  assert saved_shapes(layers.gelu_tanh, x) == [x.shape]
+  # Forward-over-reverse (Hessian-vector products) goes through it: the
+  # second derivative of sum(gelu) along ones, against autodiff's.
+  hvp = lambda f: jax.jvp(jax.grad(lambda t: jnp.sum(f(t))),
+                          (x.astype(jnp.float32),),
+                          (jnp.ones(x.shape),))[1]
+  np.testing.assert_allclose(
+      hvp(layers.gelu_tanh), hvp(lambda t: jax.nn.gelu(t, approximate=True)),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_block_backward_saves_each_activation_once():
+  # What an encoder block keeps for its backward pass is what a scanned stack
+  # stores per layer. The token-major activations of width D: LayerNorm_0's
+  # output (read by the query, key and value kernel gradients: one array,
+  # not one per projection), the attention context and LayerNorm_2's output;
+  # of the hidden width: GELU's slope (its derivative) and its output.
+  model = models.create("ViT-Ti_16", num_classes=10, img_size=32)
+  block = model.Transformer.encoderblock[0]
+  graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 192))
+
+  def f(params, x):
+    return nnx.merge(graphdef, params, rest)(x, drop_rate=0.0, key=None)[0]
+
+  saved = saved_shapes(f, params, x)
+  width = lambda d: sum(1 for s in saved
+                        if s in ((10, d), (2, 5, d)) and s != (2, 5, 192))
+  assert width(192) == 3, saved
+  assert width(768) == 2, saved

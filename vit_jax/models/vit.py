@@ -128,16 +128,22 @@ class MultiHeadDotProductAttention(nnx.Module):
     self.attention_impl = attention_impl
     self.dtype = dtype
 
-  def _project(self, p, x):
+  def _project(self, p, rows: Array, lead: tuple[int, ...]) -> Array:
     k = p["kernel"][...].astype(self.dtype)
     d, heads, head_dim = k.shape
-    y = layers.matmul_rows(x, k.reshape(d, heads * head_dim))
-    y = y.reshape(*x.shape[:-1], heads, head_dim)
-    return y + p["bias"][...].astype(self.dtype)
+    y = layers.matmul_rows(rows, k.reshape(d, heads * head_dim))
+    return y.reshape(*lead, heads, head_dim) + p["bias"][...].astype(self.dtype)
 
   def _qkv(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
-    return (self._project(self.query, x_q), self._project(self.key, x_kv),
-            self._project(self.value, x_kv))
+    # One 2-D view of each input, shared by the projections that read it:
+    # their kernel gradients then read one saved array, not one copy each (a
+    # scanned stack stores every array its backward pass reads, per layer).
+    rows_q = x_q.reshape(-1, x_q.shape[-1])
+    rows_kv = rows_q if x_kv is x_q else x_kv.reshape(-1, x_kv.shape[-1])
+    lead_q, lead_kv = x_q.shape[:-1], x_kv.shape[:-1]
+    return (self._project(self.query, rows_q, lead_q),
+            self._project(self.key, rows_kv, lead_kv),
+            self._project(self.value, rows_kv, lead_kv))
 
   def __call__(self, inputs_q: Array, inputs_kv: Array, *,
                key: Array | None = None, return_weights: bool = False):
