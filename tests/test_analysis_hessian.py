@@ -1,8 +1,12 @@
 """Top Hessian eigenvalues by power iteration / deflation, checked against exact ones."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
 
+from vit_jax import models
 from vit_jax.analysis import hessian
 
 
@@ -58,10 +62,6 @@ def test_subspace_resolves_equal_magnitude_pair_and_density():
 def test_model_hessian_vector_products(name):
     # Forward-over-reverse through the models' written-out derivatives
     # (LayerNorm, GELU) equals reverse-over-reverse of the same loss.
-    import jax
-    from flax import nnx
-    from jax.flatten_util import ravel_pytree
-    from vit_jax import models
     model = models.create(name, num_classes=5, img_size=32, rngs=nnx.Rngs(0))
     images = jax.random.uniform(jax.random.key(1), (3, 32, 32, 3), minval=-1, maxval=1)
     loss_fn, params, batch = hessian.model_loss_fn(model, images, jnp.array([0, 3, 4]))

@@ -446,8 +446,6 @@ def test_block_backward_saves_each_activation_once():
   def f(params, x):
     return nnx.merge(graphdef, params, rest)(x, drop_rate=0.0, key=None)[0]
 
-  saved = saved_shapes(f, params, x)
-  width = lambda d: sum(1 for s in saved
-                        if s in ((10, d), (2, 5, d)) and s != (2, 5, 192))
-  assert width(192) == 3, saved
-  assert width(768) == 2, saved
+  saved = saved_shapes(f, params, x)   # rows: 2 images x 5 tokens = 10
+  assert saved.count((10, 192)) == 3, saved
+  assert saved.count((10, 768)) + saved.count((2, 5, 768)) == 2, saved

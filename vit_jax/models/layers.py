@@ -181,7 +181,11 @@ def _ln_stats(x: Array, epsilon: float) -> tuple[Array, Array, Array]:
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   rstd = jax.lax.rsqrt(var + epsilon)
-  return (x32 - mean) * rstd, mean, rstd
+  return _ln_normalize(x, mean, rstd), mean, rstd
+
+
+def _ln_normalize(x, mean, rstd):
+  return (x.astype(jnp.float32) - mean) * rstd
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
@@ -219,7 +223,7 @@ def _layer_norm_jvp(epsilon, dtype, primals, tangents):
 
 
 def _ln_tangent(x, mean, rstd, scale, dx, dscale, dbias):
-  xhat = (x.astype(jnp.float32) - mean) * rstd
+  xhat = _ln_normalize(x, mean, rstd)
   dx = dx.astype(jnp.float32)
   row_mean = lambda t: jnp.mean(t, axis=-1, keepdims=True)
   dxhat = rstd * (dx - row_mean(dx) - xhat * row_mean(dx * xhat))
