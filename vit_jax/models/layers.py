@@ -127,17 +127,30 @@ def split_key(key: Array | None, num: int) -> list[Array | None]:
   return list(jax.random.split(key, num))
 
 
-def matmul_rows(x: Array, w: Array) -> Array:
-  """x (..., K) @ w (K, N), computed as one 2-D matmul over x's rows.
+def matmul_rows(x: Array, w: Array, contract: int = 1) -> Array:
+  """x (..., *K) @ w (*K, *N) in x's dtype, as one 2-D matmul over x's rows.
 
-  Same function as jnp.dot. Autodiff then takes the kernel gradient as a
-  plain (rows, K)^T (rows, N) matmul, which XLA runs directly; written on the
-  3-D (batch, tokens, features) activations, XLA's CPU backend first copies a
-  transposed version of the gradient operand (an extra pass over every MLP
-  activation: ~10% of ViT-B/16's train step on CPU; benchmarks/RESULTS.md).
+  K is w's first `contract` dimensions. Same function as
+  jnp.tensordot(x, w.astype(x.dtype), contract), in two 2-D views that XLA's
+  CPU backend runs without copies: autodiff takes the kernel gradient as a
+  plain (rows, K)^T (rows, N) matmul, where on the 3-D (batch, tokens,
+  features) activations it first writes a transposed copy of the gradient
+  operand (an extra pass over every MLP activation: ~10% of ViT-B/16's train
+  step on CPU; benchmarks/RESULTS.md), and on a 3-D kernel a transposed copy
+  of the kernel and its gradient.
   """
-  y = jnp.dot(x.reshape(-1, x.shape[-1]), w)
-  return y.reshape(*x.shape[:-1], w.shape[-1])
+  k = math.prod(w.shape[:contract])
+  y = _rows_dot(x.reshape(-1, k), w)
+  return y.reshape(*x.shape[:x.ndim - contract], *w.shape[contract:])
+
+
+@functools.partial(jax.checkpoint, prevent_cse=False)
+def _rows_dot(rows: Array, w: Array) -> Array:
+  # The kernel's 2-D view (and cast) is recomputed for the backward pass
+  # rather than kept: kept, it is a new array per layer that a scanned stack
+  # stores every step (a copy of every attention kernel; of every kernel in
+  # bf16), where the parameter itself needs no storing.
+  return jnp.dot(rows, w.reshape(rows.shape[-1], -1).astype(rows.dtype))
 
 
 class Dense(nnx.Module):
@@ -154,7 +167,7 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = matmul_rows(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = matmul_rows(x.astype(self.dtype), self.kernel[...])
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -129,10 +129,9 @@ class MultiHeadDotProductAttention(nnx.Module):
     self.dtype = dtype
 
   def _project(self, p, rows: Array, lead: tuple[int, ...]) -> Array:
-    k = p["kernel"][...].astype(self.dtype)
-    d, heads, head_dim = k.shape
-    y = layers.matmul_rows(rows, k.reshape(d, heads * head_dim))
-    return y.reshape(*lead, heads, head_dim) + p["bias"][...].astype(self.dtype)
+    k = p["kernel"][...]
+    y = layers.matmul_rows(rows, k)
+    return y.reshape(*lead, *k.shape[1:]) + p["bias"][...].astype(self.dtype)
 
   def _qkv(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
     # One 2-D view of each input, shared by the projections that read it:
@@ -179,9 +178,7 @@ class MultiHeadDotProductAttention(nnx.Module):
     else:
       ctx = jax.nn.dot_product_attention(*self._qkv(x_q, x_kv),
                                          implementation=self.attention_impl)
-    kernel = self.out["kernel"][...].astype(self.dtype)
-    out = layers.matmul_rows(ctx.reshape(*ctx.shape[:-2], -1),
-                             kernel.reshape(-1, kernel.shape[-1]))
+    out = layers.matmul_rows(ctx, self.out["kernel"][...], contract=2)
     out = out + self.out["bias"][...].astype(self.dtype)
     return out, weights
 
