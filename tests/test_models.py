@@ -435,13 +435,14 @@ def test_gelu_backward_keeps_one_array(dtype):
       rtol=1e-5, atol=1e-5)
 
 
-def test_block_backward_saves_each_activation_once():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_block_backward_saves_each_activation_once(dtype):
   # What an encoder block keeps for its backward pass is what a scanned stack
   # stores per layer. The token-major activations of width D: LayerNorm_0's
   # output (read by the query, key and value kernel gradients: one array,
   # not one per projection), the attention context and LayerNorm_2's output;
   # of the hidden width: GELU's slope (its derivative) and its output.
-  model = models.create("ViT-Ti_16", num_classes=10, img_size=32)
+  model = models.create("ViT-Ti_16", num_classes=10, img_size=32, dtype=dtype)
   block = model.Transformer.encoderblock[0]
   graphdef, params, rest = nnx.split(block, nnx.Param, ...)
   x = jax.random.normal(jax.random.key(0), (2, 5, 192))
@@ -453,7 +454,7 @@ def test_block_backward_saves_each_activation_once():
   # rows: 2 images x 5 tokens = 10; the context may keep its heads split.
   assert saved.count((10, 192)) + saved.count((10, 3, 64)) == 3, saved
   assert saved.count((10, 768)) + saved.count((2, 5, 768)) == 2, saved
-  # No copy of a parameter (e.g. an attention kernel reshaped to 2-D): the
-  # backward pass reads the parameters themselves.
+  # No copy of a parameter (an attention kernel reshaped to 2-D, a kernel
+  # cast to bfloat16): the backward pass reads the parameters themselves.
   param_sizes = {p.size for p in jax.tree.leaves(params)}
   assert not [s for s in saved if math.prod(s) in param_sizes], saved
