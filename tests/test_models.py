@@ -13,6 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from vit_jax import checkpoint, models
+from vit_jax.models import layers
 import reference_linen as ref
 
 # Published parameter counts with a 1000-class head at 224px.
@@ -349,7 +350,6 @@ def test_layer_norm_gradient_matches_float64_finite_differences():
   # layers.layer_norm writes its backward pass out; it must be the gradient
   # of the LayerNorm function, and forward-over-reverse (Hessian-vector
   # products, vit_jax.analysis.hessian) must still work through it.
-  from vit_jax.models import layers
   k = jax.random.split(jax.random.key(0), 4)
   x = jax.random.normal(k[0], (4, 7, 32)) * 3 + 1
   scale, bias = jax.random.normal(k[1], (32,)), jax.random.normal(k[2], (32,))
@@ -412,7 +412,6 @@ def saved_shapes(f, *args, computed_only: bool = False):
 def test_gelu_backward_keeps_one_array(dtype):
   # layers.gelu_tanh is jax.nn.gelu(approximate=True) with a written-out
   # derivative: its backward pass keeps one array (autodiff keeps five).
-  from vit_jax.models import layers
   x = (jax.random.normal(jax.random.key(0), (6, 50)) * 3).astype(dtype)
   g = jax.random.normal(jax.random.key(1), (6, 50)).astype(dtype)
   np.testing.assert_array_equal(layers.gelu_tanh(x),
