@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -420,12 +421,33 @@ def check_remat_policy(policy: str) -> None:
                      f"{sorted(REMAT_POLICIES)}")
 
 
-def remat(fn: Callable, policy: str) -> Callable:
-  """`fn` recomputed in the backward pass under `policy` (as-is for 'none')."""
+def remat(fn: Callable, policy: str, scanned: bool = False) -> Callable:
+  """`fn` recomputed in the backward pass under `policy` (as-is for 'none').
+
+  `scanned`: `fn` is the body of a lax.scan. Outside a loop, XLA's CPU
+  compiler drops the optimization barriers that keep jax.checkpoint's
+  recomputation apart from the forward pass, merges the two, and keeps every
+  activation: remat then saves no memory (benchmarks/RESULTS.md section 3).
+  That case warns when traced for CPU.
+  """
   check_remat_policy(policy)
   if policy == "none":
     return fn
-  return jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+  checkpointed = jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
+  if scanned:
+    return checkpointed
+
+  def warn_on_cpu(*args, **kwargs):
+    if jax.default_backend() == "cpu":
+      warnings.warn(
+          f"remat_policy={policy!r} saves no memory here: XLA's CPU "
+          "compiler merges the recomputation of a layer outside a scan "
+          "with its forward pass, so every activation is kept. On CPU, "
+          "remat needs scanned layers (ViT and Mixer: scan=True, "
+          "config.model.scan; BiT ResNets are never scanned).",
+          UserWarning, stacklevel=2)
+    return checkpointed(*args, **kwargs)
+  return warn_on_cpu
 
 
 def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
@@ -470,7 +492,7 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
     block = nnx.merge(graphdef, state)
     return block(carry, key=key, drop_rate=rate, **kwargs)
 
-  maybe_remat = functools.partial(remat, policy=remat_policy)
+  maybe_remat = functools.partial(remat, policy=remat_policy, scanned=scan)
 
   if scan:
     graphdef, state = nnx.split(blocks)
