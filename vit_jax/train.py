@@ -295,8 +295,8 @@ def make_train_step(config, spec: ModelSpec, tx, schedule, shardings, mesh) -> C
         if ema_decay:
             new_state["ema"] = optim.ema_update(state["ema"], new_params, ema_decay)
         metrics = {"loss": loss, "accuracy": acc, "lr": schedule(state["step"]),
-                   "grad_norm": optax.global_norm(grads),
-                   "param_norm": optax.global_norm(new_params)}
+                   "grad_norm": optax.tree.norm(grads),
+                   "param_norm": optax.tree.norm(new_params)}
         return new_state, metrics
 
     return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh)),
