@@ -1,7 +1,8 @@
 """Compile time of the train step: scan over layers vs unrolled.
 
     python -m benchmarks.compile_time [--model ViT-H_14] [--batch 8]
-        [--img_size 224] [--repeats 1] [--json OUT]
+        [--img_size 224] [--dtype float32] [--remat none] [--repeats 1]
+        [--json OUT]
 
 First checks on a tiny model that the scanned and unrolled stacks compute the
 same loss (the unrolled parameters are exported to the published .npz layout
@@ -79,6 +80,8 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--img_size", type=int, default=224)
   parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--remat", default="none",
+                      help="remat policy of both variants (layers.REMAT_POLICIES)")
   parser.add_argument("--repeats", type=int, default=1,
                       help="compile each variant this many times (interleaved)")
   parser.add_argument("--skip_check", action="store_true")
@@ -86,6 +89,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
 
   result = {"model": args.model, "batch": args.batch, "dtype": args.dtype,
+            "remat": args.remat,
             "img_size": args.img_size, "device": jax.devices()[0].device_kind,
             "cpu": common.cpu_info()}
   if not args.skip_check:
@@ -102,7 +106,7 @@ def main(argv=None):
     for label in (("scan", "unrolled") if r % 2 == 0 else
                   ("unrolled", "scan")):
       t = time_compile(args.model, label == "scan", args.batch, args.img_size,
-                       dtype=args.dtype)
+                       remat=args.remat, dtype=args.dtype)
       runs[label].append(t)
       print(f"{args.model} {label:8s}: lower {t['lower_s']:.1f}s  compile "
             f"{t['compile_s']:.1f}s  total {t['lower_compile_s']:.1f}s  "
