@@ -23,92 +23,92 @@ from vit_jax.analysis import attention, embeddings, layers
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16", 64)
-    p.add_argument("--data", default="photos", choices=["digits", "photos"],
-                   help="images for the distances (photos: random crops of the sample photos)")
-    p.add_argument("--num-images", type=int, default=32, help="published: 128")
-    p.add_argument("--num-components", type=int, default=28)
-    args = common.parse(p, argv)
-    timer = common.Timer()
-    zoo = common.load_models(args)
-    results = common.header(args, {"models": {}})
-    plt = common.plt()
-    figs = []
-    for name, model in zoo.items():
-        info = layers.model_info(model)
-        if info.family != "vit":
-            print(f"{name}: no attention (family {info.family}), skipped")
-            continue
-        tag = name.split(" ")[0].replace("+", "p")
-        size = info.img_size
-        if args.data == "digits":
-            imgs, _ = common.digits(size, args.num_images)
-        else:
-            from experiments.cka import photo_crops
+  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16", 64)
+  p.add_argument("--data", default="photos", choices=["digits", "photos"],
+                 help="images for the distances (photos: random crops of the sample photos)")
+  p.add_argument("--num-images", type=int, default=32, help="published: 128")
+  p.add_argument("--num-components", type=int, default=28)
+  args = common.parse(p, argv)
+  timer = common.Timer()
+  zoo = common.load_models(args)
+  results = common.header(args, {"models": {}})
+  plt = common.plt()
+  figs = []
+  for name, model in zoo.items():
+    info = layers.model_info(model)
+    if info.family != "vit":
+      print(f"{name}: no attention (family {info.family}), skipped")
+      continue
+    tag = name.split(" ")[0].replace("+", "p")
+    size = info.img_size
+    if args.data == "digits":
+      imgs, _ = common.digits(size, args.num_images)
+    else:
+      from experiments.cka import photo_crops
 
-            imgs = photo_crops(size, args.num_images, args.seed)
-        dist = attention.mean_attention_distance_by_layer(model, layers.shard_batch(imgs),
-                                                          batch_size=args.num_images)
-        res = {"family": info.family, "patch_size": info.patch_size, "img_size": size,
-               "mean_attention_distance": dist}
+      imgs = photo_crops(size, args.num_images, args.seed)
+    dist = attention.mean_attention_distance_by_layer(model, layers.shard_batch(imgs),
+                                                      batch_size=args.num_images)
+    res = {"family": info.family, "patch_size": info.patch_size, "img_size": size,
+           "mean_attention_distance": dist}
 
-        fig, ax = plt.subplots(figsize=(4, 3.2))
-        nl, nh = dist.shape
-        for h in range(nh):
-            ax.scatter(np.arange(1, nl + 1), dist[:, h], s=10, label=f"head {h + 1}" if nh <= 16 else None)
-        ax.set_xlabel("network depth (layer)")
-        ax.set_ylabel("mean attention distance (pixels)")
-        ax.set_ylim(0, size * 0.75)
-        ax.set_title(f"{name}, {size}px, {args.num_images} images", fontsize=8)
-        if nh <= 16:
-            ax.legend(fontsize=5, ncol=2)
-        figs.append(common.savefig(fig, args.out, f"attention_distance_{tag}.png"))
+    fig, ax = plt.subplots(figsize=(4, 3.2))
+    nl, nh = dist.shape
+    for h in range(nh):
+      ax.scatter(np.arange(1, nl + 1), dist[:, h], s=10, label=f"head {h + 1}" if nh <= 16 else None)
+    ax.set_xlabel("network depth (layer)")
+    ax.set_ylabel("mean attention distance (pixels)")
+    ax.set_ylim(0, size * 0.75)
+    ax.set_title(f"{name}, {size}px, {args.num_images} images", fontsize=8)
+    if nh <= 16:
+      ax.legend(fontsize=5, ncol=2)
+    figs.append(common.savefig(fig, args.out, f"attention_distance_{tag}.png"))
 
-        ph = common.photos(size)
-        maps = attention.rollout_for_model(model, ph)
-        up = attention.upsample_map(maps, (size, size))
-        fig, axes = plt.subplots(2, len(ph), figsize=(1.8 * len(ph), 3.6), squeeze=False)
-        logits, _ = layers.intermediates(model, ph)
-        for i in range(len(ph)):
-            common.show_image(axes[0, i], ph[i], f"class {int(np.argmax(logits[i]))}")
-            # the photo (in [0, 1]) weighted by the map, back in [-1, 1]
-            common.show_image(axes[1, i], up[i][..., None] * (ph[i] + 1.0) - 1.0, "rollout x image")
-        figs.append(common.savefig(fig, args.out, f"rollout_{tag}.png"))
-        res["rollout"] = maps
+    ph = common.photos(size)
+    maps = attention.rollout_for_model(model, ph)
+    up = attention.upsample_map(maps, (size, size))
+    fig, axes = plt.subplots(2, len(ph), figsize=(1.8 * len(ph), 3.6), squeeze=False)
+    logits, _ = layers.intermediates(model, ph)
+    for i in range(len(ph)):
+      common.show_image(axes[0, i], ph[i], f"class {int(np.argmax(logits[i]))}")
+      # the photo (in [0, 1]) weighted by the map, back in [-1, 1]
+      common.show_image(axes[1, i], up[i][..., None] * (ph[i] + 1.0) - 1.0, "rollout x image")
+    figs.append(common.savefig(fig, args.out, f"rollout_{tag}.png"))
+    res["rollout"] = maps
 
-        sim = embeddings.position_similarity_for_model(model)
-        gh, gw = sim.shape[:2]
-        fig, axes = plt.subplots(gh, gw, figsize=(0.5 * gw + 0.5, 0.5 * gh + 0.5), squeeze=False)
-        for i in range(gh):
-            for j in range(gw):
-                axes[i, j].imshow(sim[i, j], vmin=-1, vmax=1, cmap="viridis")
-                axes[i, j].set_xticks([])
-                axes[i, j].set_yticks([])
-        fig.suptitle("position embedding similarity", fontsize=8)
-        figs.append(common.savefig(fig, args.out, f"posemb_{tag}.png"))
-        res["posemb_similarity"] = sim
+    sim = embeddings.position_similarity_for_model(model)
+    gh, gw = sim.shape[:2]
+    fig, axes = plt.subplots(gh, gw, figsize=(0.5 * gw + 0.5, 0.5 * gh + 0.5), squeeze=False)
+    for i in range(gh):
+      for j in range(gw):
+        axes[i, j].imshow(sim[i, j], vmin=-1, vmax=1, cmap="viridis")
+        axes[i, j].set_xticks([])
+        axes[i, j].set_yticks([])
+    fig.suptitle("position embedding similarity", fontsize=8)
+    figs.append(common.savefig(fig, args.out, f"posemb_{tag}.png"))
+    res["posemb_similarity"] = sim
 
-        pcs = embeddings.patch_embedding_components(embeddings.find_patch_kernel(model),
-                                                    args.num_components)
-        k = len(pcs["images"])
-        cols = min(7, k)
-        rows = -(-k // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(0.8 * cols, 0.8 * rows), squeeze=False)
-        for i, ax in enumerate(axes.ravel()):
-            ax.axis("off")
-            if i < k:
-                ax.imshow(pcs["images"][i], interpolation="nearest")
-        fig.suptitle("patch-embedding filters: principal components", fontsize=8)
-        figs.append(common.savefig(fig, args.out, f"patch_pcs_{tag}.png"))
-        res["patch_pc_explained_variance"] = pcs["explained_variance_ratio"]
-        results["models"][name] = res
-        print(f"{name}: mean attention distance by layer {np.round(np.asarray(dist.mean(1), float), 1).tolist()} px "
-              f"({timer()} s)")
-    results["figures"] = figs
-    results["seconds"] = timer()
-    common.save_json(args.out, "attention.json", results)
-    return results
+    pcs = embeddings.patch_embedding_components(embeddings.find_patch_kernel(model),
+                                                args.num_components)
+    k = len(pcs["images"])
+    cols = min(7, k)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.8 * cols, 0.8 * rows), squeeze=False)
+    for i, ax in enumerate(axes.ravel()):
+      ax.axis("off")
+      if i < k:
+        ax.imshow(pcs["images"][i], interpolation="nearest")
+    fig.suptitle("patch-embedding filters: principal components", fontsize=8)
+    figs.append(common.savefig(fig, args.out, f"patch_pcs_{tag}.png"))
+    res["patch_pc_explained_variance"] = pcs["explained_variance_ratio"]
+    results["models"][name] = res
+    print(f"{name}: mean attention distance by layer {np.round(np.asarray(dist.mean(1), float), 1).tolist()} px "
+          f"({timer()} s)")
+  results["figures"] = figs
+  results["seconds"] = timer()
+  common.save_json(args.out, "attention.json", results)
+  return results
 
 
 if __name__ == "__main__":
-    main()
+  main()

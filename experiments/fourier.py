@@ -26,79 +26,79 @@ KIND_MARK = {"msa": "o", "mlp": "s", "token": "o", "channel": "s", "conv": "^", 
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
-    p.add_argument("--data", default="photos", choices=["digits", "photos"])
-    p.add_argument("--num-images", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--noise-std", type=float, default=0.1, help="band noise std in [-1, 1] units")
-    p.add_argument("--num-bands", type=int, default=6)
-    args = common.parse(p, argv)
-    timer = common.Timer()
-    zoo = common.load_models(args, random_head=True)  # a zero head predicts one class for all
-    results = common.header(args, {"models": {}})
-    plt = common.plt()
-    figs = []
-    dfig, daxes = plt.subplots(1, 2, figsize=(9, 3.2))
-    bfig, bax = plt.subplots(figsize=(4.5, 3.2))
-    bands = fourier.default_bands(args.num_bands)
-    for name, model in zoo.items():
-        info = layers.model_info(model)
-        tag = name.split(" ")[0].replace("+", "p")
-        if args.data == "digits":
-            imgs, labels = common.digits(info.img_size, args.num_images)
-        else:
-            from experiments.cka import photo_crops
+  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
+  p.add_argument("--data", default="photos", choices=["digits", "photos"])
+  p.add_argument("--num-images", type=int, default=32)
+  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--noise-std", type=float, default=0.1, help="band noise std in [-1, 1] units")
+  p.add_argument("--num-bands", type=int, default=6)
+  args = common.parse(p, argv)
+  timer = common.Timer()
+  zoo = common.load_models(args, random_head=True)  # a zero head predicts one class for all
+  results = common.header(args, {"models": {}})
+  plt = common.plt()
+  figs = []
+  dfig, daxes = plt.subplots(1, 2, figsize=(9, 3.2))
+  bfig, bax = plt.subplots(figsize=(4.5, 3.2))
+  bands = fourier.default_bands(args.num_bands)
+  for name, model in zoo.items():
+    info = layers.model_info(model)
+    tag = name.split(" ")[0].replace("+", "p")
+    if args.data == "digits":
+      imgs, labels = common.digits(info.img_size, args.num_images)
+    else:
+      from experiments.cka import photo_crops
 
-            imgs, labels = photo_crops(info.img_size, args.num_images, args.seed), None
-        r = fourier.fourier_by_depth(model, imgs, batch_size=args.batch_size)
-        if labels is None or not common.trained(name):
-            logits, _ = layers.intermediates(model, imgs)
-            labels = np.asarray(logits).argmax(-1)
-        rob = fourier.band_noise_robustness(model, imgs, labels, bands, std=args.noise_std,
-                                            seed=args.seed, batch_size=args.batch_size)
-        results["models"][name] = {**r, "band_noise": rob}
+      imgs, labels = photo_crops(info.img_size, args.num_images, args.seed), None
+    r = fourier.fourier_by_depth(model, imgs, batch_size=args.batch_size)
+    if labels is None or not common.trained(name):
+      logits, _ = layers.intermediates(model, imgs)
+      labels = np.asarray(logits).argmax(-1)
+    rob = fourier.band_noise_robustness(model, imgs, labels, bands, std=args.noise_std,
+                                        seed=args.seed, batch_size=args.batch_size)
+    results["models"][name] = {**r, "band_noise": rob}
 
-        fig, ax = plt.subplots(figsize=(4, 3.2))
-        cmap = plt.get_cmap("plasma")
-        for s, curve in enumerate(r["curves"]):
-            if len(curve) > 1:
-                ax.plot(np.linspace(0, 1, len(curve)), curve, color=cmap(r["depth"][s]), lw=1)
-        ax.set_xlabel("frequency (0 = DC, 1 = highest)")
-        ax.set_ylabel("relative log amplitude")
-        ax.set_title(f"{name}: colour = depth", fontsize=8)
-        figs.append(common.savefig(fig, args.out, f"fourier_{tag}.png"))
+    fig, ax = plt.subplots(figsize=(4, 3.2))
+    cmap = plt.get_cmap("plasma")
+    for s, curve in enumerate(r["curves"]):
+      if len(curve) > 1:
+        ax.plot(np.linspace(0, 1, len(curve)), curve, color=cmap(r["depth"][s]), lw=1)
+    ax.set_xlabel("frequency (0 = DC, 1 = highest)")
+    ax.set_ylabel("relative log amplitude")
+    ax.set_title(f"{name}: colour = depth", fontsize=8)
+    figs.append(common.savefig(fig, args.out, f"fourier_{tag}.png"))
 
-        depth = np.asarray(r["depth"])
-        line = daxes[0].plot(depth, r["high_freq"], "-", lw=0.8, label=name)[0]
-        for kind, mark in KIND_MARK.items():
-            sel = np.asarray([k == kind for k in r["kinds"]])
-            if sel.any():
-                daxes[0].scatter(depth[sel], r["high_freq"][sel], marker=mark, s=14, color=line.get_color())
-                daxes[1].scatter(depth[sel], r["variance"][sel], marker=mark, s=14, color=line.get_color())
-        daxes[1].plot(depth, r["variance"], "-", lw=0.8, color=line.get_color(), label=name)
-        centres = [0.5 * (a + b) for a, b in bands]
-        bax.plot(centres, rob["accuracy_drop"], "o-", label=name)
-        print(f"{name}: high-frequency log amplitude by depth "
-              f"{np.round(np.asarray(r['high_freq'], float), 2).tolist()}; accuracy drop per band "
-              f"{np.round(np.asarray(rob['accuracy_drop'], float), 2).tolist()} ({timer()} s)")
-    daxes[0].set_title("highest-frequency relative log amplitude (o/s: attention-token/MLP)", fontsize=8)
-    daxes[1].set_title("feature-map variance", fontsize=8)
-    daxes[1].set_yscale("log")
-    for ax in daxes:
-        ax.set_xlabel("normalised depth")
-        ax.legend(fontsize=7)
-    figs.append(common.savefig(dfig, args.out, "fourier_depth.png"))
-    bax.set_xlabel("noise band centre (radial frequency / Nyquist)")
-    bax.set_ylabel("accuracy drop")
-    bax.set_title(f"noise std {args.noise_std}", fontsize=8)
-    bax.legend(fontsize=7)
-    figs.append(common.savefig(bfig, args.out, "band_noise.png"))
-    results["bands"] = bands
-    results["figures"] = figs
-    results["seconds"] = timer()
-    common.save_json(args.out, "fourier.json", results)
-    return results
+    depth = np.asarray(r["depth"])
+    line = daxes[0].plot(depth, r["high_freq"], "-", lw=0.8, label=name)[0]
+    for kind, mark in KIND_MARK.items():
+      sel = np.asarray([k == kind for k in r["kinds"]])
+      if sel.any():
+        daxes[0].scatter(depth[sel], r["high_freq"][sel], marker=mark, s=14, color=line.get_color())
+        daxes[1].scatter(depth[sel], r["variance"][sel], marker=mark, s=14, color=line.get_color())
+    daxes[1].plot(depth, r["variance"], "-", lw=0.8, color=line.get_color(), label=name)
+    centres = [0.5 * (a + b) for a, b in bands]
+    bax.plot(centres, rob["accuracy_drop"], "o-", label=name)
+    print(f"{name}: high-frequency log amplitude by depth "
+          f"{np.round(np.asarray(r['high_freq'], float), 2).tolist()}; accuracy drop per band "
+          f"{np.round(np.asarray(rob['accuracy_drop'], float), 2).tolist()} ({timer()} s)")
+  daxes[0].set_title("highest-frequency relative log amplitude (o/s: attention-token/MLP)", fontsize=8)
+  daxes[1].set_title("feature-map variance", fontsize=8)
+  daxes[1].set_yscale("log")
+  for ax in daxes:
+    ax.set_xlabel("normalised depth")
+    ax.legend(fontsize=7)
+  figs.append(common.savefig(dfig, args.out, "fourier_depth.png"))
+  bax.set_xlabel("noise band centre (radial frequency / Nyquist)")
+  bax.set_ylabel("accuracy drop")
+  bax.set_title(f"noise std {args.noise_std}", fontsize=8)
+  bax.legend(fontsize=7)
+  figs.append(common.savefig(bfig, args.out, "band_noise.png"))
+  results["bands"] = bands
+  results["figures"] = figs
+  results["seconds"] = timer()
+  common.save_json(args.out, "fourier.json", results)
+  return results
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -25,71 +25,71 @@ from vit_jax.analysis import generation, layers
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16", 64)
-    p.add_argument("--targets", default="0,1,2,3", help="class (or channel) indices")
-    p.add_argument("--objective", default="logit", choices=["logit", "unit"])
-    p.add_argument("--layer", default=None, help="layer of a unit objective (default: the middle block)")
-    p.add_argument("--patch", type=int, default=None, help="one patch (a neuron); default all patches")
-    p.add_argument("--style", default="octaves", choices=["octaves", "lucent"],
-                   help="octaves: pixel steps + blur + crops; lucent: Fourier/decorrelated + Adam")
-    p.add_argument("--steps", type=int, default=60, help="steps per octave (or total for lucent)")
-    p.add_argument("--target-value", type=float, default=None,
-                   help="minimise |C - activation| instead of maximising (published C = 200)")
-    p.add_argument("--l2", type=float, default=0.0)
-    p.add_argument("--tv", type=float, default=0.0)
-    p.add_argument("--published", action="store_true",
-                   help="blbadger's schedule (220 + 500 steps, C = 200) or Lucent's 512 Adam steps")
-    args = common.parse(p, argv)
-    timer = common.Timer()
-    zoo = common.load_models(args, random_head=args.objective == "logit")
-    targets = [int(t) for t in args.targets.split(",")]
-    results = common.header(args, {"models": {}})
-    outs = {}
-    for mi, (name, model) in enumerate(zoo.items()):
-        info = layers.model_info(model)
-        if args.style == "lucent":
-            cfg = generation.lucent_config(512 if args.published else args.steps)
-        elif args.published:
-            cfg = (generation.published_class_config() if args.objective == "logit"
-                   else generation.published_unit_config())
-        else:
-            cfg = generation.GenerationConfig(
-                octaves=(generation.Octave(args.steps, 1.0, (0.05, 0.02), (2.4, 0.8)),
-                         generation.Octave(args.steps, 1.5, (0.03, 0.005), (1.5, 0.4))))
-        cfg = dataclasses.replace(cfg, l2=args.l2, tv=args.tv)
-        target_value = args.target_value
-        if args.published and args.objective == "logit" and args.style != "lucent" and target_value is None:
-            target_value = 200.0
-        layer = args.layer
-        if args.objective == "unit" and layer is None:
-            names = layers.layer_names(model)
-            layer = names[len(names) // 2]
-        obj = generation.Objective(args.objective, layer, args.patch, target_value)
-        out = generation.generate(model, targets, obj, cfg, key=jax.random.PRNGKey(args.seed + mi))
-        outs[name] = out
-        results["models"][name] = {"family": info.family, "objective": vars_of(obj),
-                                   "activation": out["activation"], "trace": out["trace"]}
-        print(f"{name}: activation {np.round(np.asarray(out['activation'], float), 2).tolist()} ({timer()} s)")
+  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16", 64)
+  p.add_argument("--targets", default="0,1,2,3", help="class (or channel) indices")
+  p.add_argument("--objective", default="logit", choices=["logit", "unit"])
+  p.add_argument("--layer", default=None, help="layer of a unit objective (default: the middle block)")
+  p.add_argument("--patch", type=int, default=None, help="one patch (a neuron); default all patches")
+  p.add_argument("--style", default="octaves", choices=["octaves", "lucent"],
+                 help="octaves: pixel steps + blur + crops; lucent: Fourier/decorrelated + Adam")
+  p.add_argument("--steps", type=int, default=60, help="steps per octave (or total for lucent)")
+  p.add_argument("--target-value", type=float, default=None,
+                 help="minimise |C - activation| instead of maximising (published C = 200)")
+  p.add_argument("--l2", type=float, default=0.0)
+  p.add_argument("--tv", type=float, default=0.0)
+  p.add_argument("--published", action="store_true",
+                 help="blbadger's schedule (220 + 500 steps, C = 200) or Lucent's 512 Adam steps")
+  args = common.parse(p, argv)
+  timer = common.Timer()
+  zoo = common.load_models(args, random_head=args.objective == "logit")
+  targets = [int(t) for t in args.targets.split(",")]
+  results = common.header(args, {"models": {}})
+  outs = {}
+  for mi, (name, model) in enumerate(zoo.items()):
+    info = layers.model_info(model)
+    if args.style == "lucent":
+      cfg = generation.lucent_config(512 if args.published else args.steps)
+    elif args.published:
+      cfg = (generation.published_class_config() if args.objective == "logit"
+             else generation.published_unit_config())
+    else:
+      cfg = generation.GenerationConfig(
+          octaves=(generation.Octave(args.steps, 1.0, (0.05, 0.02), (2.4, 0.8)),
+                   generation.Octave(args.steps, 1.5, (0.03, 0.005), (1.5, 0.4))))
+    cfg = dataclasses.replace(cfg, l2=args.l2, tv=args.tv)
+    target_value = args.target_value
+    if args.published and args.objective == "logit" and args.style != "lucent" and target_value is None:
+      target_value = 200.0
+    layer = args.layer
+    if args.objective == "unit" and layer is None:
+      names = layers.layer_names(model)
+      layer = names[len(names) // 2]
+    obj = generation.Objective(args.objective, layer, args.patch, target_value)
+    out = generation.generate(model, targets, obj, cfg, key=jax.random.PRNGKey(args.seed + mi))
+    outs[name] = out
+    results["models"][name] = {"family": info.family, "objective": vars_of(obj),
+                               "activation": out["activation"], "trace": out["trace"]}
+    print(f"{name}: activation {np.round(np.asarray(out['activation'], float), 2).tolist()} ({timer()} s)")
 
-    plt = common.plt()
-    fig, axes = plt.subplots(len(outs), len(targets), figsize=(1.6 * len(targets), 1.7 * len(outs)),
-                             squeeze=False)
-    for r, (name, out) in enumerate(outs.items()):
-        for c, t in enumerate(targets):
-            what = "class" if args.objective == "logit" else "channel"
-            common.show_image(axes[r, c], out["images"][c], f"{what} {t}: {out['activation'][c]:.1f}")
-        axes[r, 0].set_ylabel(name.split(" ")[0], fontsize=7)
-    fig.suptitle(f"Generated inputs ({args.objective}{'' if args.layer is None else ' ' + args.layer}, "
-                 f"{args.style})", fontsize=8)
-    results["figures"] = [common.savefig(fig, args.out, "generation.png")]
-    results["seconds"] = timer()
-    common.save_json(args.out, "generation.json", results)
-    return results
+  plt = common.plt()
+  fig, axes = plt.subplots(len(outs), len(targets), figsize=(1.6 * len(targets), 1.7 * len(outs)),
+                           squeeze=False)
+  for r, (name, out) in enumerate(outs.items()):
+    for c, t in enumerate(targets):
+      what = "class" if args.objective == "logit" else "channel"
+      common.show_image(axes[r, c], out["images"][c], f"{what} {t}: {out['activation'][c]:.1f}")
+    axes[r, 0].set_ylabel(name.split(" ")[0], fontsize=7)
+  fig.suptitle(f"Generated inputs ({args.objective}{'' if args.layer is None else ' ' + args.layer}, "
+               f"{args.style})", fontsize=8)
+  results["figures"] = [common.savefig(fig, args.out, "generation.png")]
+  results["seconds"] = timer()
+  common.save_json(args.out, "generation.json", results)
+  return results
 
 
 def vars_of(obj) -> dict:
-    return dataclasses.asdict(obj)
+  return dataclasses.asdict(obj)
 
 
 if __name__ == "__main__":
-    main()
+  main()

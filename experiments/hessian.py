@@ -23,68 +23,68 @@ from vit_jax.analysis import hessian, layers
 
 
 def augmented_batches(x, y, num_batches, batch_size, seed):
-    rng = np.random.RandomState(seed)
-    for _ in range(num_batches):
-        idx = rng.choice(len(x), batch_size, replace=False)
-        b = x[idx].copy()
-        flip = rng.rand(batch_size) < 0.5
-        b[flip] = b[flip, :, ::-1]
-        shift = rng.randint(-2, 3, size=2)
-        b = np.roll(b, tuple(shift), axis=(1, 2))
-        yield b, y[idx]
+  rng = np.random.RandomState(seed)
+  for _ in range(num_batches):
+    idx = rng.choice(len(x), batch_size, replace=False)
+    b = x[idx].copy()
+    flip = rng.rand(batch_size) < 0.5
+    b[flip] = b[flip, :, ::-1]
+    shift = rng.randint(-2, 3, size=2)
+    b = np.roll(b, tuple(shift), axis=(1, 2))
+    yield b, y[idx]
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "ViT-test,Mixer-test,BiT-test", 32)
-    p.add_argument("--num-batches", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--k", type=int, default=5)
-    p.add_argument("--max-iters", type=int, default=100)
-    p.add_argument("--tol", type=float, default=1e-3)
-    p.add_argument("--method", default="power", choices=["power", "subspace"])
-    args = common.parse(p, argv)
-    timer = common.Timer()
-    zoo = common.load_models(args, random_head=True)
-    results = common.header(args, {"models": {}})
-    for mi, (name, model) in enumerate(zoo.items()):
-        info = layers.model_info(model)
-        x, y = common.digits(info.img_size)
-        y = y % info.num_classes
-        xs, ys = zip(*augmented_batches(x, y, args.num_batches, args.batch_size, args.seed))
-        spec = hessian.batch_spectra(model, xs, ys, k=args.k, max_iters=args.max_iters, tol=args.tol,
-                                     seed=args.seed + 100 * mi, progress=True, method=args.method)
-        grid, dens = hessian.eigenvalue_density(spec)
-        results["models"][name] = {"eigenvalues": spec, "density_grid": grid, "density": dens,
-                                   "num_negative": int((spec < 0).sum()),
-                                   "num_params": int(sum(v.size for v in jax.tree.leaves(
-                                       nnx.state(model, nnx.Param))))}
-        print(f"{name}: top eigenvalues per batch {np.round(np.asarray(spec, float), 3).tolist()} ({timer()} s)")
-    results["figures"] = plot(results["models"], args.out, args.k)
-    results["seconds"] = timer()
-    common.save_json(args.out, "hessian.json", results)
-    return results
+  p = common.parser(__doc__.splitlines()[0], "ViT-test,Mixer-test,BiT-test", 32)
+  p.add_argument("--num-batches", type=int, default=3)
+  p.add_argument("--batch-size", type=int, default=16)
+  p.add_argument("--k", type=int, default=5)
+  p.add_argument("--max-iters", type=int, default=100)
+  p.add_argument("--tol", type=float, default=1e-3)
+  p.add_argument("--method", default="power", choices=["power", "subspace"])
+  args = common.parse(p, argv)
+  timer = common.Timer()
+  zoo = common.load_models(args, random_head=True)
+  results = common.header(args, {"models": {}})
+  for mi, (name, model) in enumerate(zoo.items()):
+    info = layers.model_info(model)
+    x, y = common.digits(info.img_size)
+    y = y % info.num_classes
+    xs, ys = zip(*augmented_batches(x, y, args.num_batches, args.batch_size, args.seed))
+    spec = hessian.batch_spectra(model, xs, ys, k=args.k, max_iters=args.max_iters, tol=args.tol,
+                                 seed=args.seed + 100 * mi, progress=True, method=args.method)
+    grid, dens = hessian.eigenvalue_density(spec)
+    results["models"][name] = {"eigenvalues": spec, "density_grid": grid, "density": dens,
+                               "num_negative": int((spec < 0).sum()),
+                               "num_params": int(sum(v.size for v in jax.tree.leaves(
+                                   nnx.state(model, nnx.Param))))}
+    print(f"{name}: top eigenvalues per batch {np.round(np.asarray(spec, float), 3).tolist()} ({timer()} s)")
+  results["figures"] = plot(results["models"], args.out, args.k)
+  results["seconds"] = timer()
+  common.save_json(args.out, "hessian.json", results)
+  return results
 
 
 def plot(models: dict, out: str, k: int) -> list[str]:
-    """Density of the batch-wise top eigenvalues (one panel per model) and the top one per batch."""
-    plt = common.plt()
-    n = len(models)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
-    fig2, ax2 = plt.subplots(figsize=(4.5, 3.2))
-    for ax, (name, r) in zip(axes[0], models.items()):
-        spec = np.asarray(r["eigenvalues"], float)
-        ax.plot(r["density_grid"], r["density"])
-        ax.plot(spec.ravel(), np.zeros(spec.size), "|", ms=10, color="k")
-        ax.axvline(0.0, color="grey", lw=0.6, ls="--")
-        ax.set_title(f"{name}: {int((spec < 0).sum())}/{spec.size} negative", fontsize=8)
-        ax.set_xlabel("Hessian eigenvalue")
-        ax2.plot(np.arange(len(spec)), spec[:, 0], "o-", label=name)
-    axes[0, 0].set_ylabel(f"density of top-{k} per batch")
-    ax2.set_xlabel("batch")
-    ax2.set_ylabel("largest-magnitude eigenvalue")
-    ax2.legend(fontsize=7)
-    return [common.savefig(fig, out, "hessian_spectra.png"), common.savefig(fig2, out, "hessian_top.png")]
+  """Density of the batch-wise top eigenvalues (one panel per model) and the top one per batch."""
+  plt = common.plt()
+  n = len(models)
+  fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+  fig2, ax2 = plt.subplots(figsize=(4.5, 3.2))
+  for ax, (name, r) in zip(axes[0], models.items()):
+    spec = np.asarray(r["eigenvalues"], float)
+    ax.plot(r["density_grid"], r["density"])
+    ax.plot(spec.ravel(), np.zeros(spec.size), "|", ms=10, color="k")
+    ax.axvline(0.0, color="grey", lw=0.6, ls="--")
+    ax.set_title(f"{name}: {int((spec < 0).sum())}/{spec.size} negative", fontsize=8)
+    ax.set_xlabel("Hessian eigenvalue")
+    ax2.plot(np.arange(len(spec)), spec[:, 0], "o-", label=name)
+  axes[0, 0].set_ylabel(f"density of top-{k} per batch")
+  ax2.set_xlabel("batch")
+  ax2.set_ylabel("largest-magnitude eigenvalue")
+  ax2.legend(fontsize=7)
+  return [common.savefig(fig, out, "hessian_spectra.png"), common.savefig(fig2, out, "hessian_top.png")]
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -23,81 +23,81 @@ from vit_jax.analysis import inversion, layers
 
 
 def main(argv=None) -> dict:
-    p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
-    p.add_argument("--photos", default="astronaut", help="comma-separated scikit-image sample photos")
-    p.add_argument("--steps", type=int, default=150, help="steps per model (published: 1500 ViT/Mixer, 500 ResNet)")
-    p.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.005), help="step size, start end")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "normalized", "sgd"])
-    p.add_argument("--resnet-layers", default="stages", choices=["stages", "units"])
-    p.add_argument("--published", action="store_true",
-                   help="published setting: ViT-B_32, Mixer-B_16, BiT-R50x1 at 224 px, 1500/500 steps")
-    args = common.parse(p, argv)
+  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
+  p.add_argument("--photos", default="astronaut", help="comma-separated scikit-image sample photos")
+  p.add_argument("--steps", type=int, default=150, help="steps per model (published: 1500 ViT/Mixer, 500 ResNet)")
+  p.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.005), help="step size, start end")
+  p.add_argument("--optimizer", default="adam", choices=["adam", "normalized", "sgd"])
+  p.add_argument("--resnet-layers", default="stages", choices=["stages", "units"])
+  p.add_argument("--published", action="store_true",
+                 help="published setting: ViT-B_32, Mixer-B_16, BiT-R50x1 at 224 px, 1500/500 steps")
+  args = common.parse(p, argv)
+  if args.published:
+    if args.models == p.get_default("models"):
+      args.models = "ViT-B_32,Mixer-B_16,BiT-R50x1"
+    if args.img_size == p.get_default("img_size"):
+      args.img_size = 224
+  timer = common.Timer()
+  zoo = common.load_models(args)
+  photo_names = [s for s in args.photos.split(",") if s]
+  results = common.header(args, {"models": {}})
+  recons = {}
+  for mi, (name, model) in enumerate(zoo.items()):
+    info = layers.model_info(model)
+    imgs = common.photos(info.img_size, photo_names)
+    steps = args.steps
     if args.published:
-        if args.models == p.get_default("models"):
-            args.models = "ViT-B_32,Mixer-B_16,BiT-R50x1"
-        if args.img_size == p.get_default("img_size"):
-            args.img_size = 224
-    timer = common.Timer()
-    zoo = common.load_models(args)
-    photo_names = [s for s in args.photos.split(",") if s]
-    results = common.header(args, {"models": {}})
-    recons = {}
-    for mi, (name, model) in enumerate(zoo.items()):
-        info = layers.model_info(model)
-        imgs = common.photos(info.img_size, photo_names)
-        steps = args.steps
-        if args.published:
-            steps = inversion.published_config(info.family).steps
-        cfg = inversion.InversionConfig(steps=steps, lr=tuple(args.lr), optimizer=args.optimizer,
-                                        resnet_layers=args.resnet_layers)
-        out = inversion.invert(model, imgs, config=cfg, key=jax.random.PRNGKey(args.seed + mi))
-        recons[name] = (imgs, out)
-        results["models"][name] = {
-            "family": info.family, "steps": steps, "layers": out["layers"],
-            "photos": {ph: {k: out[k][i] for k in ["rep_distance", "noise_distance", "ratio", "psnr", "ssim"]}
-                       for i, ph in enumerate(photo_names)},
-            "loss": out["loss"][:: max(1, steps // 100)],
-        }
-        print(f"{name}: PSNR by layer {np.round(np.asarray(out['psnr'].mean(0), float), 1).tolist()} "
-              f"ratio {np.round(np.asarray(out['ratio'].mean(0), float), 2).tolist()} ({timer()} s)")
+      steps = inversion.published_config(info.family).steps
+    cfg = inversion.InversionConfig(steps=steps, lr=tuple(args.lr), optimizer=args.optimizer,
+                                    resnet_layers=args.resnet_layers)
+    out = inversion.invert(model, imgs, config=cfg, key=jax.random.PRNGKey(args.seed + mi))
+    recons[name] = (imgs, out)
+    results["models"][name] = {
+        "family": info.family, "steps": steps, "layers": out["layers"],
+        "photos": {ph: {k: out[k][i] for k in ["rep_distance", "noise_distance", "ratio", "psnr", "ssim"]}
+                   for i, ph in enumerate(photo_names)},
+        "loss": out["loss"][:: max(1, steps // 100)],
+    }
+    print(f"{name}: PSNR by layer {np.round(np.asarray(out['psnr'].mean(0), float), 1).tolist()} "
+          f"ratio {np.round(np.asarray(out['ratio'].mean(0), float), 2).tolist()} ({timer()} s)")
 
-    plt = common.plt()
-    ncols = 1 + max(len(o["layers"]) for _, o in recons.values())
-    figs = []
-    for pi, ph in enumerate(photo_names):
-        fig, axes = plt.subplots(len(recons), ncols, figsize=(1.1 * ncols, 1.25 * len(recons)),
-                                 squeeze=False)
-        for r, (name, (imgs, out)) in enumerate(recons.items()):
-            common.show_image(axes[r, 0], imgs[pi], "target")
-            axes[r, 0].set_ylabel(name.split(" ")[0], fontsize=7)
-            for c in range(1, ncols):
-                ax = axes[r, c]
-                if c - 1 < len(out["layers"]):
-                    common.show_image(ax, out["images"][pi, c - 1],
-                                      f"{out['layers'][c - 1]}\n{out['psnr'][pi, c - 1]:.1f} dB")
-                else:
-                    ax.axis("off")
-        fig.suptitle(f"Layer inversion ({ph}); untrained unless named with a checkpoint", fontsize=8)
-        figs.append(common.savefig(fig, args.out, f"inversion_{ph}.png"))
+  plt = common.plt()
+  ncols = 1 + max(len(o["layers"]) for _, o in recons.values())
+  figs = []
+  for pi, ph in enumerate(photo_names):
+    fig, axes = plt.subplots(len(recons), ncols, figsize=(1.1 * ncols, 1.25 * len(recons)),
+                             squeeze=False)
+    for r, (name, (imgs, out)) in enumerate(recons.items()):
+      common.show_image(axes[r, 0], imgs[pi], "target")
+      axes[r, 0].set_ylabel(name.split(" ")[0], fontsize=7)
+      for c in range(1, ncols):
+        ax = axes[r, c]
+        if c - 1 < len(out["layers"]):
+          common.show_image(ax, out["images"][pi, c - 1],
+                            f"{out['layers'][c - 1]}\n{out['psnr'][pi, c - 1]:.1f} dB")
+        else:
+          ax.axis("off")
+    fig.suptitle(f"Layer inversion ({ph}); untrained unless named with a checkpoint", fontsize=8)
+    figs.append(common.savefig(fig, args.out, f"inversion_{ph}.png"))
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-    for name, (_, out) in recons.items():
-        depth = np.linspace(0, 1, len(out["layers"]))
-        axes[0].plot(depth, out["psnr"].mean(0), "o-", label=name)
-        axes[1].plot(depth, out["ssim"].mean(0), "o-", label=name)
-        axes[2].semilogy(depth, out["ratio"].mean(0), "o-", label=name)
-    axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
-    for ax, t in zip(axes, ["PSNR (dB) vs target", "SSIM vs target",
-                            "||O(a)-O(a_g)|| / ||O(a)-O(a+n)||"]):
-        ax.set_title(t, fontsize=9)
-        ax.set_xlabel("normalised depth")
-    axes[0].legend(fontsize=7)
-    figs.append(common.savefig(fig, args.out, "inversion_judges.png"))
-    results["figures"] = figs
-    results["seconds"] = timer()
-    common.save_json(args.out, "inversion.json", results)
-    return results
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+  for name, (_, out) in recons.items():
+    depth = np.linspace(0, 1, len(out["layers"]))
+    axes[0].plot(depth, out["psnr"].mean(0), "o-", label=name)
+    axes[1].plot(depth, out["ssim"].mean(0), "o-", label=name)
+    axes[2].semilogy(depth, out["ratio"].mean(0), "o-", label=name)
+  axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
+  for ax, t in zip(axes, ["PSNR (dB) vs target", "SSIM vs target",
+                          "||O(a)-O(a_g)|| / ||O(a)-O(a+n)||"]):
+    ax.set_title(t, fontsize=9)
+    ax.set_xlabel("normalised depth")
+  axes[0].legend(fontsize=7)
+  figs.append(common.savefig(fig, args.out, "inversion_judges.png"))
+  results["figures"] = figs
+  results["seconds"] = timer()
+  common.save_json(args.out, "inversion.json", results)
+  return results
 
 
 if __name__ == "__main__":
-    main()
+  main()

@@ -43,139 +43,139 @@ _REUSE_CPU_MEMORY = flags.DEFINE_boolean(
 # Unknown --config.* keys: fail with the list of valid keys
 # --------------------------------------------------------------------------
 def config_keys(config, prefix="") -> list[str]:
-    """Every dotted field name of a ConfigDict (nested dicts included)."""
-    out = []
-    for k, v in config.items():
-        name = f"{prefix}{k}"
-        out.append(name)
-        if hasattr(v, "items") and not isinstance(v, (str, bytes)):
-            out.extend(config_keys(v, name + "."))
-    return out
+  """Every dotted field name of a ConfigDict (nested dicts included)."""
+  out = []
+  for k, v in config.items():
+    name = f"{prefix}{k}"
+    out.append(name)
+    if hasattr(v, "items") and not isinstance(v, (str, bytes)):
+      out.extend(config_keys(v, name + "."))
+  return out
 
 
 def check_overrides(argv: list[str]) -> None:
-    """Raises app.UsageError naming an unknown --config.<key> and listing the valid ones."""
-    spec = None
-    for a in argv[1:]:
-        if a.startswith("--config="):
-            spec = a.split("=", 1)[1]
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-    if spec is None or not overrides:
-        return
-    path, _, arg = spec.partition(":")
-    config = load_config(path, arg or None)
-    valid = set(config_keys(config))
-    for key in overrides:
-        if key not in valid:
-            raise app.UsageError(
-                f"Unknown config key --config.{key} for {spec}. Valid keys:\n  "
-                + "\n  ".join(sorted(valid)))
+  """Raises app.UsageError naming an unknown --config.<key> and listing the valid ones."""
+  spec = None
+  for a in argv[1:]:
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+  if spec is None or not overrides:
+    return
+  path, _, arg = spec.partition(":")
+  config = load_config(path, arg or None)
+  valid = set(config_keys(config))
+  for key in overrides:
+    if key not in valid:
+      raise app.UsageError(
+          f"Unknown config key --config.{key} for {spec}. Valid keys:\n  "
+          + "\n  ".join(sorted(valid)))
 
 
 def load_config(path: str, arg: str | None = None):
-    """Loads configs/X.py and calls get_config(arg) (as config_flags does)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_vit_run_config", path)
-    if spec is None:
-        raise app.UsageError(f"Config file {path!r} not found.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
+  """Loads configs/X.py and calls get_config(arg) (as config_flags does)."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("_vit_run_config", path)
+  if spec is None:
+    raise app.UsageError(f"Config file {path!r} not found.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def _parse_flags(argv):
-    check_overrides(argv)
-    return flags.FLAGS(argv)
+  check_overrides(argv)
+  return flags.FLAGS(argv)
 
 
 # --------------------------------------------------------------------------
 # Multi-host initialisation
 # --------------------------------------------------------------------------
 def _auto_multihost() -> bool:
-    """True on multi-process launches that jax.distributed can detect by itself."""
-    env = os.environ
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
-        return True
-    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
-    if "," in hosts:
-        return True
-    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
-        return True
-    return False
+  """True on multi-process launches that jax.distributed can detect by itself."""
+  env = os.environ
+  if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+    return True
+  hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in hosts:
+    return True
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return True
+  return False
 
 
 def init_distributed(coordinator_address=None, num_processes=None, process_id=None,
                      num_cpu_devices=None) -> None:
-    """jax.distributed.initialize from flags (or auto-detection); gloo collectives on CPU."""
-    import jax
-    if num_cpu_devices:
-        jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
-    multi = bool(coordinator_address) or (num_processes or 1) > 1 or _auto_multihost()
-    if not multi:
-        return
-    # CPU devices of several processes communicate through gloo (no-op for TPU/GPU devices).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator_address:
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
-    else:
-        jax.distributed.initialize()
+  """jax.distributed.initialize from flags (or auto-detection); gloo collectives on CPU."""
+  import jax
+  if num_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
+  multi = bool(coordinator_address) or (num_processes or 1) > 1 or _auto_multihost()
+  if not multi:
+    return
+  # CPU devices of several processes communicate through gloo (no-op for TPU/GPU devices).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if coordinator_address:
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+  else:
+    jax.distributed.initialize()
 
 
 def reuse_cpu_step_memory() -> bool:
-    """Lets XLA's CPU runtime reuse each step's temporary memory (Linux with glibc).
+  """Lets XLA's CPU runtime reuse each step's temporary memory (Linux with glibc).
 
-    XLA allocates a step's temporaries afresh on every call (1.4 GB for a ViT-B/16 train step
-    at batch 8). glibc serves blocks above 32 MiB with new mmaps, so the kernel faults in and
-    zero-fills every page on every step: 355k page faults, ~9% of the step on a 2-core CPU
-    (benchmarks/RESULTS.md). Served from the heap instead (mallopt M_MMAP_MAX = 0) and kept
-    there (M_TRIM_THRESHOLD), the same pages are reused. Only the main thread's heap grows to
-    such sizes, so CPU computations run on the calling thread (no async dispatch; the input
-    pipeline keeps its own threads). Same results. Full effect with one CPU device per
-    process (the default); with several (--num_cpu_devices), steps run on other threads and
-    fewer of their pages are reused. Call before JAX starts its CPU client; returns whether
-    it applied (False off glibc, or when the client already exists).
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    import jax
-    from jax._src import xla_bridge
-    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
-        return False
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    m_trim_threshold, m_mmap_max = -1, -4        # from glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(
-        libc.mallopt(m_trim_threshold, 2**31 - 1))  # mallopt takes a C int
+  XLA allocates a step's temporaries afresh on every call (1.4 GB for a ViT-B/16 train step
+  at batch 8). glibc serves blocks above 32 MiB with new mmaps, so the kernel faults in and
+  zero-fills every page on every step: 355k page faults, ~9% of the step on a 2-core CPU
+  (benchmarks/RESULTS.md). Served from the heap instead (mallopt M_MMAP_MAX = 0) and kept
+  there (M_TRIM_THRESHOLD), the same pages are reused. Only the main thread's heap grows to
+  such sizes, so CPU computations run on the calling thread (no async dispatch; the input
+  pipeline keeps its own threads). Same results. Full effect with one CPU device per
+  process (the default); with several (--num_cpu_devices), steps run on other threads and
+  fewer of their pages are reused. Call before JAX starts its CPU client; returns whether
+  it applied (False off glibc, or when the client already exists).
+  """
+  import ctypes
+  import ctypes.util
+  import platform
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  import jax
+  from jax._src import xla_bridge
+  if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+    return False
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  libc = ctypes.CDLL(ctypes.util.find_library("c"))
+  m_trim_threshold, m_mmap_max = -1, -4        # from glibc's malloc.h
+  return bool(libc.mallopt(m_mmap_max, 0)) and bool(
+      libc.mallopt(m_trim_threshold, 2**31 - 1))  # mallopt takes a C int
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required.")
-    if _REUSE_CPU_MEMORY.value:
-        reuse_cpu_step_memory()
-    init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
-    import jax
-    from vit_jax import train
-    logging.getLogger().setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / tf chatter
-    if jax.process_index() == 0:
-        logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
-                     jax.device_count(), jax.devices()[0].device_kind)
-    results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if jax.process_index() == 0:
-        summary = {k: v for k, v in results.items() if k != "state" and isinstance(v, (int, float))}
-        print(json.dumps(summary, sort_keys=True), file=sys.stdout, flush=True)
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required.")
+  if _REUSE_CPU_MEMORY.value:
+    reuse_cpu_step_memory()
+  init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
+  import jax
+  from vit_jax import train
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / tf chatter
+  if jax.process_index() == 0:
+    logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind)
+  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    summary = {k: v for k, v in results.items() if k != "state" and isinstance(v, (int, float))}
+    print(json.dumps(summary, sort_keys=True), file=sys.stdout, flush=True)
 
 
 def run():
-    app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
-    run()
+  run()

@@ -51,176 +51,176 @@ DEFAULT_RULES = (
 # Mesh
 # --------------------------------------------------------------------------
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
-    """Resolves ``{data, fsdp, model}`` (-1 = all remaining devices) to sizes."""
-    sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
-    unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
-    if len(unknown) > 1:
-        raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
-    known = math.prod(s for s in sizes if s != -1)
-    if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(mesh_config)}")
-    if unknown:
-        if num_devices % known:
-            raise ValueError(
-                f"config.mesh {dict(mesh_config)}: {num_devices} devices are not divisible by "
-                f"the fixed axes' product {known}.")
-        sizes[MESH_AXES.index(unknown[0])] = num_devices // known
-    if math.prod(sizes) != num_devices:
-        raise ValueError(
-            f"config.mesh {dict(mesh_config)} needs {math.prod(sizes)} devices but "
-            f"{num_devices} are available; set one axis to -1 to use the rest.")
-    return tuple(sizes)
+  """Resolves ``{data, fsdp, model}`` (-1 = all remaining devices) to sizes."""
+  sizes = [int(mesh_config.get(a, 1)) for a in MESH_AXES]
+  unknown = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(mesh_config)}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh: sizes must be positive or -1, got {dict(mesh_config)}")
+  if unknown:
+    if num_devices % known:
+      raise ValueError(
+          f"config.mesh {dict(mesh_config)}: {num_devices} devices are not divisible by "
+          f"the fixed axes' product {known}.")
+    sizes[MESH_AXES.index(unknown[0])] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"config.mesh {dict(mesh_config)} needs {math.prod(sizes)} devices but "
+        f"{num_devices} are available; set one axis to -1 to use the rest.")
+  return tuple(sizes)
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the ('data', 'fsdp', 'model') mesh from ``config.mesh``.
+  """Builds the ('data', 'fsdp', 'model') mesh from ``config.mesh``.
 
-    Devices are ordered process by process so that the batch axes split
-    cleanly into contiguous per-process blocks (what
-    ``jax.make_array_from_process_local_data`` expects).
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_config, len(devices))
-    if devices and devices[0].platform == "tpu":
-        from jax.experimental import mesh_utils
-        try:
-            arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-        except Exception:  # unusual slice shapes: fall back to plain order
-            arr = None
-        if arr is not None:
-            return Mesh(arr, MESH_AXES)
-    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+  Devices are ordered process by process so that the batch axes split
+  cleanly into contiguous per-process blocks (what
+  ``jax.make_array_from_process_local_data`` expects).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  if devices and devices[0].platform == "tpu":
+    from jax.experimental import mesh_utils
+    try:
+      arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except Exception:  # unusual slice shapes: fall back to plain order
+      arr = None
+    if arr is not None:
+      return Mesh(arr, MESH_AXES)
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
 # --------------------------------------------------------------------------
 # Logical axes -> mesh axes
 # --------------------------------------------------------------------------
 def _path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
 
 
 def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                     rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> P:
-    """Maps one parameter's logical axis names to a mesh PartitionSpec."""
-    if logical is None:
-        return P()
-    rules = dict((k, v) for k, v in rules)
-    used, out = set(), []
-    for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
-        axis = rules.get(name) if name is not None else None
-        axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
-        n = math.prod(mesh.shape[a] for a in axes) if axes else 1
-        if not axes or n == 1 or size % n or used & set(axes):
-            out.append(None)
-            continue
-        used |= set(axes)
-        out.append(axes[0] if len(axes) == 1 else axes)
-    while out and out[-1] is None:
-        out.pop()
-    return P(*out)
+  """Maps one parameter's logical axis names to a mesh PartitionSpec."""
+  if logical is None:
+    return P()
+  rules = dict((k, v) for k, v in rules)
+  used, out = set(), []
+  for name, size in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
+    axis = rules.get(name) if name is not None else None
+    axes = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+    n = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if not axes or n == 1 or size % n or used & set(axes):
+      out.append(None)
+      continue
+    used |= set(axes)
+    out.append(axes[0] if len(axes) == 1 else axes)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
 
 
 def _tactic_spec(tactic: str, shape: Sequence[int], mesh: Mesh) -> P:
-    if tactic == "replicate":
-        return P()
-    if tactic in ("fsdp", "model", "data"):
-        n = mesh.shape[tactic]
-        best = None
-        for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
-            if n > 1 and shape[i] % n == 0:
-                best = i
-                break
-        spec = [None] * len(shape)
-        if best is not None:
-            spec[best] = tactic
-        return P(*spec)
-    raise ValueError(f"Unknown sharding tactic {tactic!r}; use 'replicate', 'fsdp', 'model' or 'data'.")
+  if tactic == "replicate":
+    return P()
+  if tactic in ("fsdp", "model", "data"):
+    n = mesh.shape[tactic]
+    best = None
+    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
+      if n > 1 and shape[i] % n == 0:
+        best = i
+        break
+    spec = [None] * len(shape)
+    if best is not None:
+      spec[best] = tactic
+    return P(*spec)
+  raise ValueError(f"Unknown sharding tactic {tactic!r}; use 'replicate', 'fsdp', 'model' or 'data'.")
 
 
 def param_specs(abstract_params, logical_specs, mesh: Mesh,
                 rules: Iterable[tuple[str, Any]] = DEFAULT_RULES,
                 overrides: Iterable[tuple[str, str]] = ()) -> Any:
-    """PartitionSpecs for a params tree given its logical-axis tree.
+  """PartitionSpecs for a params tree given its logical-axis tree.
 
-    ``abstract_params``: pytree of arrays / ShapeDtypeStructs.
-    ``logical_specs``: same structure, leaves are PartitionSpecs (or tuples)
-    of logical names, or None.
-    """
-    rules, overrides = tuple(rules), tuple(overrides)
-    compiled = [(re.compile(rx), t) for rx, t in overrides]
-    flat_specs = dict(jax.tree_util.tree_flatten_with_path(
-        logical_specs, is_leaf=lambda x: x is None or isinstance(x, (P, tuple)))[0])
+  ``abstract_params``: pytree of arrays / ShapeDtypeStructs.
+  ``logical_specs``: same structure, leaves are PartitionSpecs (or tuples)
+  of logical names, or None.
+  """
+  rules, overrides = tuple(rules), tuple(overrides)
+  compiled = [(re.compile(rx), t) for rx, t in overrides]
+  flat_specs = dict(jax.tree_util.tree_flatten_with_path(
+      logical_specs, is_leaf=lambda x: x is None or isinstance(x, (P, tuple)))[0])
 
-    def one(path, leaf):
-        name = _path_str(path)
-        for rx, tactic in compiled:
-            if rx.fullmatch(name) or rx.match(name):
-                return _tactic_spec(tactic, leaf.shape, mesh)
-        logical = flat_specs.get(path)
-        return logical_to_spec(tuple(logical) if logical is not None else None,
-                               leaf.shape, mesh, rules)
+  def one(path, leaf):
+    name = _path_str(path)
+    for rx, tactic in compiled:
+      if rx.fullmatch(name) or rx.match(name):
+        return _tactic_spec(tactic, leaf.shape, mesh)
+    logical = flat_specs.get(path)
+    return logical_to_spec(tuple(logical) if logical is not None else None,
+                           leaf.shape, mesh, rules)
 
-    return jax.tree_util.tree_map_with_path(one, abstract_params)
+  return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
 def named(mesh: Mesh, specs) -> Any:
-    """PartitionSpec tree -> NamedSharding tree."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                        is_leaf=lambda x: isinstance(x, P))
+  """PartitionSpec tree -> NamedSharding tree."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
+  return NamedSharding(mesh, P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a batch: leading dim over ('data', 'fsdp')."""
-    return NamedSharding(mesh, P(BATCH_AXES))
+  """Sharding of a batch: leading dim over ('data', 'fsdp')."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def num_batch_shards(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+  return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 # --------------------------------------------------------------------------
 # Host-local <-> global arrays
 # --------------------------------------------------------------------------
 def check_batch_size(global_batch_size: int, mesh: Mesh, what: str = "config.batch_size") -> None:
-    """Raises a clear error if the batch cannot be split over the devices / processes."""
-    shards = num_batch_shards(mesh)
-    if global_batch_size % shards:
-        raise ValueError(
-            f"{what}={global_batch_size} is not divisible by the {shards} batch shards of the mesh "
-            f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, {mesh.devices.size} devices); "
-            f"use a multiple of {shards}.")
-    if global_batch_size % jax.process_count():
-        raise ValueError(
-            f"{what}={global_batch_size} is not divisible by the {jax.process_count()} processes.")
+  """Raises a clear error if the batch cannot be split over the devices / processes."""
+  shards = num_batch_shards(mesh)
+  if global_batch_size % shards:
+    raise ValueError(
+        f"{what}={global_batch_size} is not divisible by the {shards} batch shards of the mesh "
+        f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}, {mesh.devices.size} devices); "
+        f"use a multiple of {shards}.")
+  if global_batch_size % jax.process_count():
+    raise ValueError(
+        f"{what}={global_batch_size} is not divisible by the {jax.process_count()} processes.")
 
 
 def global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Turns this process's part of a batch into global jax.Arrays sharded over the batch axes."""
-    sharding = batch_sharding(mesh)
-    out = {}
-    for k, v in host_batch.items():
-        v = np.asarray(v)
-        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
-    return out
+  """Turns this process's part of a batch into global jax.Arrays sharded over the batch axes."""
+  sharding = batch_sharding(mesh)
+  out = {}
+  for k, v in host_batch.items():
+    v = np.asarray(v)
+    global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+  return out
 
 
 def to_host(x) -> Any:
-    """Fetches a (possibly multi-process sharded) array tree to numpy on every process."""
-    if jax.process_count() == 1:
-        return jax.tree.map(np.asarray, x)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(x, tiled=True)
+  """Fetches a (possibly multi-process sharded) array tree to numpy on every process."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, x)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(x, tiled=True)

@@ -32,90 +32,90 @@ import numpy as np
 
 
 def _flatten(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x, jnp.float32)
-    return x.reshape(x.shape[0], -1)
+  x = jnp.asarray(x, jnp.float32)
+  return x.reshape(x.shape[0], -1)
 
 
 def gram_linear(x: jax.Array) -> jax.Array:
-    """Linear kernel Gram matrix ``X X^T`` of (n, ...) features (flattened)."""
-    x = _flatten(x)
-    return x @ x.T
+  """Linear kernel Gram matrix ``X X^T`` of (n, ...) features (flattened)."""
+  x = _flatten(x)
+  return x @ x.T
 
 
 def _sq_distances(x: jax.Array) -> jax.Array:
-    x = _flatten(x)
-    dot = x @ x.T
-    sq = jnp.diagonal(dot)
-    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * dot, 0.0)
+  x = _flatten(x)
+  dot = x @ x.T
+  sq = jnp.diagonal(dot)
+  return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * dot, 0.0)
 
 
 def gram_rbf(x: jax.Array, threshold: float = 1.0) -> jax.Array:
-    """RBF Gram matrix with bandwidth ``threshold`` x the median pairwise distance.
+  """RBF Gram matrix with bandwidth ``threshold`` x the median pairwise distance.
 
-    ``K_ij = exp(-d_ij^2 / (2 sigma^2))``, ``sigma^2 = threshold^2 median(d^2)``
-    where the median runs over the full (n, n) squared-distance matrix.
-    """
-    d2 = _sq_distances(x)
-    sigma2 = threshold**2 * jnp.median(d2)
-    sigma2 = jnp.maximum(sigma2, jnp.finfo(jnp.float32).tiny)
-    return jnp.exp(-d2 / (2.0 * sigma2))
+  ``K_ij = exp(-d_ij^2 / (2 sigma^2))``, ``sigma^2 = threshold^2 median(d^2)``
+  where the median runs over the full (n, n) squared-distance matrix.
+  """
+  d2 = _sq_distances(x)
+  sigma2 = threshold**2 * jnp.median(d2)
+  sigma2 = jnp.maximum(sigma2, jnp.finfo(jnp.float32).tiny)
+  return jnp.exp(-d2 / (2.0 * sigma2))
 
 
 def center_gram(gram: jax.Array, unbiased: bool = False) -> jax.Array:
-    """Double-centres ``H K H`` (biased) or U-centres the Gram matrix (unbiased).
+  """Double-centres ``H K H`` (biased) or U-centres the Gram matrix (unbiased).
 
-    U-centring (Szekely & Rizzo 2014): zero diagonal, subtract row/column means
-    computed with ``n - 2``, add back the grand mean with ``2 (n - 1)``; the
-    diagonal stays zero. ``<U(K), U(L)> / (n (n - 3))`` is the unbiased HSIC.
-    """
-    gram = jnp.asarray(gram, jnp.float32)
-    n = gram.shape[0]
-    if not unbiased:
-        means = jnp.mean(gram, axis=0)
-        grand = jnp.mean(means)
-        return gram - means[None, :] - means[:, None] + grand
-    if n < 4:
-        raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
-    eye = jnp.eye(n, dtype=gram.dtype)
-    gram = gram * (1.0 - eye)
-    means = jnp.sum(gram, axis=0) / (n - 2)
-    means = means - jnp.sum(means) / (2 * (n - 1))
-    gram = gram - means[None, :] - means[:, None]
-    return gram * (1.0 - eye)
+  U-centring (Szekely & Rizzo 2014): zero diagonal, subtract row/column means
+  computed with ``n - 2``, add back the grand mean with ``2 (n - 1)``; the
+  diagonal stays zero. ``<U(K), U(L)> / (n (n - 3))`` is the unbiased HSIC.
+  """
+  gram = jnp.asarray(gram, jnp.float32)
+  n = gram.shape[0]
+  if not unbiased:
+    means = jnp.mean(gram, axis=0)
+    grand = jnp.mean(means)
+    return gram - means[None, :] - means[:, None] + grand
+  if n < 4:
+    raise ValueError(f"debiased CKA needs at least 4 examples, got {n}")
+  eye = jnp.eye(n, dtype=gram.dtype)
+  gram = gram * (1.0 - eye)
+  means = jnp.sum(gram, axis=0) / (n - 2)
+  means = means - jnp.sum(means) / (2 * (n - 1))
+  gram = gram - means[None, :] - means[:, None]
+  return gram * (1.0 - eye)
 
 
 def cka_from_grams(k: jax.Array, l: jax.Array, debiased: bool = False) -> jax.Array:
-    """CKA of two (n, n) Gram matrices."""
-    kc = center_gram(k, unbiased=debiased)
-    lc = center_gram(l, unbiased=debiased)
-    num = jnp.vdot(kc, lc)
-    den = jnp.linalg.norm(kc) * jnp.linalg.norm(lc)
-    return num / den
+  """CKA of two (n, n) Gram matrices."""
+  kc = center_gram(k, unbiased=debiased)
+  lc = center_gram(l, unbiased=debiased)
+  num = jnp.vdot(kc, lc)
+  den = jnp.linalg.norm(kc) * jnp.linalg.norm(lc)
+  return num / den
 
 
 @functools.partial(jax.jit, static_argnames=("kernel", "debiased"))
 def cka(x: jax.Array, y: jax.Array, kernel: str = "linear", debiased: bool = False,
         threshold: float = 1.0) -> jax.Array:
-    """CKA between ``x`` (n, ...) and ``y`` (n, ...) -- same examples, any widths.
+  """CKA between ``x`` (n, ...) and ``y`` (n, ...) -- same examples, any widths.
 
-    Args:
-      x, y: features; dimensions after the first are flattened.
-      kernel: 'linear' or 'rbf'.
-      debiased: use the U-statistic HSIC (unbiased for finite n) instead of HSIC_0.
-      threshold: RBF bandwidth as a fraction of the median pairwise distance.
+  Args:
+    x, y: features; dimensions after the first are flattened.
+    kernel: 'linear' or 'rbf'.
+    debiased: use the U-statistic HSIC (unbiased for finite n) instead of HSIC_0.
+    threshold: RBF bandwidth as a fraction of the median pairwise distance.
 
-    Returns a float32 scalar (in [0, 1] for the biased estimator; the debiased
-    one can be slightly negative for unrelated features).
-    """
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x and y must hold the same examples: {x.shape[0]} vs {y.shape[0]}")
-    if kernel == "linear":
-        k, l = gram_linear(x), gram_linear(y)
-    elif kernel == "rbf":
-        k, l = gram_rbf(x, threshold), gram_rbf(y, threshold)
-    else:
-        raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
-    return cka_from_grams(k, l, debiased=debiased)
+  Returns a float32 scalar (in [0, 1] for the biased estimator; the debiased
+  one can be slightly negative for unrelated features).
+  """
+  if x.shape[0] != y.shape[0]:
+    raise ValueError(f"x and y must hold the same examples: {x.shape[0]} vs {y.shape[0]}")
+  if kernel == "linear":
+    k, l = gram_linear(x), gram_linear(y)
+  elif kernel == "rbf":
+    k, l = gram_rbf(x, threshold), gram_rbf(y, threshold)
+  else:
+    raise ValueError(f"kernel must be 'linear' or 'rbf', got {kernel!r}")
+  return cka_from_grams(k, l, debiased=debiased)
 
 
 # ----------------------------------------------------------------------------
@@ -124,128 +124,128 @@ def cka(x: jax.Array, y: jax.Array, kernel: str = "linear", debiased: bool = Fal
 
 
 def _grams(layers: Sequence[jax.Array]) -> jax.Array:
-    """(num_layers, n, n) linear Grams with zeroed diagonals."""
-    grams = jnp.stack([gram_linear(x) for x in layers])
-    n = grams.shape[-1]
-    return grams * (1.0 - jnp.eye(n, dtype=grams.dtype))
+  """(num_layers, n, n) linear Grams with zeroed diagonals."""
+  grams = jnp.stack([gram_linear(x) for x in layers])
+  n = grams.shape[-1]
+  return grams * (1.0 - jnp.eye(n, dtype=grams.dtype))
 
 
 def hsic1(k: jax.Array, l: jax.Array) -> jax.Array:
-    """Unbiased HSIC_1 (Song et al. 2012) of every pair of stacked Grams.
+  """Unbiased HSIC_1 (Song et al. 2012) of every pair of stacked Grams.
 
-    k: (a, n, n), l: (b, n, n) with zero diagonals -> (a, b).
-    ``[tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n (n-3))``.
-    """
-    n = k.shape[-1]
-    if n < 4:
-        raise ValueError(f"minibatch CKA needs batches of at least 4 examples, got {n}")
-    trace = jnp.einsum("aij,bij->ab", k, l)
-    ks, ls = k.sum(axis=2), l.sum(axis=2)  # (a, n), (b, n): row sums
-    tot = jnp.outer(ks.sum(1), ls.sum(1)) / ((n - 1) * (n - 2))
-    cross = 2.0 / (n - 2) * (ks @ ls.T)
-    return (trace + tot - cross) / (n * (n - 3))
+  k: (a, n, n), l: (b, n, n) with zero diagonals -> (a, b).
+  ``[tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n (n-3))``.
+  """
+  n = k.shape[-1]
+  if n < 4:
+    raise ValueError(f"minibatch CKA needs batches of at least 4 examples, got {n}")
+  trace = jnp.einsum("aij,bij->ab", k, l)
+  ks, ls = k.sum(axis=2), l.sum(axis=2)  # (a, n), (b, n): row sums
+  tot = jnp.outer(ks.sum(1), ls.sum(1)) / ((n - 1) * (n - 2))
+  cross = 2.0 / (n - 2) * (ks @ ls.T)
+  return (trace + tot - cross) / (n * (n - 3))
 
 
 @jax.jit
 def layer_grams(layers: Sequence[jax.Array]) -> jax.Array:
-    """(num_layers, n, n) zero-diagonal linear Grams of a list of (n, ...) layer outputs.
+  """(num_layers, n, n) zero-diagonal linear Grams of a list of (n, ...) layer outputs.
 
-    Compute once per model and batch, then feed :meth:`MinibatchCKA.update_grams`
-    for every pair of models the batch takes part in.
-    """
-    return _grams([jnp.asarray(x) for x in layers])
+  Compute once per model and batch, then feed :meth:`MinibatchCKA.update_grams`
+  for every pair of models the batch takes part in.
+  """
+  return _grams([jnp.asarray(x) for x in layers])
 
 
 @jax.jit
 def _hsic_from_grams(kx, ky):
-    return hsic1(kx, ky), jnp.diagonal(hsic1(kx, kx)), jnp.diagonal(hsic1(ky, ky))
+  return hsic1(kx, ky), jnp.diagonal(hsic1(kx, kx)), jnp.diagonal(hsic1(ky, ky))
 
 
 @jax.jit
 def _hsic_update(xs, ys):
-    kx = _grams(xs)
-    ky = _grams(ys)
-    return hsic1(kx, ky), jnp.diagonal(hsic1(kx, kx)), jnp.diagonal(hsic1(ky, ky))
+  kx = _grams(xs)
+  ky = _grams(ys)
+  return hsic1(kx, ky), jnp.diagonal(hsic1(kx, kx)), jnp.diagonal(hsic1(ky, ky))
 
 
 @jax.jit
 def _hsic_update_self(xs):
-    kx = _grams(xs)
-    h = hsic1(kx, kx)
-    d = jnp.diagonal(h)
-    return h, d, d
+  kx = _grams(xs)
+  h = hsic1(kx, kx)
+  d = jnp.diagonal(h)
+  return h, d, d
 
 
 class MinibatchCKA:
-    """Accumulates minibatch CKA between every layer of ``x`` and every layer of ``y``.
+  """Accumulates minibatch CKA between every layer of ``x`` and every layer of ``y``.
 
-    Usage::
+  Usage::
 
-        acc = MinibatchCKA()
-        for batch in batches:
-            acc.update(layers_a(batch), layers_b(batch))   # lists of (B, ...) arrays
-            # or acc.update(layers_a(batch)) for a model against itself
-        heatmap = acc.result()                              # (len(xs), len(ys)) numpy
+      acc = MinibatchCKA()
+      for batch in batches:
+          acc.update(layers_a(batch), layers_b(batch))   # lists of (B, ...) arrays
+          # or acc.update(layers_a(batch)) for a model against itself
+      heatmap = acc.result()                              # (len(xs), len(ys)) numpy
 
-    The per-batch work is one jitted function (Grams and all HSIC pairs); inputs
-    may be sharded over a 'data' mesh axis -- XLA partitions the Gram products.
-    """
+  The per-batch work is one jitted function (Grams and all HSIC pairs); inputs
+  may be sharded over a 'data' mesh axis -- XLA partitions the Gram products.
+  """
 
-    def __init__(self):
-        self.hsic_xy = None
-        self.hsic_xx = None
-        self.hsic_yy = None
-        self.num_batches = 0
+  def __init__(self):
+    self.hsic_xy = None
+    self.hsic_xx = None
+    self.hsic_yy = None
+    self.num_batches = 0
 
-    def update(self, xs: Sequence[jax.Array], ys: Sequence[jax.Array] | None = None):
-        xs = [jnp.asarray(x) for x in xs]
-        if ys is None:
-            h, dx, dy = _hsic_update_self(xs)
-        else:
-            ys = [jnp.asarray(y) for y in ys]
-            if xs[0].shape[0] != ys[0].shape[0]:
-                raise ValueError("x and y layers must be computed on the same batch")
-            h, dx, dy = _hsic_update(xs, ys)
-        return self._accumulate(h, dx, dy)
+  def update(self, xs: Sequence[jax.Array], ys: Sequence[jax.Array] | None = None):
+    xs = [jnp.asarray(x) for x in xs]
+    if ys is None:
+      h, dx, dy = _hsic_update_self(xs)
+    else:
+      ys = [jnp.asarray(y) for y in ys]
+      if xs[0].shape[0] != ys[0].shape[0]:
+        raise ValueError("x and y layers must be computed on the same batch")
+      h, dx, dy = _hsic_update(xs, ys)
+    return self._accumulate(h, dx, dy)
 
-    def update_grams(self, kx: jax.Array, ky: jax.Array | None = None):
-        """Like :meth:`update` with precomputed :func:`layer_grams` (num_layers, n, n)."""
-        ky = kx if ky is None else ky
-        if kx.shape[-1] != ky.shape[-1]:
-            raise ValueError("x and y Grams must come from the same batch")
-        return self._accumulate(*_hsic_from_grams(kx, ky))
+  def update_grams(self, kx: jax.Array, ky: jax.Array | None = None):
+    """Like :meth:`update` with precomputed :func:`layer_grams` (num_layers, n, n)."""
+    ky = kx if ky is None else ky
+    if kx.shape[-1] != ky.shape[-1]:
+      raise ValueError("x and y Grams must come from the same batch")
+    return self._accumulate(*_hsic_from_grams(kx, ky))
 
-    def _accumulate(self, h, dx, dy):
-        if self.hsic_xy is None:
-            self.hsic_xy, self.hsic_xx, self.hsic_yy = h, dx, dy
-        else:
-            if h.shape != self.hsic_xy.shape:
-                raise ValueError(f"layer count changed: {h.shape} vs {self.hsic_xy.shape}")
-            self.hsic_xy = self.hsic_xy + h
-            self.hsic_xx = self.hsic_xx + dx
-            self.hsic_yy = self.hsic_yy + dy
-        self.num_batches += 1
-        return self
+  def _accumulate(self, h, dx, dy):
+    if self.hsic_xy is None:
+      self.hsic_xy, self.hsic_xx, self.hsic_yy = h, dx, dy
+    else:
+      if h.shape != self.hsic_xy.shape:
+        raise ValueError(f"layer count changed: {h.shape} vs {self.hsic_xy.shape}")
+      self.hsic_xy = self.hsic_xy + h
+      self.hsic_xx = self.hsic_xx + dx
+      self.hsic_yy = self.hsic_yy + dy
+    self.num_batches += 1
+    return self
 
-    def result(self) -> np.ndarray:
-        if self.hsic_xy is None:
-            raise ValueError("MinibatchCKA.result() called before any update()")
-        den = jnp.sqrt(jnp.outer(self.hsic_xx, self.hsic_yy))
-        return np.asarray(self.hsic_xy / den)
+  def result(self) -> np.ndarray:
+    if self.hsic_xy is None:
+      raise ValueError("MinibatchCKA.result() called before any update()")
+    den = jnp.sqrt(jnp.outer(self.hsic_xx, self.hsic_yy))
+    return np.asarray(self.hsic_xy / den)
 
 
 def minibatch_cka(xs: Sequence[jax.Array], ys: Sequence[jax.Array] | None = None,
                   batch_size: int = 256) -> np.ndarray:
-    """Minibatch CKA heatmap of lists of whole (n, ...) layer arrays (split into batches).
+  """Minibatch CKA heatmap of lists of whole (n, ...) layer arrays (split into batches).
 
-    A trailing remainder smaller than ``batch_size`` is dropped (each minibatch
-    must have the same size for the estimator to be consistent).
-    """
-    n = xs[0].shape[0]
-    acc = MinibatchCKA()
-    nb = max(n // batch_size, 1)
-    bs = min(batch_size, n)
-    for i in range(nb):
-        sl = slice(i * bs, (i + 1) * bs)
-        acc.update([x[sl] for x in xs], None if ys is None else [y[sl] for y in ys])
-    return acc.result()
+  A trailing remainder smaller than ``batch_size`` is dropped (each minibatch
+  must have the same size for the estimator to be consistent).
+  """
+  n = xs[0].shape[0]
+  acc = MinibatchCKA()
+  nb = max(n // batch_size, 1)
+  bs = min(batch_size, n)
+  for i in range(nb):
+    sl = slice(i * bs, (i + 1) * bs)
+    acc.update([x[sl] for x in xs], None if ys is None else [y[sl] for y in ys])
+  return acc.result()

@@ -25,183 +25,183 @@ from vit_jax.analysis import layers as _layers
 
 
 def hvp_fn(loss_fn: Callable, params, batch=None) -> tuple[Callable, jax.Array]:
-    """``(hvp, flat_params)``: ``hvp(flat_v) -> flat H v`` of ``loss_fn(params, batch)``."""
-    flat, unravel = ravel_pytree(params)
+  """``(hvp, flat_params)``: ``hvp(flat_v) -> flat H v`` of ``loss_fn(params, batch)``."""
+  flat, unravel = ravel_pytree(params)
 
-    def flat_loss(p):
-        return loss_fn(unravel(p), batch)
+  def flat_loss(p):
+    return loss_fn(unravel(p), batch)
 
-    grad = jax.grad(flat_loss)
+  grad = jax.grad(flat_loss)
 
-    def hvp(v):
-        return jax.jvp(grad, (flat,), (v.astype(flat.dtype),))[1]
+  def hvp(v):
+    return jax.jvp(grad, (flat,), (v.astype(flat.dtype),))[1]
 
-    return hvp, flat
+  return hvp, flat
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iters"))
 def _power_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
-    hvp, _ = hvp_fn(loss_fn, params, batch)
-    n = v0s.shape[1]
+  hvp, _ = hvp_fn(loss_fn, params, batch)
+  n = v0s.shape[1]
 
-    def orthogonalize(v, vecs, count):
-        mask = (jnp.arange(k) < count).astype(v.dtype)
-        coeff = (vecs @ v) * mask
-        return v - coeff @ vecs
+  def orthogonalize(v, vecs, count):
+    mask = (jnp.arange(k) < count).astype(v.dtype)
+    coeff = (vecs @ v) * mask
+    return v - coeff @ vecs
 
-    def one(carry, i):
-        vecs, vals, iters = carry
-        v = orthogonalize(v0s[i], vecs, i)
-        v = v / jnp.linalg.norm(v)
+  def one(carry, i):
+    vecs, vals, iters = carry
+    v = orthogonalize(v0s[i], vecs, i)
+    v = v / jnp.linalg.norm(v)
 
-        def cond(state):
-            _, lam_prev, lam, it = state
-            rel = jnp.abs(lam - lam_prev) / (jnp.abs(lam_prev) + 1e-6)
-            return (it < max_iters) & ((it < 2) | (rel >= tol))
+    def cond(state):
+      _, lam_prev, lam, it = state
+      rel = jnp.abs(lam - lam_prev) / (jnp.abs(lam_prev) + 1e-6)
+      return (it < max_iters) & ((it < 2) | (rel >= tol))
 
-        def body(state):
-            v, _, lam, it = state
-            hv = hvp(v)
-            lam_new = jnp.vdot(v, hv)  # Rayleigh quotient (v has unit norm)
-            w = orthogonalize(hv, vecs, i)
-            v = w / jnp.maximum(jnp.linalg.norm(w), 1e-30)
-            return v, lam, lam_new, it + 1
+    def body(state):
+      v, _, lam, it = state
+      hv = hvp(v)
+      lam_new = jnp.vdot(v, hv)  # Rayleigh quotient (v has unit norm)
+      w = orthogonalize(hv, vecs, i)
+      v = w / jnp.maximum(jnp.linalg.norm(w), 1e-30)
+      return v, lam, lam_new, it + 1
 
-        init = (v, jnp.asarray(0.0, v.dtype), jnp.asarray(0.0, v.dtype), jnp.asarray(0))
-        v, _, lam, it = jax.lax.while_loop(cond, body, init)
-        return (vecs.at[i].set(v), vals.at[i].set(lam), iters.at[i].set(it)), None
+    init = (v, jnp.asarray(0.0, v.dtype), jnp.asarray(0.0, v.dtype), jnp.asarray(0))
+    v, _, lam, it = jax.lax.while_loop(cond, body, init)
+    return (vecs.at[i].set(v), vals.at[i].set(lam), iters.at[i].set(it)), None
 
-    init = (jnp.zeros((k, n), v0s.dtype), jnp.zeros((k,), v0s.dtype), jnp.zeros((k,), jnp.int32))
-    (vecs, vals, iters), _ = jax.lax.scan(one, init, jnp.arange(k))
-    return vals, vecs, iters
+  init = (jnp.zeros((k, n), v0s.dtype), jnp.zeros((k,), v0s.dtype), jnp.zeros((k,), jnp.int32))
+  (vecs, vals, iters), _ = jax.lax.scan(one, init, jnp.arange(k))
+  return vals, vecs, iters
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iters"))
 def _subspace_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
-    hvp, _ = hvp_fn(loss_fn, params, batch)
-    q, _ = jnp.linalg.qr(v0s.T)  # (n, k) orthonormal
+  hvp, _ = hvp_fn(loss_fn, params, batch)
+  q, _ = jnp.linalg.qr(v0s.T)  # (n, k) orthonormal
 
-    def ritz(q):
-        hq = jax.vmap(hvp)(q.T).T  # (n, k)
-        t = q.T @ hq
-        t = 0.5 * (t + t.T)
-        theta, s = jnp.linalg.eigh(t)
-        order = jnp.argsort(-jnp.abs(theta))
-        return theta[order], s[:, order], hq
+  def ritz(q):
+    hq = jax.vmap(hvp)(q.T).T  # (n, k)
+    t = q.T @ hq
+    t = 0.5 * (t + t.T)
+    theta, s = jnp.linalg.eigh(t)
+    order = jnp.argsort(-jnp.abs(theta))
+    return theta[order], s[:, order], hq
 
-    def cond(state):
-        _, prev, cur, it = state
-        rel = jnp.max(jnp.abs(cur - prev) / (jnp.abs(prev) + 1e-6))
-        return (it < max_iters) & ((it < 2) | (rel >= tol))
+  def cond(state):
+    _, prev, cur, it = state
+    rel = jnp.max(jnp.abs(cur - prev) / (jnp.abs(prev) + 1e-6))
+    return (it < max_iters) & ((it < 2) | (rel >= tol))
 
-    def body(state):
-        q, _, cur, it = state
-        theta, s, hq = ritz(q)
-        q_new, _ = jnp.linalg.qr(hq @ s)
-        return q_new, cur, theta, it + 1
+  def body(state):
+    q, _, cur, it = state
+    theta, s, hq = ritz(q)
+    q_new, _ = jnp.linalg.qr(hq @ s)
+    return q_new, cur, theta, it + 1
 
-    zeros = jnp.zeros((k,), v0s.dtype)
-    q, _, _, it = jax.lax.while_loop(cond, body, (q, zeros, zeros, jnp.asarray(0)))
-    theta, s, _ = ritz(q)
-    return theta, (q @ s).T, jnp.full((k,), it)
+  zeros = jnp.zeros((k,), v0s.dtype)
+  q, _, _, it = jax.lax.while_loop(cond, body, (q, zeros, zeros, jnp.asarray(0)))
+  theta, s, _ = ritz(q)
+  return theta, (q @ s).T, jnp.full((k,), it)
 
 
 def top_eigenvalues(loss_fn: Callable, params, batch=None, k: int = 5, max_iters: int = 100,
                     tol: float = 1e-3, key: jax.Array | None = None, return_vectors: bool = False,
                     method: str = "power"):
-    """The ``k`` largest-magnitude Hessian eigenvalues of ``loss_fn(params, batch)`` in params.
+  """The ``k`` largest-magnitude Hessian eigenvalues of ``loss_fn(params, batch)`` in params.
 
-    Args:
-      loss_fn: ``(params, batch) -> scalar``; keep the same function object across
-        calls (it is a static argument of the jitted iteration: one compile).
-      params: pytree of float arrays.
-      batch: any pytree of arrays the loss reads (images, labels, model state).
-      k: number of eigenvalues.
-      max_iters: iterations per eigenvalue ('power') or of the block ('subspace').
-      tol: stop when the relative change of the Rayleigh quotient(s) falls below it.
-      key: PRNG key of the random start vectors.
-      method: 'power' -- power iteration with deflation, one eigenvalue after
-        another (the published method; it cannot separate a pair +l, -l of equal
-        magnitude, where the quotient stalls between them); 'subspace' -- block
-        power iteration on k vectors with Rayleigh-Ritz, which also resolves
-        such pairs.
+  Args:
+    loss_fn: ``(params, batch) -> scalar``; keep the same function object across
+      calls (it is a static argument of the jitted iteration: one compile).
+    params: pytree of float arrays.
+    batch: any pytree of arrays the loss reads (images, labels, model state).
+    k: number of eigenvalues.
+    max_iters: iterations per eigenvalue ('power') or of the block ('subspace').
+    tol: stop when the relative change of the Rayleigh quotient(s) falls below it.
+    key: PRNG key of the random start vectors.
+    method: 'power' -- power iteration with deflation, one eigenvalue after
+      another (the published method; it cannot separate a pair +l, -l of equal
+      magnitude, where the quotient stalls between them); 'subspace' -- block
+      power iteration on k vectors with Rayleigh-Ritz, which also resolves
+      such pairs.
 
-    Returns (k,) numpy eigenvalues sorted by decreasing magnitude, and with
-    ``return_vectors`` also (k, n) unit eigenvectors and (k,) iteration counts.
-    """
-    key = jax.random.PRNGKey(0) if key is None else key
-    flat, _ = ravel_pytree(params)
-    if k > flat.size:
-        raise ValueError(f"k={k} exceeds the number of parameters {flat.size}")
-    v0s = jax.random.normal(key, (k, flat.size), flat.dtype)
-    if method == "power":
-        vals, vecs, iters = _power_iterations(loss_fn, params, batch, v0s, tol, k, max_iters)
-    elif method == "subspace":
-        vals, vecs, iters = _subspace_iterations(loss_fn, params, batch, v0s, tol, k, max_iters)
-    else:
-        raise ValueError(f"method must be 'power' or 'subspace', got {method!r}")
-    vals, vecs, iters = np.asarray(vals), np.asarray(vecs), np.asarray(iters)
-    order = np.argsort(-np.abs(vals), kind="stable")
-    vals, vecs, iters = vals[order], vecs[order], iters[order]
-    if return_vectors:
-        return vals, vecs, iters
-    return vals
+  Returns (k,) numpy eigenvalues sorted by decreasing magnitude, and with
+  ``return_vectors`` also (k, n) unit eigenvectors and (k,) iteration counts.
+  """
+  key = jax.random.PRNGKey(0) if key is None else key
+  flat, _ = ravel_pytree(params)
+  if k > flat.size:
+    raise ValueError(f"k={k} exceeds the number of parameters {flat.size}")
+  v0s = jax.random.normal(key, (k, flat.size), flat.dtype)
+  if method == "power":
+    vals, vecs, iters = _power_iterations(loss_fn, params, batch, v0s, tol, k, max_iters)
+  elif method == "subspace":
+    vals, vecs, iters = _subspace_iterations(loss_fn, params, batch, v0s, tol, k, max_iters)
+  else:
+    raise ValueError(f"method must be 'power' or 'subspace', got {method!r}")
+  vals, vecs, iters = np.asarray(vals), np.asarray(vecs), np.asarray(iters)
+  order = np.argsort(-np.abs(vals), kind="stable")
+  vals, vecs, iters = vals[order], vecs[order], iters[order]
+  if return_vectors:
+    return vals, vecs, iters
+  return vals
 
 
 @functools.lru_cache(maxsize=16)
 def _model_loss(graphdef):
-    def loss_fn(params, batch):
-        rest, images, labels = batch
-        logits = nnx.merge(graphdef, params, rest)(images).astype(jnp.float32)
-        if labels.ndim == 1:
-            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return optax.softmax_cross_entropy(logits, labels).mean()
+  def loss_fn(params, batch):
+    rest, images, labels = batch
+    logits = nnx.merge(graphdef, params, rest)(images).astype(jnp.float32)
+    if labels.ndim == 1:
+      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return optax.softmax_cross_entropy(logits, labels).mean()
 
-    return loss_fn
+  return loss_fn
 
 
 def model_loss_fn(model, images, labels):
-    """``(loss_fn, params, batch)`` -- softmax cross-entropy of ``model`` on a batch.
+  """``(loss_fn, params, batch)`` -- softmax cross-entropy of ``model`` on a batch.
 
-    ``labels``: (B,) integer classes or (B, C) one-hot / soft targets. Use as
-    ``top_eigenvalues(loss_fn, params, batch)``.
-    """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    batch = (rest, jnp.asarray(images, jnp.float32), jnp.asarray(labels))
-    return _model_loss(graphdef), params, batch
+  ``labels``: (B,) integer classes or (B, C) one-hot / soft targets. Use as
+  ``top_eigenvalues(loss_fn, params, batch)``.
+  """
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  batch = (rest, jnp.asarray(images, jnp.float32), jnp.asarray(labels))
+  return _model_loss(graphdef), params, batch
 
 
 def batch_spectra(model, image_batches, label_batches, k: int = 5, max_iters: int = 100,
                   tol: float = 1e-3, seed: int = 0, progress: bool = False,
                   method: str = "power") -> np.ndarray:
-    """(num_batches, k) top Hessian eigenvalues of the loss on each batch."""
-    out = []
-    it = list(zip(image_batches, label_batches))
-    if progress:
-        from tqdm.auto import tqdm
+  """(num_batches, k) top Hessian eigenvalues of the loss on each batch."""
+  out = []
+  it = list(zip(image_batches, label_batches))
+  if progress:
+    from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="hessian batches")
-    for i, (x, y) in enumerate(it):
-        loss_fn, params, batch = model_loss_fn(model, _layers.shard_batch(x), y)
-        out.append(top_eigenvalues(loss_fn, params, batch, k, max_iters, tol,
-                                   key=jax.random.PRNGKey(seed + i), method=method))
-    return np.stack(out)
+    it = tqdm(it, desc="hessian batches")
+  for i, (x, y) in enumerate(it):
+    loss_fn, params, batch = model_loss_fn(model, _layers.shard_batch(x), y)
+    out.append(top_eigenvalues(loss_fn, params, batch, k, max_iters, tol,
+                               key=jax.random.PRNGKey(seed + i), method=method))
+  return np.stack(out)
 
 
 def eigenvalue_density(eigenvalues, grid=None, bandwidth: float | None = None,
                        num_points: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian kernel density of a set of eigenvalues -> (grid, density integrating to 1).
+  """Gaussian kernel density of a set of eigenvalues -> (grid, density integrating to 1).
 
-    Bandwidth by Silverman's rule unless given.
-    """
-    e = np.asarray(eigenvalues, np.float64).ravel()
-    if bandwidth is None:
-        std = e.std() if e.size > 1 else 1.0
-        bandwidth = 1.06 * max(std, 1e-6) * e.size ** (-1 / 5)
-    if grid is None:
-        pad = 3 * bandwidth
-        grid = np.linspace(e.min() - pad, e.max() + pad, num_points)
-    grid = np.asarray(grid, np.float64)
-    z = (grid[:, None] - e[None, :]) / bandwidth
-    dens = np.exp(-0.5 * z**2).sum(1) / (e.size * bandwidth * np.sqrt(2 * np.pi))
-    return grid, dens
+  Bandwidth by Silverman's rule unless given.
+  """
+  e = np.asarray(eigenvalues, np.float64).ravel()
+  if bandwidth is None:
+    std = e.std() if e.size > 1 else 1.0
+    bandwidth = 1.06 * max(std, 1e-6) * e.size ** (-1 / 5)
+  if grid is None:
+    pad = 3 * bandwidth
+    grid = np.linspace(e.min() - pad, e.max() + pad, num_points)
+  grid = np.asarray(grid, np.float64)
+  z = (grid[:, None] - e[None, :]) / bandwidth
+  dens = np.exp(-0.5 * z**2).sum(1) / (e.size * bandwidth * np.sqrt(2 * np.pi))
+  return grid, dens
