@@ -27,16 +27,20 @@ import json
 import multiprocessing as mp
 import os
 import statistics
+import subprocess
 import sys
 import time
 
 IMG = 224
 NUM_CLASSES = 1000
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _jax_worker(conn, batch: int, xla_flags: str, variant: dict,
                 layers: int):
   variant = dict(variant)
+  if "sys_path" in variant:  # another interpreter ("python"): its own packages
+    sys.path[:] = variant.pop("sys_path")
   xla_flags = " ".join([xla_flags, variant.pop("xla_flags", "")]).strip()
   if "repo" in variant:  # A/B against another checkout of vit_jax
     sys.path.insert(0, variant.pop("repo"))
@@ -82,9 +86,12 @@ def _jax_worker(conn, batch: int, xla_flags: str, variant: dict,
   t = time.perf_counter()
   inference()
   t_infer_compile = time.perf_counter() - t
+  import flax  # pylint: disable=g-import-not-at-top
   import vit_jax  # pylint: disable=g-import-not-at-top
   conn.send({"ready": True, "first_train_s": t_train_compile,
              "vit_jax": os.path.dirname(vit_jax.__file__),
+             "python": sys.version.split()[0], "jax": jax.__version__,
+             "flax": flax.__version__,
              "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "reuse_cpu_memory": reuse,
              "first_infer_s": t_infer_compile,
@@ -162,28 +169,37 @@ def run(batch: int = 8, rounds: int = 5, steps: int = 3, warmup: int = 1,
   `variants` maps a label to Setup overrides for the vit_jax side (several
   vit_jax variants can be compared against timm in the same run), plus
   optional "repo" (another checkout), "xla_flags", "reuse_cpu_memory"
-  (default True: vit_jax.main.reuse_cpu_step_memory, as the CLI) and "env" (environment
-  variables the worker process starts with, e.g. {"GLIBC_TUNABLES":
-  "glibc.malloc.hugetlb=1"}).
+  (default True: vit_jax.main.reuse_cpu_step_memory, as the CLI), "env"
+  (environment variables the worker process starts with, e.g.
+  {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) and "python" (another Python
+  interpreter, e.g. a venv with other jax / flax versions, to run that
+  variant; it imports this checkout unless "repo" says otherwise).
   """
   threads = threads or len(os.sched_getaffinity(0))
   variants = variants or {"vit_jax": {}}
   ctx = mp.get_context("spawn")
   workers = {}
   infos = {}
-  specs = [("timm", _torch_worker, (batch, threads, layers), {})]
+  specs = [("timm", _torch_worker, (batch, threads, layers), {}, None)]
   for label, v in variants.items():
     v = dict(v)
     env = v.pop("env", {})
-    specs.append((label, _jax_worker, (batch, xla_flags, v, layers), env))
-  for label, target, args, env in specs:
+    python = v.pop("python", None)
+    if python:  # the spawned worker would otherwise get this process's sys.path
+      v["sys_path"] = [_REPO_ROOT] + json.loads(subprocess.check_output(
+          [python, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"]))
+    specs.append((label, _jax_worker, (batch, xla_flags, v, layers),
+                  env, python))
+  for label, target, args, env, python in specs:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=target, args=(child, *args), daemon=True)
     saved = dict(os.environ)
     os.environ.update(env)   # read when the worker process starts (glibc)
+    ctx.set_executable(python or sys.executable)
     try:
       p.start()
     finally:
+      ctx.set_executable(sys.executable)
       os.environ.clear()
       os.environ.update(saved)
     child.close()   # so that a worker that dies gives EOFError, not a hang

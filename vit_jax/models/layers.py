@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jaxlib import version as jaxlib_version
 from flax import nnx
 
 Array = jax.Array
@@ -421,30 +422,37 @@ def check_remat_policy(policy: str) -> None:
                      f"{sorted(REMAT_POLICIES)}")
 
 
+# jaxlib before 0.11.1: XLA's CPU compiler drops the optimization barriers that
+# keep jax.checkpoint's recomputation of a layer outside a loop apart from the
+# forward pass, and CSE merges the two, so every activation is kept (ViT-B/16,
+# batch 32: 5.75 GiB of backward temporaries with and without full remat under
+# 0.10.2 and 0.11.0, 0.80 GiB under 0.11.1+; benchmarks/RESULTS.md section 3).
+CPU_REMAT_NEEDS_SCAN = jaxlib_version.__version_info__ < (0, 11, 1)
+
+
 def remat(fn: Callable, policy: str, scanned: bool = False) -> Callable:
   """`fn` recomputed in the backward pass under `policy` (as-is for 'none').
 
-  `scanned`: `fn` is the body of a lax.scan. Outside a loop, XLA's CPU
-  compiler drops the optimization barriers that keep jax.checkpoint's
-  recomputation apart from the forward pass, merges the two, and keeps every
-  activation: remat then saves no memory (benchmarks/RESULTS.md section 3).
-  That case warns when traced for CPU.
+  `scanned`: `fn` is the body of a lax.scan. Outside a loop, jaxlib < 0.11.1
+  on CPU merges the recomputation with the forward pass, so remat saves no
+  memory (CPU_REMAT_NEEDS_SCAN); that case warns when traced for CPU.
   """
   check_remat_policy(policy)
   if policy == "none":
     return fn
   checkpointed = jax.checkpoint(fn, policy=REMAT_POLICIES[policy])
-  if scanned:
+  if scanned or not CPU_REMAT_NEEDS_SCAN:
     return checkpointed
 
   def warn_on_cpu(*args, **kwargs):
     if jax.default_backend() == "cpu":
       warnings.warn(
-          f"remat_policy={policy!r} saves no memory here: XLA's CPU "
-          "compiler merges the recomputation of a layer outside a scan "
-          "with its forward pass, so every activation is kept. On CPU, "
-          "remat needs scanned layers (ViT and Mixer: scan=True, "
-          "config.model.scan; BiT ResNets are never scanned).",
+          f"remat_policy={policy!r} saves no memory here: with jaxlib "
+          f"{jaxlib_version.__version__} (< 0.11.1), XLA's CPU compiler "
+          "merges the recomputation of a layer outside a scan with its "
+          "forward pass, so every activation is kept. On CPU, remat needs "
+          "scanned layers (ViT and Mixer: scan=True, config.model.scan; BiT "
+          "ResNets are never scanned) or jaxlib >= 0.11.1 (Python >= 3.12).",
           UserWarning, stacklevel=2)
     return checkpointed(*args, **kwargs)
   return warn_on_cpu
