@@ -39,8 +39,6 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _jax_worker(conn, batch: int, xla_flags: str, variant: dict,
                 layers: int):
   variant = dict(variant)
-  if "sys_path" in variant:  # another interpreter ("python"): its own packages
-    sys.path[:] = variant.pop("sys_path")
   xla_flags = " ".join([xla_flags, variant.pop("xla_flags", "")]).strip()
   if "repo" in variant:  # A/B against another checkout of vit_jax
     sys.path.insert(0, variant.pop("repo"))
@@ -185,23 +183,24 @@ def run(batch: int = 8, rounds: int = 5, steps: int = 3, warmup: int = 1,
     v = dict(v)
     env = v.pop("env", {})
     python = v.pop("python", None)
-    if python:  # the spawned worker would otherwise get this process's sys.path
-      v["sys_path"] = [_REPO_ROOT] + json.loads(subprocess.check_output(
-          [python, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"]))
     specs.append((label, _jax_worker, (batch, xla_flags, v, layers),
                   env, python))
   for label, target, args, env, python in specs:
     parent, child = ctx.Pipe()
     p = ctx.Process(target=target, args=(child, *args), daemon=True)
-    saved = dict(os.environ)
+    saved_env, saved_path = dict(os.environ), list(sys.path)
     os.environ.update(env)   # read when the worker process starts (glibc)
-    ctx.set_executable(python or sys.executable)
+    if python:  # spawn hands the child this process's sys.path: give it its own
+      ctx.set_executable(python)
+      sys.path[:] = [_REPO_ROOT] + json.loads(subprocess.check_output(
+          [python, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"]))
     try:
       p.start()
     finally:
       ctx.set_executable(sys.executable)
+      sys.path[:] = saved_path
       os.environ.clear()
-      os.environ.update(saved)
+      os.environ.update(saved_env)
     child.close()   # so that a worker that dies gives EOFError, not a hang
     workers[label] = (p, parent)
     infos[label] = _receive(label, p, parent)  # compiled and warmed up
