@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_session.sh large compile  # ViT-L/16, ViT-H/14, compile
 #
 # Results go to $OUT (default ./out/gpu). Uses the machine's own jax, flax and
-# optax (flax >= 0.12.10 with jax 0.11; see RESULTS.md section 7).
+# optax (jax 0.11.1-0.12 with flax >= 0.12.10 on Python 3.12 are within setup.py's
+# ranges; see RESULTS.md section 7).
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
