@@ -4,8 +4,9 @@ import setuptools
 
 # Ranges tested together (CPU; see README "Set-up"): Python 3.11 with jax
 # 0.10.2 and flax 0.12.8 (the newest of each for 3.11); Python 3.12 with jax
-# 0.11.2 or 0.12.0.1 and flax 0.12.12. flax 0.12.8 does not import under jax
-# 0.11, and flax >= 0.12.9 needs Python >= 3.12 and jax >= 0.11.1.
+# 0.11.2 + flax 0.12.10 and jax 0.12.0.1 + flax 0.12.12; Python 3.13 with jax
+# 0.12.0.1 + flax 0.12.12. flax 0.12.8 does not import under jax 0.11, and
+# flax >= 0.12.9 needs Python >= 3.12 and jax >= 0.11.1.
 INSTALL_REQUIRES = [
     "jax>=0.10.2,<0.13",
     "jaxlib>=0.10.2,<0.13",
