@@ -164,6 +164,9 @@ def main(argv):
   from vit_jax import train
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / tf chatter
+  # JAX probes every platform plugin at INFO ("Unable to initialize backend
+  # 'tpu'"); a missing accelerator it should have found is still a WARNING.
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   if jax.process_index() == 0:
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)

@@ -193,6 +193,9 @@ def _host_batch(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
+_NO_AUTOCACHE = tfds.ReadConfig(try_autocache=False)
+
+
 def _read_shard(config, split: str, process_index: int, process_count: int):
   """(raw dataset of this process's share, its size); images stay encoded."""
   builder = get_builder(config)
@@ -204,8 +207,10 @@ def _read_shard(config, split: str, process_index: int, process_count: int):
       for k, f in builder.info.features.items()
       if isinstance(f, tfds.features.Image)
   }
+  # tfds would cache small datasets itself (try_autocache); the cache below
+  # is ours to control (config.cache_raw), so one copy is kept, not two.
   ds = builder.as_dataset(split=shard, shuffle_files=False,
-                          decoders=skip_decoding)
+                          decoders=skip_decoding, read_config=_NO_AUTOCACHE)
   cache = _get(config, "cache_raw", "auto")
   if cache == "auto":
     cache = builder.info.dataset_size < CACHE_MAX_BYTES
@@ -327,16 +332,17 @@ def _with_mask(example_fn):
   return lambda x: {**example_fn(x), "mask": tf.constant(1.0)}
 
 
-def _padding(config, split: str, example_fn) -> tf.data.Dataset:
-  """Endless zero examples (mask 0) shaped like the split's examples."""
+def _padding(config, split: str, example_fn, count: int) -> tf.data.Dataset:
+  """`count` zero examples (mask 0) shaped like the split's examples."""
   builder = get_builder(config)
   first = builder.as_dataset(split=_tfds_split(config, split),
-                             shuffle_files=False).take(1)
+                             shuffle_files=False,
+                             read_config=_NO_AUTOCACHE).take(1)
   # Shapes come from the first example after preprocessing, so datasets
   # whose decoded images have no static shape work too.
   first = first.map(lambda x: example_fn({**x, pp_lib.RNG_KEY: _rng(0)}))
-  return first.map(
-      lambda x: tf.nest.map_structure(tf.zeros_like, x)).cache().repeat()
+  zeros = tf.nest.map_structure(tf.zeros_like, first.get_single_element())
+  return tf.data.Dataset.from_tensors(zeros).repeat(count)
 
 
 def eval_iterator(config, split: str, *, global_batch_size: int,
@@ -353,14 +359,16 @@ def eval_iterator(config, split: str, *, global_batch_size: int,
   total = num_examples(config, split)
   num_batches = math.ceil(math.ceil(total / pc) / host_batch)
 
-  source, _ = _read_shard(config, split, pi, pc)
+  source, shard_size = _read_shard(config, split, pi, pc)
   fn = _example_fn(config, config.pp_eval)
   fn = _with_mask(fn)
   ds = source.enumerate().map(
       lambda i, x: fn({**x, pp_lib.RNG_KEY: _rng(0, pi, i)}),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  padding = _padding(config, split, fn)
-  ds = ds.concatenate(padding).take(num_batches * host_batch)
-  ds = ds.batch(host_batch, drop_remainder=True)
+  # Exactly enough padding for num_batches full batches and no take(): read
+  # to its end, the split's cached raw examples are kept for the next eval
+  # (tf.data drops a cache whose input was not read to the end).
+  padding = _padding(config, split, fn, num_batches * host_batch - shard_size)
+  ds = ds.concatenate(padding).batch(host_batch, drop_remainder=True)
   ds = ds.prefetch(_get(config, "prefetch", tf.data.AUTOTUNE))
   return ds.with_options(_options()).as_numpy_iterator()
