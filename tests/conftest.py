@@ -1,9 +1,12 @@
-"""Test set-up: a simulated 8-device CPU mesh and quiet TensorFlow.
+"""Test set-up: a simulated 8-device CPU mesh, quiet TensorFlow, a notebook runner.
 
 The flags must be set before JAX initializes its backends, which is why they
 live here and not in the tests.
 """
 import os
+import pathlib
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -21,6 +24,8 @@ os.makedirs(_CACHE_DIR, exist_ok=True)
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
+_NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
+
 
 def pytest_configure(config):
   # TensorFlow's autograph (tf.data map functions) builds AST nodes through
@@ -28,3 +33,23 @@ def pytest_configure(config):
   # per run that are not ours.
   config.addinivalue_line(
       "filterwarnings", "ignore:.*'___pyct_anno':DeprecationWarning")
+
+
+@pytest.fixture
+def run_notebook(monkeypatch, tmp_path):
+  """Executes notebooks/<name>.ipynb top to bottom in tmp_path, on ViT-test at
+  32 px with no checkpoint (plus the VIT_JAX_* settings in `env`), and returns
+  the outputs of its code cells."""
+  import nbclient
+  import nbformat
+
+  def run(name: str, **env) -> list:
+    monkeypatch.delenv("VIT_JAX_CHECKPOINT", raising=False)
+    for key, value in {"VIT_JAX_MODEL": "ViT-test", "VIT_JAX_IMG_SIZE": "32",
+                       **env}.items():
+      monkeypatch.setenv(key, value)
+    nb = nbformat.read(_NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+  return run

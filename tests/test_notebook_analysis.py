@@ -1,21 +1,8 @@
 """The analysis notebook runs top to bottom on a small model (rollout + inversion panel)."""
-import pathlib
-
-import nbclient
-import nbformat
-
-NOTEBOOK = pathlib.Path(__file__).parent.parent / "notebooks" / "analysis.ipynb"
 
 
-def test_analysis_notebook_executes(monkeypatch, tmp_path):
-  monkeypatch.setenv("VIT_JAX_MODEL", "ViT-test")
-  monkeypatch.setenv("VIT_JAX_IMG_SIZE", "32")
-  monkeypatch.setenv("VIT_JAX_INVERSION_STEPS", "3")
-  monkeypatch.delenv("VIT_JAX_CHECKPOINT", raising=False)
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                          resources={"metadata": {"path": str(tmp_path)}}).execute()
-  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+def test_analysis_notebook_executes(run_notebook):
+  outputs = run_notebook("analysis", VIT_JAX_INVERSION_STEPS="3")
   text = "\n".join(o.get("text", "") for o in outputs)
   assert "ViT-test: vit, 10 classes at 32px" in text
   assert "chelsea: top-5 classes" in text
