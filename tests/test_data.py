@@ -17,7 +17,6 @@ import tensorflow_datasets as tfds
 from vit_jax import data
 from vit_jax.data import pipeline
 from vit_jax.data import preprocess
-from vit_jax.data import randaug
 from vit_jax.data import vtab
 
 PP_TRAIN = ("decode|inception_crop(32, area_min=50)|flip_lr|"
@@ -179,28 +178,6 @@ def test_fused_jpeg_crop_matches_decode_then_crop():
     assert fused["image"].shape == plain["image"].shape == (24, 24, 3)
     diff = np.abs(fused["image"].astype(int) - plain["image"].astype(int))
     assert diff.mean() < 2.0  # same box; JPEG crop-decoding may differ by 1
-
-
-@pytest.mark.parametrize("op", randaug.OPS, ids=lambda op: op.__name__)
-def test_randaug_ops_keep_shape_and_dtype(op):
-  image = tf.constant(np.random.RandomState(2).randint(
-      0, 255, (20, 24, 3)).astype(np.uint8))
-  for m in (0.0, 1.0, 1.5):
-    out = op(image, m, -1.0)
-    assert out.shape == image.shape and out.dtype == tf.uint8
-  if op in (randaug.identity, randaug.rotate, randaug.shear_x,
-            randaug.translate_x, randaug.color, randaug.brightness):
-    np.testing.assert_array_equal(op(image, 0.0, 1.0).numpy(), image.numpy())
-
-
-def test_randaug_known_answers():
-  image = tf.constant([[[0, 100, 200]]], tf.uint8)
-  np.testing.assert_array_equal(randaug.invert(image, 1.0, 1.0).numpy(),
-                                [[[255, 155, 55]]])
-  np.testing.assert_array_equal(randaug.solarize(image, 0.5, 1.0).numpy(),
-                                [[[0, 100, 55]]])  # inverts >= 128
-  np.testing.assert_array_equal(randaug.posterize(image, 1.0, 1.0).numpy(),
-                                [[[0, 96, 192]]])  # keeps the top 4 bits
 
 
 def test_keep_and_spec_errors():
