@@ -84,6 +84,28 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   return config
 
 
+def steps_for_epochs(epochs: float, num_train_examples: int, batch_size: int) -> int:
+  """Optimizer steps for `epochs` passes over the train split (rounded, >= 1)."""
+  return max(1, round(float(epochs) * int(num_train_examples) / int(batch_size)))
+
+
+def resolve_epochs(config: ml_collections.ConfigDict, data) -> ml_collections.ConfigDict:
+  """total_steps from config.total_epochs and train_split's size, unless total_steps is set."""
+  epochs = config.get("total_epochs")
+  if not epochs:
+    return config
+  if config.total_steps:
+    log.warning("total_steps=%d is set; total_epochs=%g is ignored.", config.total_steps, epochs)
+    return config
+  n = data.num_examples(config, config.train_split)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.total_steps = steps_for_epochs(epochs, n, config.batch_size)
+  log.info("total_epochs=%g of %s (%d examples) at batch %d = %d steps", epochs,
+           config.train_split, n, config.batch_size, config.total_steps)
+  config.lock()
+  return config
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   """Creates the mesh, checks the batch sizes, writes the resolved config (process 0)."""
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -523,7 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   Returns the final metrics (and 'state').
   """
   data = _data_module(data)
-  config = resolve_config(config)
+  config = resolve_epochs(resolve_config(config), data)
 
   # 1. Setup -----------------------------------------------------------------
   s = setup(config, workdir, devices)
