@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from vit_jax import train
 from vit_jax.data import pipeline
+from vit_jax.data import preprocess
 from test_train import InMemoryData, load_config_file
 
 # Real pre-training checkpoint names (google-research/vision_transformer README
@@ -155,3 +156,13 @@ def test_mixup_keeps_the_larger_weight_on_the_example_itself():
     np.testing.assert_allclose(out["image"].numpy().ravel(),
                                own[0] * np.arange(8) + (1 - own[0]) * np.roll(np.arange(8), 1),
                                rtol=1e-5)
+
+
+def test_pretrain_preprocessing_runs_at_224():
+  c = train.resolve_config(load_config_file("pretrain.py", "b16,i1k,strong2"))
+  image = tf.constant(np.random.RandomState(0).randint(0, 256, (260, 300, 3)).astype(np.uint8))
+  example = {"image": image, "label": tf.constant(3, tf.int64), "_rng": tf.constant([0, 1], tf.int64)}
+  for spec in (c.pp_train, c.pp_eval):
+    out = preprocess.get_preprocess_fn(spec)(example)
+    assert out["image"].shape == (224, 224, 3) and out["labels"].shape == (1000,)
+    assert -1.0 <= float(tf.reduce_min(out["image"])) <= float(tf.reduce_max(out["image"])) <= 1.0
