@@ -12,31 +12,34 @@ model 'b16' / 'ViT-B_16' / 'B_16' / 'R50_L_32'...; dataset 'imagenet21k' (i21k),
 'imagenet2012' (i1k) or 'jft'; aug one of AUGREG below. Every field of a
 published name (model, dataset, epochs, lr, aug, wd, do, sd) is an argument.
 
-Settings and where they come from (paper = arXiv:2106.10270v2, TMLR version;
-bv = big_vision configs/vit_i21k.py and vit_i1k.py, the paper's reproduction
-code; ra = big_vision pp/autoaugment.py):
-  aug level -> RandAugment (layers, magnitude), mixup alpha  paper Sec. 3.3; bv
-    RANDAUG_DEF / MIXUP_DEF: none (0, 0, 0), light1 (2, 0, 0), light2
-    (2, 10, 0.2), medium1 (2, 15, 0.2), medium2 (2, 15, 0.5), strong1
-    (2, 20, 0.5), strong2 (2, 20, 0.8). RandAugment as in ra
-    (vit_jax/data/randaug.py); mixup: one Beta(alpha, alpha) weight per batch,
-    the larger half on the example itself (bv utils.mixup).
-  do / sd: 0.0 or 0.1 each, independent of aug        paper Sec. 3.3
-  wd: 0.1 or 0.03, decoupled and multiplied by the
-    learning rate (per-step decay wd * lr(t))         paper Sec. 3.3; bv wd=1e-4
-  lr 0.001, Adam b1 0.9 b2 0.999, batch 4096,
-    10k linear warm-up then cosine decay to 0,
-    global-norm clip 1.0                              paper Sec. 3.4; bv
-  epochs: 300 (i1k, i21k) or 30 (i21k)                paper Sec. 3.4
-  224 px Inception crop + left-right flip             paper Sec. 3.4; bv pp_train
-  eval: resize_small(256, area) + central 224 crop    bv pp_eval
-  i21k: sigmoid cross-entropy, head bias -10,
-    train full[51200:], minival full[25600:51200],
-    test full[:25600]                                 bv vit_i21k.py
-  i1k: softmax cross-entropy, train train[:99%],
-    minival train[99%:], test validation              paper Sec. 3.1; bv vit_i1k.py
-  Adam first moment in bfloat16                       bv optax mu_dtype
-  shuffle buffer 250k                                 bv
+Settings and where they come from. paper = arXiv:2106.10270v2 (TMLR); big_vision
+is the paper's reproduction code: i21k = configs/vit_i21k.py @0127fb6, i1k =
+configs/vit_i1k.py @95ccb15 (its first release; later ones moved i1k to a sigmoid
+loss), utils = big_vision/utils.py @95ccb15:
+  aug level -> RandAugment (layers, magnitude), mixup alpha: none (0, 0, 0),
+    light1 (2, 0, 0), light2 (2, 10, 0.2), medium1 (2, 15, 0.2), medium2
+    (2, 15, 0.5), strong1 (2, 20, 0.5), strong2 (2, 20, 0.8)
+                                         paper Sec. 3.3; i21k:30-48, i1k:39-57
+  RandAugment ops and level mapping      vit_jax/data/randaug.py (its sources)
+  mixup: one Beta(alpha, alpha) weight per batch, the larger on the example
+    itself                               utils:700-735
+  do / sd: 0.0 or 0.1 each, independent of aug      paper Sec. 3.3
+  wd: 0.1 or 0.03, decoupled but multiplied by the learning rate, i.e. a
+    per-step decay of wd * lr(t) (optim.weight_decay = wd * lr)
+                                         paper Sec. 3.3; i21k:110 (wd=1e-4)
+  lr 0.001, Adam b1 0.9 b2 0.999, batch 4096, 10k linear warm-up then cosine
+    decay, global-norm clip 1.0          paper Sec. 3.4; i21k:79, 105-111
+  Adam first moment in bfloat16          i21k:106
+  epochs: 300 (i1k, i21k) or 30 (i21k)   paper Sec. 3.4; i21k:57
+  224 px Inception crop + left-right flip, shuffle buffer 250k
+                                         paper Sec. 3.4; i21k:80, 85
+  eval: resize_small(256, area) + central 224 crop  i21k:86 (area: big_vision's
+                                         resize_small default)
+  i21k: 21,843 classes, sigmoid cross-entropy, head bias -10, train
+    full[51200:], minival full[25600:51200], test full[:25600]
+                                         i21k:58-60, 77, 125-126
+  i1k: softmax cross-entropy, train train[:99%], minival train[99%:], test
+    validation                           paper Sec. 3.1; i1k:78, 82, 151, 155
 
 Deliberate deviations:
   * Epochs become steps when training starts: total_epochs x the train
@@ -49,6 +52,13 @@ Deliberate deviations:
   * 'none' / 'light' / 'medium' / 'strong' (no digit) are kept as aliases of
     none / light2 / medium2 / strong2; dropout and stochastic depth no longer
     follow them (give do= / sd=).
+  * The model keeps the class-token head of the published AugReg files and no
+    pre-logits layer (paper Sec. 3.2); today's big_vision vit_i21k.py trains a
+    GAP head instead.
+  * Train images are decoded, then cropped (decode|inception_crop): the same
+    crop distribution as big_vision's fused decode_jpeg_and_inception_crop,
+    which also reads non-JPEG datasets.
+  * i1k's extra evaluations (ImageNet-V2, ReaL) are not configured here.
   * 'jft' is not an AugReg dataset: a JFT-like multi-label set trained for a
     fixed 500k steps with linear decay as in the ViT paper.
 """

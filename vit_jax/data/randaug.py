@@ -1,9 +1,11 @@
 """RandAugment (Cubuk et al. 2019) as the AugReg runs applied it, in TensorFlow.
 
 AugReg ("How to train your ViT", Steiner et al. 2021, Sec. 3.3) pre-trains with
-the TensorFlow RandAugment of the TPU EfficientNet code, also used by
-big_vision's `randaug(num_layers, magnitude)` op. This module follows that
-definition op by op:
+"the original RandAugment implementation in TensorFlow": the TPU EfficientNet
+autoaugment.py, forked as big_vision's `randaug(num_layers, magnitude)` op
+(big_vision/pp/archive/autoaugment.py @0127fb6: op list and constants
+l.662-697, level -> argument l.466-528, ops l.92-402). This module is our own
+implementation of that definition, op by op:
 
 * Ops (16, picked uniformly per layer and always applied): AutoContrast,
   Equalize, Invert, Rotate, Posterize, Solarize, Color, Contrast, Brightness,
