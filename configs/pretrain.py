@@ -94,10 +94,10 @@ DATASETS = {
     'jft': dict(tfds='jft', classes=18_291, sigmoid=True, train='train', val='validation',
                 test=None, steps=500_000),
 }
-DATASET_ALIASES = {'i21k': 'imagenet21k', 'i1k': 'imagenet2012'}
+DATASET_ALIASES = {'i21k': 'imagenet21k', 'i21k_30': 'imagenet21k', 'i1k': 'imagenet2012'}
 
 # A published AugReg pre-training checkpoint name.
-NAME = re.compile(r'(?P<model>[A-Za-z0-9_]+)-(?P<dataset>i1k|i21k)-(?P<epochs>\d+)ep'
+NAME = re.compile(r'(?P<model>[A-Za-z0-9_]+)-(?P<dataset>i1k|i21k|i21k_30)-(?P<epochs>\d+)ep'
                   r'-lr_(?P<lr>[0-9.e-]+)-aug_(?P<aug>[a-z0-9]+)-wd_(?P<wd>[0-9.e-]+)'
                   r'-do_(?P<do>[0-9.]+)-sd_(?P<sd>[0-9.]+)')
 KEYS = ('epochs', 'lr', 'wd', 'do', 'sd')

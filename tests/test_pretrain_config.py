@@ -88,6 +88,12 @@ def test_levels_give_the_published_randaugment_and_mixup(level, ra, mixup):
   assert (c.model.dropout_rate, c.model.stochastic_depth) == (0.0, 0.0)
 
 
+def test_thirty_epoch_i21k_names():
+  c = load_config_file("pretrain.py", "B_32-i21k_30-30ep-lr_0.001-aug_light2-wd_0.03-do_0.0-sd_0.0")
+  assert (c.dataset, c.total_epochs, _randaug(c), c.mixup.alpha) == ("imagenet21k", 30, (2, 10), 0.2)
+  assert load_config_file("pretrain.py", "b32,i21k,light2,epochs=30,wd=0.03").to_dict() == c.to_dict()
+
+
 def test_old_level_names_still_load():
   for old, new in [("light", "light2"), ("medium", "medium2"), ("strong", "strong2")]:
     assert (load_config_file("pretrain.py", f"b16,imagenet21k,{old}").to_dict() ==
