@@ -44,6 +44,8 @@ Deliberate deviations:
     same split as its trials (the train   train on the entire train split (App. B.1.1): set
     split minus the dev split)            --config.train_split=train and no val_split for that
 """
+import ml_collections
+
 from configs import common
 
 # dataset -> (num_classes, total_steps, warmup_steps, train split, val split, test split)
@@ -106,7 +108,11 @@ def get_config(arg='b16,cifar100'):
   c.shuffle_buffer = 50_000  # examples
   c.lr_sweep = LR_SWEEP_IMAGENET if name.startswith('imagenet') else LR_SWEEP  # for vit_jax.sweep
   if name == 'imagenet2012':  # ImageNet ReaL labels (Beyer et al. 2020) as an extra test set
-    c.real_eval = 'imagenet2012_real:validation'  # tfds dataset:split, scored with ReaL accuracy
+    c.real_eval = ml_collections.ConfigDict()
+    c.real_eval.dataset = 'imagenet2012_real'  # tfds dataset: the validation images, relabelled
+    c.real_eval.split = 'validation'  # its only split
+    c.real_eval.pp = ('decode|resize({img_size})|value_range(-1, 1)|'
+                      'multi_hot({num_classes}, key="real_label")')  # label sets, scored as ReaL
 
   c.total_steps = steps  # published schedule length for this dataset
   c.warmup_steps = warmup  # linear warm-up, then cosine decay to 0

@@ -436,7 +436,7 @@ def test_vtab_table():
   assert groups == {"natural": 7, "specialized": 4, "structured": 8}
   for task in vtab.TASKS.values():
     assert set(task.splits) == set(vtab.SPLIT_NAMES)
-    ex = {k: _examples(v, SPLIT_SIZES[task.tfds_name])
+    ex = {k: _examples(v, SPLIT_SIZES[task.tfds_name.split(":")[0]])
           for k, v in task.splits.items()}
     assert ex["train800"].sum() == 800 and ex["val200"].sum() == 200
     np.testing.assert_array_equal(ex["train800val200"],
@@ -446,7 +446,7 @@ def test_vtab_table():
     np.testing.assert_array_equal(ex["trainval"], ex["train"] | ex["val"])
     assert not np.any(ex["train"] & ex["val"])
     assert not np.any(ex["trainval"] & ex["test"])
-  assert vtab.get_task("vtab:svhn").tfds_name == "svhn_cropped"
+  assert vtab.get_task("vtab:svhn").tfds_name == "svhn_cropped:3.*.*"
   with pytest.raises(ValueError, match="Known tasks"):
     vtab.get_task("vtab:nope")
 
