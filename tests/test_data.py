@@ -169,6 +169,26 @@ def test_inception_crop_shape_and_area():
   assert _apply("inception_crop((8, 12))", image)["image"].shape == (8, 12, 3)
 
 
+def test_inception_crop_takes_a_window_of_5_to_100_percent_resized():
+  """On an image whose pixels hold their own coordinates, the output shows where it came from:
+  one upright window of 5-100% of the area, aspect 3/4-4/3, resized to the output size."""
+  h, w = 200, 160
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  image = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+  areas = []
+  for i in range(40):
+    out = _apply("inception_crop(32)", image, rng=i)["image"].astype(float)
+    assert out.shape == (32, 32, 3)
+    assert np.all(np.diff(out[..., 0], axis=0) >= 0) and np.all(np.diff(out[..., 1], axis=1) >= 0)
+    # 32 bilinear samples span all but 1/32 of the window.
+    ch = (out[..., 0].max() - out[..., 0].min() + 1) * 32 / 31
+    cw = (out[..., 1].max() - out[..., 1].min() + 1) * 32 / 31
+    assert 0.05 * 0.9 <= ch * cw / (h * w) <= 1.07
+    assert 0.75 * 0.9 <= cw / ch <= 4 / 3 * 1.1
+    areas.append(ch * cw / (h * w))
+  assert min(areas) < 0.3 and max(areas) > 0.6  # the area is random, not fixed
+
+
 def test_fused_jpeg_crop_matches_decode_then_crop():
   image = np.random.RandomState(3).randint(0, 255, (60, 90, 3)).astype(
       np.uint8)

@@ -61,3 +61,25 @@ def test_fewshot_ridge_probe_separates_clusters():
   chance = evaluate.ridge_probe(rng.normal(size=(50, 32)), ytr[:50], rng.normal(size=(50, 32)), yte,
                                 num_classes=5, l2_reg=1.0)
   assert chance < 0.6
+
+
+def test_real_accuracy_counts_label_sets_and_skips_images_without_labels():
+  """ImageNet ReaL: right when the top-1 class is in the image's label set; no set, no vote."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+  logits = np.full((8, 4), -1.0, np.float32)
+  top = [2, 1, 0, 3, 0, 1, 2, 3]
+  logits[np.arange(8), top] = 5.0
+  sets = [{1, 2}, {0}, set(), {3}, {0, 3}, set(), {0, 1}, {3}]
+  labels = np.zeros((8, 4), np.float32)
+  for i, s in enumerate(sets):
+    labels[i, sorted(s)] = 1.0
+  mask = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32)  # the last row is padding
+  batch = {"image": logits, "labels": labels, "mask": mask}
+  step = evaluate.make_eval_step(lambda p, x: x, mesh=mesh, param_shardings=sharding.replicated(mesh),
+                                 label_sets=True)
+  res = evaluate.evaluate(step, jnp.zeros(()), [batch], mesh)
+  # Counted: rows 0, 1, 3, 4, 6 (2 and 5 have no labels, 7 is padding); right: 0, 3, 4.
+  assert res["count"] == 5 and res["accuracy"] == pytest.approx(3 / 5)
+  # Single-label scoring of the same batch would count every unmasked row.
+  plain = evaluate.make_eval_step(lambda p, x: x, mesh=mesh, param_shardings=sharding.replicated(mesh))
+  assert evaluate.evaluate(plain, jnp.zeros(()), [batch], mesh)["count"] == 7

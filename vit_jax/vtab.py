@@ -52,6 +52,15 @@ def check_tasks(tasks: Iterable[str]) -> list[str]:
   return out
 
 
+def check_model(config) -> None:
+  """A UsageError when config.model_name is not a model of vit_jax.models."""
+  from vit_jax import cli, models  # pylint: disable=g-import-not-at-top
+  name = config.model_name
+  if name not in models.names():
+    raise cli.UsageError(f"Unknown model {name!r}.{cli.did_you_mean(name, models.names())}"
+                         f" Models: {', '.join(models.names())}.")
+
+
 def run_vtab(model: str, workdir: str, *, tasks: Iterable[str] | None = None,
              pretrained: str | None = None, protocol: str = "vit", runs: int = 1,
              overrides: Mapping[str, object] = (), data=None) -> dict:
@@ -131,11 +140,7 @@ def main(argv):
     raise cli.UsageError(f"--runs={f.runs}: the number of runs must be 1 or more.")
   tasks = check_tasks(f.tasks) if f.tasks else None
   overrides = sweep_lib.parse_overrides(f.set)
-  c = task_config(f.model, tasks[0] if tasks else "cifar100", overrides=overrides)  # checks keys
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
-  if c.model_name not in models.names():
-    raise cli.UsageError(f"Unknown model {f.model!r}.{cli.did_you_mean(c.model_name, models.names())}"
-                         f" Models: {', '.join(models.names())}.")
+  check_model(task_config(f.model, tasks[0] if tasks else "cifar100", overrides=overrides))
   res = run_vtab(f.model, f.workdir, tasks=tasks, pretrained=f.pretrained, protocol=f.protocol,
                  runs=f.runs, overrides=overrides)
   print(open(os.path.join(f.workdir, "vtab_results.md")).read())
