@@ -27,7 +27,7 @@ official = google-research/vision_transformer vit_jax/; bv = big_vision configs/
     pets / flowers 0.01                   bv :172 (its default lr)
   dropout 0.1 for L/16, H/14, R50+B/16,   official configs/models.py:142, :160, :273, :320
     R50+L/32; 0 otherwise
-  splits: cifar train[:98%] / val         official configs/common.py:89-105 ('train' split);
+  splits: cifar train[:98%] / val         official configs/common.py:89, :96, :103 (train);
     train[98%:] / test; imagenet          bv :68-77 (val splits); the dev sub-splits are ViT
     train[:99%] / train[99%:] /           App. B.1.1 (10% pets / flowers, 2% cifar, 1%
     validation; pets, flowers             imagenet)

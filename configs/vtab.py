@@ -14,23 +14,27 @@ named in every run's config.json and in the driver's table):
   a single config of this protocol is one lr of the sweep, --config.optim.lr picks it).
 
 Settings and where they come from (ViT = Dosovitskiy et al. 2021, App. B.1.1 and Table 4;
-BiT = Kolesnikov et al. 2020, Sec. 3.3; official = google-research/vision_transformer):
+BiT = Kolesnikov et al. 2020, Sec. 3.3, whose rule the big_transfer repository's TF2 colab
+also states; official = google-research/vision_transformer):
   steps 2,500, lr 0.01 ('vit')          ViT Table 4 ("VTAB (19 tasks) | 2 500 | 0.01")
   SGD momentum 0.9, batch 512, cosine,  ViT App. B.1.1 and Table 4 caption
     no weight decay, grad-norm clip 1
   resolution 384 on every task          ViT App. B.1.1 ("we do not use task-specific input
                                         resolutions ... high resolution (384 x 384)")
-  train: resize to 448 + random 384     BiT pre-processing, which ViT follows (App. B.1.1):
-    crop + left-right flip; eval:       random crops and flips on every task except where they
-    resize to 384                       change the label: no crop on NO_CROP, no flip on NO_FLIP
+  train: resize + random crop + left-   BiT pre-processing, which ViT follows (App. B.1.1):
+    right flip; eval: resize to 384     random crops and flips on every task except where they
+                                        change the label: no crop on NO_CROP, no flip on NO_FLIP
   zero-initialised new head             ViT App. B.1.1
-  lr grid of 'sweep'                    ViT Table 4's grid for small datasets
-                                        {0.001, 0.003, 0.01, 0.03} (applied per task: ours)
   dropout 0.1 for L/16, H/14, R50+B/16,  official model configs (configs/models.py:142, :160,
     R50+L/32; 0 otherwise                 :273, :320), as in configs/finetune.py
-Deliberate deviation:
-  warm-up 500 steps                     none is published for VTAB; 500 is the official
-                                        fine-tuning default (vit_jax/configs/common.py:68)
+Deliberate choices where nothing is published for ViT on VTAB:
+  warm-up 500 steps                     the official fine-tuning default (configs/common.py:68)
+  crop: resize to 448, random 384       BiT resizes 512 -> crops 480; at ViT's 384 we keep the
+                                        448 -> 384 of the official 384 px fine-tuning configs
+                                        (configs/augreg.py:63-64, big_vision transfer.py h_res)
+  'sweep' protocol (an option)          ViT Table 4's small-dataset grid {0.001, 0.003, 0.01,
+                                        0.03}, chosen per task on val200 as task_adaptation's
+                                        train800 / val200 / train800val200 splits allow
 """
 from configs import common
 

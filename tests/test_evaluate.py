@@ -83,3 +83,27 @@ def test_real_accuracy_counts_label_sets_and_skips_images_without_labels():
   # Single-label scoring of the same batch would count every unmasked row.
   plain = evaluate.make_eval_step(lambda p, x: x, mesh=mesh, param_shardings=sharding.replicated(mesh))
   assert evaluate.evaluate(plain, jnp.zeros(()), [batch], mesh)["count"] == 7
+
+
+def test_training_reports_real_accuracy_on_its_own_eval_set(tmp_path):
+  """config.real_eval adds a 'real/' evaluation read through the data API with its own config;
+  on one-hot label sets it agrees with plain top-1 accuracy."""
+  import ml_collections
+  import test_train
+  from vit_jax import train
+  c = test_train.tiny_config()
+  c.real_eval = ml_collections.ConfigDict(dict(
+      dataset="imagenet2012_real", split="validation",
+      pp="decode|resize({img_size})|value_range(-1, 1)|multi_hot({num_classes}, key='real_label')"))
+  seen = []
+
+  class Data(test_train.InMemoryData):
+    def eval_iterator(self, config, split, **kw):
+      seen.append((config.dataset, split, config.pp_eval))
+      return super().eval_iterator(config, split, **kw)
+
+  res = train.train_and_evaluate(c, str(tmp_path / "wd"), data=Data())
+  assert ("imagenet2012_real", "validation",
+          "decode|resize(32)|value_range(-1, 1)|multi_hot(4, key='real_label')") in seen
+  assert res["real/count"] == res["test/count"] == 64
+  assert res["real/accuracy"] == pytest.approx(res["test/accuracy"])
