@@ -91,7 +91,7 @@ def test_training_reports_real_accuracy_on_its_own_eval_set(tmp_path):
   import ml_collections
   import test_train
   from vit_jax import train
-  c = test_train.tiny_config()
+  c = test_train.tiny_config(total_steps=2, checkpoint_every=0)
   c.real_eval = ml_collections.ConfigDict(dict(
       dataset="imagenet2012_real", split="validation",
       pp="decode|resize({img_size})|value_range(-1, 1)|multi_hot({num_classes}, key='real_label')"))

@@ -133,7 +133,7 @@ def test_bad_overrides_and_models_are_usage_errors():
 def test_finetuning_sweep_then_repeats(tmp_path):
   """vit_jax.sweep: each lr of lr_sweep scored on val_split, the best one run --runs times."""
   c = configs.load("finetune.py:test,cifar10")
-  sweep.apply_overrides(c, {**TINY, "lr_sweep": (1e-4, 3e-2), "total_steps": 4})
+  sweep.apply_overrides(c, {**TINY, "lr_sweep": (1e-4, 3e-2)})
   res = sweep.sweep_and_repeat(c, str(tmp_path), runs=2,
                                data=test_train.InMemoryData(n=32, num_classes=4))
   assert set(res["val"]) == {1e-4, 3e-2} and res["lr"] == max(res["val"], key=lambda lr: (res["val"][lr], -lr))

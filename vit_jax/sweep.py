@@ -80,7 +80,10 @@ class RunCache:
     return self.runs.get(key)
 
   def put(self, key: str, record: Mapping) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
     self.runs[key] = dict(record)
+    if jax.process_index() != 0:  # one writer when several hosts run the same sweep
+      return
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       json.dump(self.runs, f, indent=1, sort_keys=True)
