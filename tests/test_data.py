@@ -507,3 +507,24 @@ def test_vtab_task_mocked(tmp_path):
   np.testing.assert_array_equal(batch["labels"].sum(-1), 1.0)  # 32 -> 16 bins
   with pytest.raises(ValueError, match="16 classes"):
     data.num_examples(_config(tmp_path, dataset=config.dataset), "test")
+
+
+def test_imagenet_real_label_sets_through_the_pipeline(tmp_path):
+  """The ReaL eval of configs/finetune.py reads imagenet2012_real's variable-length
+  'real_label' sets into multi-hot vectors (mocked tfds data)."""
+  import configs
+  from vit_jax import evaluate, train
+  _fake_metadata(tmp_path, "imagenet2012_real", {"validation": 20})
+  c = configs.load("finetune.py:b16,imagenet2012")
+  c.img_size, c.data_dir = 16, str(tmp_path)
+  real = evaluate.real_eval_config(train.resolve_config(c))
+  with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path)):
+    assert data.num_examples(real, real.test_split) == 20
+    batches = list(data.eval_iterator(real, real.test_split, global_batch_size=8,
+                                      process_index=0, process_count=1))
+    raw = list(tfds.load("imagenet2012_real", split="validation", data_dir=str(tmp_path)))
+  labels = np.concatenate([b["labels"] for b in batches])[:20]
+  assert labels.shape == (20, 1000) and set(np.unique(labels)) <= {0.0, 1.0}
+  for row, example in zip(labels, raw):
+    assert sorted(np.flatnonzero(row)) == sorted(set(example["real_label"].numpy().tolist()))
+  assert sum(b["mask"].sum() for b in batches) == 20
