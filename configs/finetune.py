@@ -40,9 +40,9 @@ official = google-research/vision_transformer vit_jax/; bv = big_vision configs/
 Deliberate deviations:
   SGD momentum kept in float32            official keeps it in bfloat16 (configs/common.py:43);
                                           float32 is exact and costs one param-sized buffer
-  the sweep's final run trains on the     as the official code does; the paper's final runs
-    same split as its trials (the train   train on the entire train split (App. B.1.1): set
-    split minus the dev split)            --config.train_split=train and no val_split for that
+  final runs train on the train split     as the official code does; the paper's final runs
+    minus the dev split                   train on the entire train split (App. B.1.1):
+                                          `vit_jax.sweep --final_train_split=train`
 """
 import ml_collections
 

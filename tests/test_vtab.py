@@ -134,12 +134,15 @@ def test_finetuning_sweep_then_repeats(tmp_path):
   """vit_jax.sweep: each lr of lr_sweep scored on val_split, the best one run --runs times."""
   c = configs.load("finetune.py:test,cifar10")
   sweep.apply_overrides(c, {**TINY, "lr_sweep": (1e-4, 3e-2)})
-  res = sweep.sweep_and_repeat(c, str(tmp_path), runs=2,
+  res = sweep.sweep_and_repeat(c, str(tmp_path), runs=2, final_train_split="train",
                                data=test_train.InMemoryData(n=32, num_classes=4))
   assert set(res["val"]) == {1e-4, 3e-2} and res["lr"] == max(res["val"], key=lambda lr: (res["val"][lr], -lr))
   assert len(res["test"]) == 2 and all(0.0 <= a <= 1.0 for a in res["test"])
   table = open(tmp_path / "sweep_results.md").read()
   assert f"| **{res['lr']:g}** |" in table and "(2 runs)" in table
-  seeds = sorted(r["metrics"]["seed"] for r in json.load(open(tmp_path / "runs.json")).values()
-                 if r["name"].startswith("run"))
-  assert seeds == [0, 1]
+  finals = [r for r in json.load(open(tmp_path / "runs.json")).values() if r["name"].startswith("run")]
+  assert sorted(r["metrics"]["seed"] for r in finals) == [0, 1]
+  for r in finals:  # the final runs train on the entire train split, without a val split
+    saved = json.load(open(os.path.join(r["workdir"], "config.json")))
+    assert (saved["train_split"], saved["val_split"]) == ("train", None)
+    assert "val/accuracy" not in r["metrics"]

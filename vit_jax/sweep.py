@@ -1,11 +1,12 @@
 """Learning-rate sweeps and repeated runs, with a run cache that knows what it ran.
 
   python -m vit_jax.sweep --config=configs/finetune.py:b16,cifar10 --workdir=DIR \
-      --set=pretrained=ViT-B_16.npz [--runs=3] [--nosweep]
+      --set=pretrained=ViT-B_16.npz [--runs=3] [--nosweep] [--final_train_split=train]
 
 The published fine-tuning protocol (ViT paper, App. B.1.1): each lr of the config's
 `lr_sweep` is trained on `train_split` and scored on `val_split`; the best lr is then trained
-`--runs` times (seeds 0, 1, ...) and scored on `test_split`. The table (DIR/sweep_results.md)
+`--runs` times (seeds 0, 1, ...) and scored on `test_split` (with --final_train_split=train,
+on the entire training set, as the paper's final results). The table (DIR/sweep_results.md)
 gives val accuracy per lr and the test accuracy as mean +- std over the runs.
 
 Run cache: every run lives in DIR/<name>-<key>/ and its metrics are kept in DIR/runs.json
@@ -205,8 +206,13 @@ def parse_overrides(items: Iterable[str]) -> dict:
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
-def sweep_and_repeat(config, workdir: str, *, runs: int = 1, sweep: bool = True, data=None) -> dict:
-  """The fine-tuning protocol; returns {'lr', 'val', 'test': [per run]} and writes the table."""
+def sweep_and_repeat(config, workdir: str, *, runs: int = 1, sweep: bool = True,
+                     final_train_split: str | None = None, data=None) -> dict:
+  """The fine-tuning protocol; returns {'lr', 'val', 'test': [per run]} and writes the table.
+
+  `final_train_split` (e.g. 'train'): the final runs train on it, without a val split (the
+  paper's final runs use the entire training set); by default they use the config's splits.
+  """
   os.makedirs(workdir, exist_ok=True)
   cache = RunCache(os.path.join(workdir, CACHE_FILE))
   scores = {}
@@ -217,7 +223,8 @@ def sweep_and_repeat(config, workdir: str, *, runs: int = 1, sweep: bool = True,
     best, scores = sweep_lr(config, lrs, workdir, cache, data=data)
     config = _copy(config)
     config.optim.lr = best
-  finals = repeat(config, runs, workdir, cache, data=data)
+  splits = {"train_split": final_train_split, "val_split": None} if final_train_split else {}
+  finals = repeat(config, runs, workdir, cache, data=data, **splits)
   result = {"lr": float(config.optim.lr), "val": scores,
             "test": [r.get("test/accuracy") for r in finals],
             "real": [r["real/accuracy"] for r in finals if "real/accuracy" in r]}
@@ -250,7 +257,8 @@ def main(argv):
   except FileNotFoundError as e:
     raise cli.UsageError(str(e)) from None
   apply_overrides(config, parse_overrides(f.set))
-  sweep_and_repeat(config, f.workdir, runs=f.runs, sweep=f.sweep)
+  sweep_and_repeat(config, f.workdir, runs=f.runs, sweep=f.sweep,
+                   final_train_split=f.final_train_split)
   print(open(os.path.join(f.workdir, "sweep_results.md")).read())
 
 
@@ -261,6 +269,9 @@ def define_flags():
   flags.DEFINE_string("workdir", None, "Output directory.", required=True)
   flags.DEFINE_integer("runs", 1, "Final runs (seeds 0, 1, ...); the table gives mean ± std.")
   flags.DEFINE_bool("sweep", True, "Sweep the config's lr_sweep on its val_split first.")
+  flags.DEFINE_string("final_train_split", None,
+                      "Train the final runs on this split (e.g. 'train', as the ViT paper's final "
+                      "results) instead of the config's train_split.")
   flags.DEFINE_multi_string("set", [], "Config override key=value (e.g. total_steps=100).")
 
 
