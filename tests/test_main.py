@@ -116,13 +116,14 @@ def test_vtab_driver_on_mocked_task(tmp_path, published_npz):
                "warmup_steps": 1, "batch_size": 8, "eval_batch_size": 16, "log_every": 1, "eval_every": 0,
                "checkpoint_every": 0, "progress_bar": False, "shuffle_buffer": 16}
   with tfds.testing.mock_data(num_examples=24, data_dir=str(tmp_path)):
-    # No sweep here (one run); the sweep path is the same call with other splits.
+    # The default protocol: one run per task with the config's lr.
     res = vtab_driver.run_vtab("ViT-test", str(tmp_path / "vtab"), tasks=["dtd"],
-                               pretrained=published_npz, sweep=False, overrides=overrides)
+                               pretrained=published_npz, overrides=overrides)
   r = res["dtd"]
-  assert r["group"] == "natural" and 0.0 <= r["test"] <= 1.0
+  assert r["group"] == "natural" and 0.0 <= r["test"][0] <= 1.0
   runs = json.load(open(tmp_path / "vtab" / "vtab_runs.json"))
-  assert runs["dtd/final"]["test/count"] == 24
+  (record,) = runs.values()
+  assert record["name"] == "run0" and record["metrics"]["test/count"] == 24
   table = open(tmp_path / "vtab" / "vtab_results.md").read()
   assert "| dtd | natural |" in table and "**natural**" in table and "**mean**" in table
 

@@ -1,5 +1,4 @@
 """Train loop: learns, mesh-independent, exact resume, SIGTERM, NaN stop, clear errors."""
-import importlib.util
 import json
 import os
 import signal
@@ -8,16 +7,14 @@ import jax
 import numpy as np
 import pytest
 
+import configs
 from vit_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config_file(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(REPO, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  return configs.load(os.path.join(REPO, "configs", name) + ("" if arg is None else f":{arg}"))
 
 
 class InMemoryData:

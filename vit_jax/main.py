@@ -24,6 +24,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+import configs
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file, e.g. configs/digits.py or configs/finetune.py:b16,cifar100.",
     lock_config=True)
@@ -62,25 +64,16 @@ def check_overrides(argv: list[str]) -> None:
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
   if spec is None or not overrides:
     return
-  path, _, arg = spec.partition(":")
-  config = load_config(path, arg or None)
+  try:
+    config = configs.load(spec)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from None
   valid = set(config_keys(config))
   for key in overrides:
     if key not in valid:
       raise app.UsageError(
           f"Unknown config key --config.{key} for {spec}. Valid keys:\n  "
           + "\n  ".join(sorted(valid)))
-
-
-def load_config(path: str, arg: str | None = None):
-  """Loads configs/X.py and calls get_config(arg) (as config_flags does)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("_vit_run_config", path)
-  if spec is None:
-    raise app.UsageError(f"Config file {path!r} not found.")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
 
 
 def _parse_flags(argv):

@@ -364,16 +364,22 @@ def eval_params(state):
   return state["ema"] if "ema" in state else state["params"]
 
 
-def run_evaluations(config, data, eval_step, state, mesh) -> dict:
-  """Classification eval on val_split and test_split -> {'<split>/accuracy', '<split>/loss'}."""
+def run_evaluations(config, data, eval_step, state, mesh, real_step=None) -> dict:
+  """Classification eval on val_split and test_split -> {'<split>/accuracy', '<split>/loss'}.
+
+  With config.real_eval, also ReaL accuracy on its dataset -> 'real/accuracy'.
+  """
   out = {}
-  for key in ("val", "test"):
-    split = config.get(f"{key}_split")
+  evals = [("val", config, eval_step), ("test", config, eval_step)]
+  if real_step is not None:
+    evals.append(("real", eval_lib.real_eval_config(config), real_step))
+  for key, c, step in evals:
+    split = c.get("test_split" if key == "real" else f"{key}_split")
     if not split:
       continue
-    it = data.eval_iterator(config, split, global_batch_size=config.eval_batch_size,
+    it = data.eval_iterator(c, split, global_batch_size=config.eval_batch_size,
                             process_index=jax.process_index(), process_count=jax.process_count())
-    res = eval_lib.evaluate(eval_step, eval_params(state), it, mesh)
+    res = eval_lib.evaluate(step, eval_params(state), it, mesh)
     out[f"{key}/accuracy"] = res["accuracy"]
     out[f"{key}/loss"] = res["loss"]
     out[f"{key}/count"] = res["count"]
@@ -523,6 +529,9 @@ def check_data(config, data) -> None:
     split = config.get(key)
     if split:
       data.num_examples(config, split)  # raises data.DatasetNotPreparedError with a hint
+  real = eval_lib.real_eval_config(config)
+  if real is not None:
+    data.num_examples(real, real.test_split)
 
 
 def _check_finite(step: int, loss: float, ckpt) -> None:
@@ -578,6 +587,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   eval_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
                                       param_shardings=shardings["params"],
                                       multi_label=bool(config.get("multi_label", False)))
+  real_step = None
+  if config.get("real_eval"):
+    real_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
+                                        param_shardings=shardings["params"],
+                                        multi_label=bool(config.get("multi_label", False)),
+                                        label_sets=True)
   feature_step = None
   if config.get("fewshot") and config.fewshot.get("every"):
     feature_step = eval_lib.make_feature_step(
@@ -591,7 +606,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   results: dict = {}
 
   def log_eval(step, with_fewshot):
-    res = run_evaluations(config, data, eval_step, state, mesh)
+    res = run_evaluations(config, data, eval_step, state, mesh, real_step)
     if with_fewshot and feature_step is not None:
       res.update(run_fewshot(config, data, feature_step, state, mesh))
     writer.write(step, res)
