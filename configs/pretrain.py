@@ -62,16 +62,12 @@ Deliberate deviations:
   * 'jft' is not an AugReg dataset: a JFT-like multi-label set trained for a
     fixed 500k steps with linear decay as in the ViT paper.
 """
-import importlib.util
 import os
 import re
 
 from ml_collections import config_dict
 
-_spec = importlib.util.spec_from_file_location(
-    '_vit_configs_common', os.path.join(os.path.dirname(__file__), 'common.py'))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # AugReg level -> (RandAugment num_layers, magnitude, mixup alpha); paper Sec. 3.3.
 AUGREG = {
