@@ -41,9 +41,9 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 5) -> list[str]
   return matches
 
 
-def did_you_mean(name: str, candidates: Iterable[str]) -> str:
-  """' Did you mean a, b?' or '' when nothing is close."""
-  matches = close_matches(name, candidates)
+def did_you_mean(name: str, candidates: Iterable[str], n: int = 3) -> str:
+  """' Did you mean a, b?' (up to n) or '' when nothing is close."""
+  matches = close_matches(name, candidates, n)
   return f" Did you mean {', '.join(matches)}?" if matches else ""
 
 
