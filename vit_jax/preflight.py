@@ -7,8 +7,8 @@
   preflight.check_dataset(name, data_dir)
 
 A user's mistake fails here in about a second: before JAX and TensorFlow start
-(only the model registry imports JAX; only 'vtab:' tasks import TensorFlow) and
-before the job writes anything to its workdir. Whether a dataset is *prepared*
+(only the model registry imports JAX; nothing imports TensorFlow) and before the
+job writes anything to its workdir. Whether a dataset is *prepared*
 needs TensorFlow and is checked later, by train.check_data.
 """
 from __future__ import annotations
@@ -25,6 +25,13 @@ from vit_jax import cli
 # Datasets that vit_jax registers with tfds itself (vit_jax.data.pipeline.OFFLINE_BUILDERS;
 # importing it would start TensorFlow).
 OWN_DATASETS = ("digits",)
+# The tasks of vit_jax.data.vtab.TASKS (as 'vtab:<task>'), listed here for the same reason.
+VTAB_TASKS = (
+    "caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn",
+    "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy", "clevr/count_all",
+    "clevr/closest_object_distance", "dmlab", "dsprites/label_x_position",
+    "dsprites/label_orientation", "kitti/closest_vehicle_distance", "smallnorb/label_azimuth",
+    "smallnorb/label_elevation")
 # Dataset strings that name a local folder / file rather than a tfds dataset.
 PATH_DATASETS = ("imagefolder:", "manifest:")
 
@@ -182,11 +189,10 @@ def check_dataset(name: str | None, data_dir: str | None = None) -> None:
         raise cli.UsageError(f"config.dataset={name!r}: {path or '(empty path)'} does not exist.")
       return
   if name.startswith("vtab:"):
-    from vit_jax.data import vtab  # TensorFlow: only for VTAB tasks
     task = name[len("vtab:"):]
-    if task not in vtab.TASKS:
-      raise cli.UsageError(f"config.dataset={name!r}: unknown VTAB task.{cli.did_you_mean(task, vtab.TASKS)} "
-                           f"Tasks: {', '.join(vtab.TASKS)}.")
+    if task not in VTAB_TASKS:
+      raise cli.UsageError(f"config.dataset={name!r}: unknown VTAB task.{cli.did_you_mean(task, VTAB_TASKS)} "
+                           f"Tasks: {', '.join(VTAB_TASKS)}.")
     return
   base = _tfds_base_name(name)
   if base is None or base in OWN_DATASETS:
