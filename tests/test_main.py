@@ -259,6 +259,15 @@ def test_cli_failing_job_leaves_an_existing_workdir_byte_identical(tmp_path):
   assert _tree(wd) == before
 
 
+def test_cli_dataset_not_prepared_says_how_before_writing(tmp_path):
+  """Checked after TensorFlow starts (tfds reads data_dir) but still before the workdir is made."""
+  wd = tmp_path / "wd"
+  out = _digits(wd, "--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'empty'}")
+  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  assert f"tfds build cifar10 --data_dir={tmp_path / 'empty'}" in out.stderr
+  assert not wd.exists()
+
+
 def test_cli_unexpected_error_keeps_its_traceback(tmp_path):
   config = tmp_path / "broken.py"
   config.write_text("def get_config():\n  raise RuntimeError('a bug in the config')\n")
