@@ -214,6 +214,7 @@ def npz_files(tmp_path_factory):
     (["--config.progress_bar=maybe"], ["must be true or false"]),
     (["--config.model.dtype=float64"], ["config.model.dtype='float64'", "'bfloat16'"]),
     (["--config.grad_accum_steps=5"], ["does not divide config.batch_size"]),
+    (["--config.fewshot.shots=1,x"], ["config.fewshot.shots", "a tuple of positive integers"]),
 ])
 def test_cli_refuses_a_mistake_in_one_line_and_leaves_no_workdir(tmp_path, npz_files, overrides, hints):
   wd = tmp_path / "wd"

@@ -103,10 +103,13 @@ def _malformed(error: flags.IllegalFlagValueError, config) -> str:
     return str(error)
   key, value = match.groups()
   parent, _, leaf = key.rpartition(".")
-  node = config
-  for part in filter(None, parent.split(".")):
-    node = node[part]
-  kind = _KINDS.get(node.get_type(leaf), "of the config's type")
+  try:
+    node = config
+    for part in filter(None, parent.split(".")):
+      node = node[part]
+    kind = _KINDS[node.get_type(leaf)]
+  except (KeyError, AttributeError, TypeError):  # a field type without a plain description
+    return str(error)
   return f"--config.{key}={value}: {key} must be {kind}."
 
 

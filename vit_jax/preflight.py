@@ -57,6 +57,12 @@ def _size(v) -> bool:
   return _int(v) and v > 0
 
 
+def _rules(v) -> bool:
+  return isinstance(v, (tuple, list)) and all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+      and (r[1] is None or isinstance(r[1], str)) for r in v)
+
+
 _POSITIVE = (lambda v: _int(v) and v > 0), "a positive integer"
 _COUNT = (lambda v: _int(v) and v >= 0), "an integer >= 0"
 _FRACTION = (lambda v: _number(v) and 0 <= v < 1), "a number in [0, 1)"
@@ -87,6 +93,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mesh.data": ((lambda v: _int(v) and (v == -1 or v > 0)), "a positive integer or -1 (all remaining devices)"),
     "mesh.fsdp": _POSITIVE,
     "mesh.model": _POSITIVE,
+    "sharding_rules": (_rules, "pairs (logical axis, mesh axis or None), e.g. (('embed', 'fsdp'),)"),
+    "fewshot.every": _COUNT,
+    "fewshot.shots": ((lambda v: isinstance(v, (tuple, list)) and all(_int(s) and s > 0 for s in v)),
+                      "a tuple of positive integers, e.g. (1, 5, 10)"),
 }
 
 
