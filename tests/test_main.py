@@ -269,6 +269,14 @@ def test_cli_dataset_not_prepared_says_how_before_writing(tmp_path):
   assert not wd.exists()
 
 
+def test_cli_batch_that_does_not_split_over_the_devices(tmp_path):
+  wd = tmp_path / "wd"
+  out = _main("--config=configs/digits.py", f"--workdir={wd}", "--config.batch_size=33",
+              "--num_cpu_devices=2")
+  assert_usage_error(out, "config.batch_size=33 is not divisible by the 2 batch shards", "multiple of 2")
+  assert not wd.exists()
+
+
 def test_cli_unexpected_error_keeps_its_traceback(tmp_path):
   config = tmp_path / "broken.py"
   config.write_text("def get_config():\n  raise RuntimeError('a bug in the config')\n")

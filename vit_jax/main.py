@@ -196,6 +196,25 @@ def reuse_cpu_step_memory() -> bool:
       libc.mallopt(m_trim_threshold, 2**31 - 1))  # mallopt takes a C int
 
 
+def check_devices_and_data(config) -> None:
+  """The checks that need the devices or the dataset, still before the workdir is written:
+  the mesh fits the devices, the batches split over them, the dataset and splits are prepared."""
+  from vit_jax import sharding
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    accum = int(config.get("grad_accum_steps") or 1)
+    sharding.check_batch_size(config.batch_size // accum, mesh,
+                              "config.batch_size" + (f" / grad_accum_steps={accum}" if accum > 1 else ""))
+    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
+  from vit_jax import data, train
+  try:
+    train.check_data(config, data)
+  except (data.DatasetNotPreparedError, ValueError) as e:
+    raise cli.UsageError(str(e)) from None
+
+
 def _print_summary(metrics: dict) -> None:
   """The run's final metrics as one JSON line on stdout."""
   summary = {k: v for k, v in metrics.items()
@@ -224,19 +243,16 @@ def main(argv):
     reuse_cpu_step_memory()
   init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
   import jax
-  from vit_jax import data, train
-  try:  # the dataset and its splits are prepared (still before the workdir is written)
-    train.check_data(config, data)
-  except (data.DatasetNotPreparedError, ValueError) as e:
-    raise cli.UsageError(str(e)) from None
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / tf chatter
   # JAX probes every platform plugin at INFO ("Unable to initialize backend
   # 'tpu'"); a missing accelerator it should have found is still a WARNING.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  check_devices_and_data(config)
   if jax.process_index() == 0:
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
+  from vit_jax import train
   results = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
     _print_summary(results)

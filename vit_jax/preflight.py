@@ -223,8 +223,8 @@ def check_config(config) -> None:
   """Every check of this module on a run config (vit_jax.main runs it before anything else)."""
   check_values(config)
   check_pretrained(config.get("pretrained"))
-  check_model(config)
   check_dataset(config.get("dataset"), config.get("data_dir"))
+  check_model(config)  # the slowest: imports JAX
 
 
 # --------------------------------------------------------------------------
