@@ -8,8 +8,9 @@
 
 A user's mistake fails here in about a second: before JAX and TensorFlow start
 (only the model registry imports JAX; nothing imports TensorFlow) and before the
-job writes anything to its workdir. Whether a dataset is *prepared*
-needs TensorFlow and is checked later, by train.check_data.
+job writes anything to its workdir. What needs the devices or TensorFlow (the batch
+split over the mesh, whether the dataset is prepared) vit_jax.main checks next,
+still before the workdir is written.
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ def check_model(config) -> None:
   """The model name exists and config.model holds fields of that model."""
   check_model_name(config.model_name)
   from vit_jax.models import registry
-  overrides = {k: v for k, v in (config.get("model") or {}).items() if v is not None}
+  overrides = {k: (v.to_dict() if hasattr(v, "to_dict") else v)
+               for k, v in (config.get("model") or {}).items() if v is not None}
   try:
     registry.get_config(config.model_name, num_classes=config.num_classes,
                         img_size=config.img_size, **overrides)
