@@ -152,8 +152,8 @@ def test_every_experiment_refuses_bad_arguments_before_writing(tmp_path, capsys,
   assert not out.exists()
 
 
-def test_experiment_accepts_a_valid_npz_checkpoint(tmp_path):
-  """check_npz reads the zip's array headers; a real .npz (and a truncated copy) tell apart."""
+def test_checkpoint_check_tells_npz_and_workdirs_from_other_files(tmp_path):
+  """check_npz reads the zip's array headers: a real .npz passes, a truncated copy does not."""
   from vit_jax import preflight
   good = tmp_path / "w.npz"
   np.savez(good, **{"embedding/kernel": np.ones((2, 3), np.float32), "head/bias": np.zeros(4)})
@@ -162,3 +162,11 @@ def test_experiment_accepts_a_valid_npz_checkpoint(tmp_path):
   cut.write_bytes(good.read_bytes()[:-40])
   with pytest.raises(cli.UsageError, match="cut.npz is not a valid .npz"):
     preflight.check_pretrained(str(cut), "--checkpoint")
+  # A directory is a training workdir only with a checkpoint step in checkpoints/.
+  with pytest.raises(cli.UsageError, match="without checkpoints/"):
+    preflight.check_pretrained(str(tmp_path), "--checkpoint")
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(cli.UsageError, match="has no checkpoint yet"):
+    preflight.check_pretrained(str(tmp_path), "--checkpoint")
+  (tmp_path / "checkpoints" / "100").mkdir()
+  preflight.check_pretrained(str(tmp_path), "--checkpoint")

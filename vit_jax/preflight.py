@@ -174,9 +174,12 @@ def check_pretrained(path: str | None, what: str = "config.pretrained") -> None:
     raise cli.UsageError(f"{what}: {path} does not exist; give a published .npz or a "
                          "training workdir.")
   if os.path.isdir(local):
-    if not os.path.isdir(os.path.join(local, "checkpoints")):
+    ckpt_dir = os.path.join(local, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
       raise cli.UsageError(f"{what}: {path} is a directory without checkpoints/, so not a "
                            "training workdir; give a workdir or a published .npz.")
+    if not any(d.isdigit() for d in os.listdir(ckpt_dir)):  # orbax: one folder per step
+      raise cli.UsageError(f"{what}: the workdir {path} has no checkpoint yet.")
     return
   check_npz(local)
 
