@@ -260,13 +260,13 @@ def test_cli_failing_job_leaves_an_existing_workdir_byte_identical(tmp_path):
   assert _tree(wd) == before
 
 
-def test_cli_dataset_not_prepared_says_how_before_writing(tmp_path):
-  """Checked after TensorFlow starts (tfds reads data_dir) but still before the workdir is made."""
-  wd = tmp_path / "wd"
-  out = _digits(wd, "--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'empty'}")
-  assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-  assert f"tfds build cifar10 --data_dir={tmp_path / 'empty'}" in out.stderr
-  assert not wd.exists()
+def test_dataset_not_prepared_is_a_usage_error_checked_before_training(tmp_path):
+  """main runs this check after JAX starts (it needs tfds) and before train writes the workdir."""
+  c = load_config_file("digits.py")
+  c.dataset, c.num_classes, c.data_dir = "cifar10", 10, str(tmp_path / "empty")
+  with pytest.raises(cli.UsageError, match=f"tfds build cifar10 --data_dir={tmp_path / 'empty'}"):
+    main.check_devices_and_data(c)
+  assert not (tmp_path / "empty").exists()
 
 
 def test_cli_batch_that_does_not_split_over_the_devices(tmp_path):
