@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+
 from vit_jax import checkpoint, cli, data, main, models, preflight, train
 from vit_jax import vtab as vtab_driver
 
