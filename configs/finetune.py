@@ -108,7 +108,7 @@ def get_config(arg='b16,cifar100'):
   c.shuffle_buffer = 50_000  # examples
   c.lr_sweep = LR_SWEEP_IMAGENET if name.startswith('imagenet') else LR_SWEEP  # for vit_jax.sweep
   if name == 'imagenet2012':  # ImageNet ReaL labels (Beyer et al. 2020) as an extra test set
-    c.real_eval = ml_collections.ConfigDict()
+    c.real_eval = ml_collections.ConfigDict()  # ImageNet ReaL: a second evaluation of the same model
     c.real_eval.dataset = 'imagenet2012_real'  # tfds dataset: the validation images, relabelled
     c.real_eval.split = 'validation'  # its only split
     c.real_eval.pp = ('decode|resize({img_size})|value_range(-1, 1)|'
