@@ -386,3 +386,35 @@ def test_load_params_into_says_what_it_took(vit_npz):
   assert moved.posemb_resized and moved.head_new
   assert str(path) in str(moved) and "resized 4x4 -> 6x6 (bilinear)" in str(moved)
   assert "head new, zero-initialised (3 classes; the file's has 7)" in str(moved)
+
+
+def test_finetune_from_a_workdir_takes_its_architecture(tmp_path, caplog):
+  """A run trained with architecture overrides is fine-tuned by a config
+  that does not repeat them; load(workdir) reads without orbax warnings."""
+  import test_train
+  from vit_jax import optim, train
+  wd = str(tmp_path / "pretrain")
+  c = test_train.tiny_config(total_steps=2, checkpoint_every=0)
+  c.model.hidden_size, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 16, 2, 32, 4
+  train.train_and_evaluate(c, wd, data=test_train.InMemoryData())
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    trained = checkpoint.load(wd)
+  assert trained.config.hidden_size == 16
+  assert "read only" not in caplog.text.lower() and "read_only" not in caplog.text.lower()
+
+  ft = test_train.tiny_config(pretrained=wd, num_classes=5, img_size=16)
+  assert ft.model.hidden_size is None  # the registry's ViT-test would be 32 wide
+  ft = train.pretrained_architecture(train.resolve_config(ft))
+  assert (ft.model.hidden_size, ft.model.patch_size) == (16, 4)
+  s = train.setup(ft, str(tmp_path / "finetune"))
+  spec = train.abstract_model(ft)
+  tx = optim.make_optimizer(ft)
+  _, shardings = train.state_shardings(ft, spec, tx, s)
+  with caplog.at_level(logging.INFO, logger="vit_jax.train"):
+    state = train.create_train_state(ft, spec, tx, shardings)
+  params = jax.device_get(state["params"])
+  np.testing.assert_array_equal(params["embedding"]["kernel"],
+                                trained.embedding.kernel.get_value())
+  assert f"config.pretrained: {wd} -> ViT-test: position embedding resized 8x8 -> 4x4" in caplog.text
+  assert "head new, zero-initialised (5 classes; the file's has 4)" in caplog.text

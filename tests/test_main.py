@@ -1,6 +1,6 @@
 """CLI and configs: unknown keys, every config loads, fine-tuning from a published .npz
 (position-embedding resize, new head) on mocked cifar100 and a mocked VTAB task, the VTAB
-driver's table, and the failure messages of issue 3 item 7."""
+driver's table, and the messages of its failure modes."""
 import json
 import os
 
@@ -127,7 +127,7 @@ def test_vtab_driver_on_mocked_task(tmp_path, published_npz):
   assert "| dtd | natural |" in table and "**natural**" in table and "**mean**" in table
 
 
-# ---- failure modes (issue 3, item 7) -------------------------------------------------------
+# ---- failure modes --------------------------------------------------------------------------
 
 def test_pretrained_that_does_not_fit_names_the_keys(tmp_path):
   npz = str(tmp_path / "wide.npz")
