@@ -339,6 +339,10 @@ def test_load_without_name_reads_the_architecture(name, overrides, img_size, tmp
   assert (got.name == name) == (not overrides)
   x = images(size=img_size)
   np.testing.assert_array_equal(loaded(x), model(x))
+  # A new head drops the representation layer, as with a name.
+  new_head = checkpoint.load(tmp_path / "m.npz", num_classes=2)
+  assert new_head.config.num_classes == 2
+  assert getattr(new_head.config, "representation_size", None) is None
 
 
 def test_gap_classifier_is_a_logged_guess(tmp_path, caplog):

@@ -590,9 +590,12 @@ def load(path: str | os.PathLike, name: str | None = None, *,
     name = _registry_match(family, fields)
     label = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
     base = name or ("ViT-test" if family == "vit" else "Mixer-test")
-    overrides = {**fields, **overrides}
     log.info("Architecture read from %s: %s (%s)", os.fspath(path), label,
              ", ".join(f"{k}={v}" for k, v in fields.items()))
+    # pre_logits is kept with the file's head and dropped with a new one, as
+    # for a named model.
+    fields.pop("representation_size", None)
+    overrides = {**fields, **overrides}
     return _load_named(flat, base, label, path, num_classes=num_classes,
                        img_size=img_size, posemb_method=posemb_method,
                        overrides=overrides)
