@@ -16,3 +16,11 @@ def test_inference_notebook_executes(run_notebook):
   assert not os.path.exists(exported)  # the temporary export is removed
   assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {})
              for o in outputs)
+
+
+def test_inference_notebook_says_where_it_looked_for_a_missing_checkpoint(run_notebook):
+  import nbclient
+  import pytest
+  with pytest.raises(nbclient.exceptions.CellExecutionError,
+                     match=r"(?s)'no/such\.npz' not found: looked in .* and in the repository root"):
+    run_notebook("inference", VIT_JAX_MODEL="", VIT_JAX_CHECKPOINT="no/such.npz")

@@ -7,8 +7,10 @@ the original code (`embedding/kernel`, `cls`,
 parameter path with unrolled list indices written `encoderblock_{i}`; scanned
 stacks are split into / built from those per-layer keys. big_vision's layout
 (`params/` prefix, per-type numbering, a top-level `pos_embedding` without the
-class token, a scanned `encoderblock`) is converted on reading; so are old
-files that store GroupNorm parameters as (1, 1, 1, C).
+class token, a scanned `encoderblock`) is converted on reading, and a
+big_vision ViT without `pos_embedding` gets the fixed 2-D sin-cos embedding it
+was trained with; so are old files that store GroupNorm parameters as
+(1, 1, 1, C).
 
     model = checkpoint.load('ViT-B_16.npz')   # architecture read from the file
     model = checkpoint.load('ViT-B_16.npz', 'ViT-B_16', num_classes=10, img_size=384)
