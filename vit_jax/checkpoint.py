@@ -364,6 +364,10 @@ def resize_posemb(posemb: np.ndarray, num_prefix_tokens: int,
 def _fit_posemb(value, model, method):
   want_prefix = model.config.num_prefix_tokens
   have_prefix = value.shape[1] - _grid_tokens(value, want_prefix)
+  if have_prefix != want_prefix:
+    log.info("Position embedding: the file has %d class-token row(s), the model "
+             "%d; %s", have_prefix, want_prefix,
+             "dropped" if have_prefix > want_prefix else "zero rows added")
   if have_prefix > want_prefix:      # token checkpoint -> model without cls
     value = value[:, have_prefix - want_prefix:]
   elif have_prefix < want_prefix:    # no class-token row -> zero row (identity)
