@@ -414,19 +414,18 @@ class LoadSummary:
     return bool(self.head_classes[1]) and not self.head_kept
 
   def __str__(self):
-    if self.posemb_grid is None:
-      posemb = "none in the file"
-    elif self.posemb_resized:
+    posemb = ""
+    if self.posemb_resized:
       (fh, fw), (mh, mw) = self.posemb_grid
-      posemb = f"resized {fh}x{fw} -> {mh}x{mw} ({self.posemb_method})"
-    else:
-      posemb = "kept ({}x{})".format(*self.posemb_grid[0])
+      posemb = (f"position embedding resized {fh}x{fw} -> {mh}x{mw} "
+                f"({self.posemb_method}); ")
+    elif self.posemb_grid is not None:
+      posemb = "position embedding kept ({}x{}); ".format(*self.posemb_grid[0])
     file_n, model_n = self.head_classes
     head = (f"kept ({model_n} classes)" if self.head_kept else
             f"new, zero-initialised ({model_n} classes; the file's has "
             f"{file_n})" if model_n else "none")
-    return (f"{self.source} -> {self.model}: position embedding {posemb}; "
-            f"head {head}")
+    return f"{self.source} -> {self.model}: {posemb}head {head}"
 
 
 def _assign(model: nnx.Module, flat: Mapping[str, np.ndarray], *,
