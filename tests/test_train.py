@@ -290,8 +290,8 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 
 def test_checkpoints_keep_last_n_and_best_by_val_accuracy(tmp_path):
-  from vit_jax import checkpoint
-  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=1, keep_best=1)
+  from vit_jax import train_state
+  ckpt = train_state.TrainCheckpointer(tmp_path, keep=1, keep_best=1)
   state = {"params": {"w": np.zeros(3, np.float32)}}
   for step, acc in [(1, 0.9), (2, 0.1), (3, 0.2), (4, None)]:
     meta = {"step": step, "data_position": step}
