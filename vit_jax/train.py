@@ -105,6 +105,22 @@ def resolve_epochs(config: ml_collections.ConfigDict, data) -> ml_collections.Co
   return config
 
 
+def with_data_num_classes(config: ml_collections.ConfigDict, data) -> ml_collections.ConfigDict:
+  """config, with num_classes from the dataset when it is unset (None or < 0).
+
+  An explicit num_classes that differs from the dataset's raises ValueError with both numbers.
+  """
+  if not hasattr(data, "resolve_num_classes"):
+    return config
+  num_classes = data.resolve_num_classes(config)
+  if num_classes == config.get("num_classes"):
+    return config
+  log.info("num_classes=%d (from dataset %s)", num_classes, config.get("dataset"))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.num_classes = num_classes
+  return config
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   """Creates the mesh, checks the batch sizes, writes the resolved config (process 0)."""
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -561,7 +577,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   Returns the final metrics (and 'state').
   """
   data = _data_module(data)
-  config = resolve_epochs(pretrained_architecture(resolve_config(config)), data)
+  config = resolve_config(with_data_num_classes(config, data))
+  config = resolve_epochs(pretrained_architecture(config), data)
 
   # 1. Setup -----------------------------------------------------------------
   s = setup(config, workdir, devices)

@@ -41,6 +41,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from vit_jax.data import digits as digits_lib
+from vit_jax.data import imagefolder
+from vit_jax.data import imagenet21k  # registers 'imagenet21k'
+from vit_jax.data import manifest
 from vit_jax.data import preprocess as pp_lib
 from vit_jax.data import vtab
 
@@ -98,7 +101,8 @@ def _tfds_name(config) -> str:
   name = _get(config, "dataset")
   if not name:
     raise ValueError("config.dataset is empty: set a tfds name, e.g. "
-                     "'cifar100', 'digits' or 'vtab:<task>'.")
+                     "'cifar100', 'digits', 'vtab:<task>', 'imagefolder:ROOT' "
+                     "or 'manifest:FILE.jsonl'.")
   task = _task(config)
   return task.tfds_name if task else name
 
@@ -110,9 +114,28 @@ def _tfds_split(config, split: str) -> str:
   return vtab.tfds_split(task, split) if task else split
 
 
+def _local_files_builder(spec: str, data_dir: str):
+  """The builder of an 'imagefolder:ROOT' / 'manifest:FILE' spec, else None."""
+  if spec.startswith(imagefolder.PREFIX):
+    return imagefolder.builder(imagefolder.root_of(spec), data_dir)
+  if spec.startswith(manifest.PREFIX):
+    return manifest.builder(manifest.path_of(spec), data_dir)
+  return None
+
+
 def prepare_hint(config) -> str:
   """How to put the dataset into data_dir without internet at run time."""
   name, data_dir = _tfds_name(config), _data_dir(config)
+  if name.startswith((imagefolder.PREFIX, manifest.PREFIX)):
+    return (f"'{name}' is converted from its files on first use; to convert "
+            f"it ahead of time run: python -m vit_jax.data.build {name} "
+            f"--data_dir={data_dir}")
+  if name == imagenet21k.Imagenet21k.name:
+    return (f"Build it from the official release with\n  python -m "
+            f"vit_jax.data.build imagenet21k --data_dir={data_dir} "
+            f"--manual_dir=<folder holding winter21_whole/ or fall11_whole/>\n"
+            f"(add --beam_pipeline_options=... to build on Apache Beam). "
+            f"{imagenet21k.Imagenet21k.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   if name in OFFLINE_BUILDERS:
     return (f"'{name}' is built offline from files shipped with Python "
             f"packages on first use; to build it ahead of time run: python -c "
@@ -136,14 +159,43 @@ def prepare_hint(config) -> str:
   return hint
 
 
+# (spec, data_dir) -> prepared builder of local files: a folder is scanned
+# (and fingerprinted) once per process, not at every iterator.
+_LOCAL_BUILDERS: dict[tuple[str, str], tfds.core.DatasetBuilder] = {}
+
+
+def forget_local_builders() -> None:
+  """Rescan image folders and manifests at the next get_builder()."""
+  _LOCAL_BUILDERS.clear()
+
+
+def _prepare_local(spec: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  key = (spec, data_dir)
+  if key not in _LOCAL_BUILDERS:
+    builder = _local_files_builder(spec, data_dir)
+    if not builder.is_prepared():
+      try:
+        builder.download_and_prepare()
+      except Exception:  # pylint: disable=broad-except
+        # Another process may have converted the same files meanwhile.
+        builder = _local_files_builder(spec, data_dir)
+        if not builder.is_prepared():
+          raise
+    _LOCAL_BUILDERS[key] = builder
+  return _LOCAL_BUILDERS[key]
+
+
 def get_builder(config) -> tfds.core.DatasetBuilder:
   """The prepared tfds builder for config.dataset in config.data_dir.
 
-  Builds offline datasets ('digits') on first use; raises
-  DatasetNotPreparedError for any other dataset that is missing, because a
-  training or test run must never start a download.
+  Builds offline datasets ('digits') and converts image folders and
+  manifests on first use; raises DatasetNotPreparedError for any other
+  dataset that is missing, because a training or test run must never start
+  a download.
   """
   name, data_dir = _tfds_name(config), _data_dir(config)
+  if name.startswith((imagefolder.PREFIX, manifest.PREFIX)):
+    return _prepare_local(name, data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -158,6 +210,57 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
           f"Dataset '{name}' is not prepared in data_dir={data_dir} "
           f"(looked for {builder.data_dir}). {prepare_hint(config)}")
   return builder
+
+
+def _label_feature(builder) -> Optional[tfds.features.ClassLabel]:
+  features = builder.info.features
+  for key in ("label", "labels"):
+    feature = features[key] if key in features else None
+    if isinstance(feature, tfds.features.Sequence):
+      feature = feature.feature
+    if isinstance(feature, tfds.features.ClassLabel):
+      return feature
+  return None
+
+
+def dataset_num_classes(config) -> Optional[int]:
+  """The number of classes the dataset declares (None if it declares none)."""
+  task = _task(config)
+  if task:
+    return task.num_classes
+  feature = _label_feature(get_builder(config))
+  return feature.num_classes if feature is not None else None
+
+
+def label_names(config) -> Optional[list[str]]:
+  """The dataset's class names in label order (None if it has none)."""
+  feature = _label_feature(get_builder(config))
+  return list(feature.names) if feature is not None else None
+
+
+def resolve_num_classes(config) -> int:
+  """config.num_classes, or the dataset's when the config leaves it unset.
+
+  Unset is None or a negative number. An explicit value that differs from
+  the dataset's is an error giving both numbers.
+  """
+  explicit = _get(config, "num_classes")
+  if explicit is not None and explicit < 0:
+    explicit = None
+  found = dataset_num_classes(config)
+  if explicit is None:
+    if found is None:
+      raise ValueError(
+          f"config.num_classes is not set and dataset "
+          f"'{_get(config, 'dataset')}' does not declare its classes: set "
+          "--config.num_classes.")
+    return found
+  if found is not None and found != explicit:
+    raise ValueError(
+        f"config.num_classes={explicit} but dataset '{_get(config, 'dataset')}'"
+        f" has {found} classes: set --config.num_classes={found} (or leave it "
+        "unset to take it from the data).")
+  return int(explicit)
 
 
 def num_examples(config, split: str) -> int:
