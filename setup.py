@@ -37,6 +37,12 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10,<6",
         "nbclient>=0.10,<0.12",
         "ipykernel>=6.29,<8",
+        "apache-beam>=2.77,<3",  # the Beam dataset builds are tested too
+    ],
+    # Dataset builds on Apache Beam (DirectRunner, Dataflow, Spark, Flink);
+    # resolves with tensorflow-cpu 2.21 / tfds 4.9 on Python 3.11-3.13.
+    "beam": [
+        "apache-beam>=2.77,<3",
     ],
     "notebook": [
         "jupyter",

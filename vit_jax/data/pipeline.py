@@ -232,9 +232,41 @@ def dataset_num_classes(config) -> Optional[int]:
   return feature.num_classes if feature is not None else None
 
 
-def label_names(config) -> Optional[list[str]]:
-  """The dataset's class names in label order (None if it has none)."""
-  feature = _label_feature(get_builder(config))
+def _prepared_local_builder(spec: str, data_dir: str):
+  """The newest prepared conversion of an image folder / manifest, without
+  rescanning or converting it (None if there is none)."""
+  if spec.startswith(imagefolder.PREFIX):
+    cls, source = imagefolder.ImageFolder, imagefolder.root_of(spec)
+  else:
+    cls, source = manifest.ImageManifest, manifest.path_of(spec)
+  candidates = tf.io.gfile.glob(os.path.join(
+      data_dir, cls.name, "*", str(cls.VERSION), "dataset_info.json"))
+  for info_file in sorted(candidates, key=os.path.getmtime, reverse=True):
+    builder = tfds.builder_from_directory(os.path.dirname(info_file))
+    if builder.info.description.endswith(" " + source):
+      return builder
+  return None
+
+
+def label_names(config, build: bool = True) -> Optional[list[str]]:
+  """The dataset's class names in label order (None if it has none).
+
+  build=False never converts or downloads: an image folder's or manifest's
+  names come from its newest conversion in data_dir, other datasets must be
+  prepared; None when nothing is found.
+  """
+  name, data_dir = _tfds_name(config), _data_dir(config)
+  if build:
+    builder = get_builder(config)
+  elif name.startswith((imagefolder.PREFIX, manifest.PREFIX)):
+    builder = _prepared_local_builder(name, data_dir)
+  else:
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except Exception:  # pylint: disable=broad-except
+      return None
+    builder = builder if builder.is_prepared() else None
+  feature = _label_feature(builder) if builder is not None else None
   return list(feature.names) if feature is not None else None
 
 

@@ -1,0 +1,286 @@
+"""Command line: classify image files with a published checkpoint or a training run.
+
+  python -m vit_jax.predict --checkpoint=ViT-B_16.npz photos/ cat.jpg
+  python -m vit_jax.predict --checkpoint=workdirs/flowers --top_k=3 --output=preds.csv photos/
+
+--checkpoint is a published .npz (local, gs://, any fsspec URL; --model names
+the model when the file name does not, e.g. 'ViT-B_16') or a training
+workdir (model, resolution and preprocessing from its checkpoint and
+config.json). Directories are searched recursively for image files (any
+format PIL reads; EXIF orientation applied). Class names: --labels=FILE (one
+per line) if given; for a workdir, its dataset's label names; for a
+published checkpoint, ImageNet-1k's (the synset ids tensorflow-datasets
+ships) or ImageNet-21k's (from a prepared 'imagenet21k' in --data_dir);
+otherwise class indices. Batches are split over all local devices; a file
+that cannot be read is named on stderr, skipped and counted.
+
+Output: the top-k classes per image on stdout, and with --output a .csv
+(path, rank, label, name, probability; one row per image and rank) or a
+.jsonl (one object per image: path and top_k list).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from typing import Iterator, Sequence
+
+from absl import flags
+
+from vit_jax import cli
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Published .npz or a training workdir.")
+_MODEL = flags.DEFINE_string("model", None, "Model name for a .npz (default: from its file name).")
+_TOP_K = flags.DEFINE_integer("top_k", 5, "Classes printed per image.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write predictions to this .csv or .jsonl file.")
+_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per batch (all devices together).")
+_IMG_SIZE = flags.DEFINE_integer("img_size", None, "Input resolution (default: the checkpoint's).")
+_LABELS = flags.DEFINE_string("labels", None, "Text file with one class name per line.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir for dataset label names.")
+
+log = logging.getLogger(__name__)
+IMAGENET1K_LABELS = "datasets/imagenet2012/labels.txt"  # inside tensorflow_datasets
+
+
+def find_images(paths: Sequence[str]) -> list[str]:
+  """Files given by name, plus the image files under the given folders (sorted)."""
+  from vit_jax.data import image_files  # pylint: disable=g-import-not-at-top
+  out = []
+  for path in paths:
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+      found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                     if image_files.is_image_name(f))
+      if not found:
+        log.warning("No image files under %s", path)
+      out.extend(found)
+    elif os.path.exists(path):
+      out.append(path)
+    else:
+      raise cli.UsageError(f"{path} does not exist (give image files or folders).")
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Model and class names.
+# ---------------------------------------------------------------------------
+def _model_name(path: str, name: str | None) -> str:
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  names = models.names()
+  if name:
+    if name not in names:
+      raise cli.UsageError(f"Unknown --model {name!r}.{cli.did_you_mean(name, names)}")
+    return name
+  stem = os.path.basename(path)[:-len(".npz")] if path.endswith(".npz") else os.path.basename(path)
+  for candidate in sorted(names, key=len, reverse=True):
+    if stem == candidate or stem.startswith(candidate + "_") or stem.startswith(candidate + "-"):
+      return candidate
+  raise cli.UsageError(f"Cannot tell the model of {path} from its name: pass --model, e.g. "
+                       f"--model=ViT-B_16.{cli.did_you_mean(stem, names)}")
+
+
+def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
+  """(model, preprocessing spec, workdir config dict or None)."""
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  if checkpoint._is_workdir(checkpoint_path):  # pylint: disable=protected-access
+    config_file = os.path.join(checkpoint_path, "config.json")
+    config = json.load(open(config_file)) if os.path.exists(config_file) else None
+    try:
+      net = checkpoint.load_workdir(checkpoint_path)
+    except FileNotFoundError as e:
+      raise cli.UsageError(str(e)) from None
+    size = img_size or net.config.img_size
+    spec = (_eval_spec(config["pp_eval"]) if config and config.get("pp_eval") and not img_size
+            else None)
+    return net, spec or _default_spec(size), config
+  if not (checkpoint_path.endswith(".npz") or "://" in checkpoint_path):
+    raise cli.UsageError(f"--checkpoint={checkpoint_path} is neither a .npz file nor a training "
+                         "workdir (a folder with checkpoints/).")
+  if "://" not in checkpoint_path and not os.path.exists(checkpoint_path):
+    raise cli.UsageError(f"--checkpoint={checkpoint_path} does not exist.")
+  net = checkpoint.load(checkpoint_path, _model_name(checkpoint_path, model), img_size=img_size)
+  return net, _default_spec(net.config.img_size), None
+
+
+def _default_spec(img_size) -> str:
+  size = img_size if isinstance(img_size, int) else tuple(img_size)
+  return f"decode|resize({size})|value_range(-1, 1)"
+
+
+def _eval_spec(pp_eval: str) -> str:
+  """A training run's eval preprocessing without its label ops."""
+  label_ops = ("onehot", "multi_hot", "keep", "drop", "copy")
+  return "|".join(op for op in pp_eval.split("|") if op.strip().split("(")[0] not in label_ops)
+
+
+def class_names(num_classes: int, config: dict | None, data_dir: str | None,
+                labels_file: str | None) -> list[str] | None:
+  """Names for the model's outputs (None: print indices)."""
+  names = None
+  if labels_file:
+    with open(os.path.expanduser(labels_file)) as f:
+      names = [l.strip() for l in f if l.strip()]
+    source = labels_file
+  elif config and config.get("dataset"):
+    from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    cfg = dict(config, data_dir=data_dir or config.get("data_dir"))
+    try:
+      names = pipeline.label_names(cfg, build=False)
+    except Exception as e:  # pylint: disable=broad-except
+      log.warning("No label names from dataset %s: %s", config["dataset"], e)
+    source = f"dataset {config['dataset']}"
+  elif num_classes == 1000:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    names = tfds.core.tfds_path(IMAGENET1K_LABELS).read_text().split()
+    source = "ImageNet-1k (tfds)"
+  elif num_classes in (21_843, 21_841, 19_167):
+    from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    names = pipeline.label_names({"dataset": "imagenet21k", "data_dir": data_dir}, build=False)
+    source = "imagenet21k"
+  else:
+    return None
+  if names is None:
+    log.warning("Class names of %s not found; printing class indices.", source)
+  elif len(names) != num_classes:
+    log.warning("%s has %d class names but the model has %d outputs; printing class indices.",
+                source, len(names), num_classes)
+    names = None
+  return names
+
+
+# ---------------------------------------------------------------------------
+# Input and prediction.
+# ---------------------------------------------------------------------------
+def _readable(paths: Sequence[str], skipped: list) -> Iterator[tuple[str, bytes]]:
+  from vit_jax.data import image_files  # pylint: disable=g-import-not-at-top
+  for path in paths:
+    try:
+      yield path, image_files.read_image(path)
+    except image_files.UnreadableImageError as e:
+      log.warning("Skipping unreadable image %s (%s)", path, e)
+      skipped.append((path, str(e)))
+
+
+def batches(paths: Sequence[str], spec: str, batch_size: int, skipped: list):
+  """(paths, float32 images) batches; unreadable files go to `skipped`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  pp = preprocess.get_preprocess_fn(spec)
+  ds = tf.data.Dataset.from_generator(
+      lambda: _readable(paths, skipped),
+      output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.string)))
+  ds = ds.map(lambda p, x: (p, pp({"image": x, "_rng": tf.constant([0, 0], tf.int64)})["image"]),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  for names, images in ds.batch(batch_size).prefetch(2).as_numpy_iterator():
+    yield [n.decode() for n in names], images
+
+
+def make_predict_fn(model, multi_label: bool):
+  """jit(images -> probabilities) with the batch split over all local devices."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
+  graphdef, state = nnx.split(model)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  data_sharding = NamedSharding(mesh, P("data"))
+
+  @jax.jit
+  def probabilities(state, images):
+    logits = nnx.merge(graphdef, state)(images).astype("float32")
+    return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
+
+  def predict(images):
+    n, devices = len(images), mesh.devices.size
+    padded = -(-n // devices) * devices
+    if padded != n:
+      images = np.concatenate([images, np.zeros((padded - n,) + images.shape[1:], images.dtype)])
+    out = probabilities(state, jax.device_put(images, data_sharding))
+    return np.asarray(out)[:n]
+
+  return predict
+
+
+def predict_files(paths, model, spec, *, top_k=5, batch_size=32, multi_label=False,
+                  progress=True) -> tuple[list[dict], list[tuple[str, str]]]:
+  """([{'path', 'top_k': [(label, probability), ...]}], [(unreadable path, why)])."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.local_device_count()
+  batch_size = max(devices, batch_size - batch_size % devices)
+  predict = make_predict_fn(model, multi_label)
+  skipped: list = []
+  results = []
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr)
+  try:
+    for names, images in batches(paths, spec, batch_size, skipped):
+      probs = predict(images)
+      k = min(top_k, probs.shape[-1])
+      top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+      for name, idx, p in zip(names, top, probs):
+        results.append({"path": name, "top_k": [(int(i), float(p[i])) for i in idx]})
+      if bar is not None:
+        bar.n = len(results) + len(skipped)
+        bar.refresh()
+  finally:
+    if bar is not None:
+      bar.n = len(results) + len(skipped)
+      bar.close()
+  return results, skipped
+
+
+def write(results, names, output: str | None, stream=sys.stdout) -> None:
+  name = (lambda i: names[i]) if names else str
+  for r in results:
+    stream.write(r["path"] + "\t" + "  ".join(f"{name(i)} {p:.3f}" for i, p in r["top_k"]) + "\n")
+  if not output:
+    return
+  with open(output, "w", newline="") as f:
+    if output.endswith(".jsonl"):
+      for r in results:
+        f.write(json.dumps({"path": r["path"], "top_k": [
+            {"label": i, "name": name(i), "probability": p} for i, p in r["top_k"]]}) + "\n")
+    else:
+      w = csv.writer(f)
+      w.writerow(["path", "rank", "label", "name", "probability"])
+      for r in results:
+        for rank, (i, p) in enumerate(r["top_k"], 1):
+          w.writerow([r["path"], rank, i, name(i), f"{p:.6f}"])
+
+
+def main(argv):
+  if not _CHECKPOINT.value:
+    raise cli.UsageError("--checkpoint is required: a published .npz or a training workdir.")
+  if len(argv) < 2:
+    raise cli.UsageError("Give the image files or folders to classify.")
+  if _OUTPUT.value and not _OUTPUT.value.endswith((".csv", ".jsonl")):
+    raise cli.UsageError(f"--output={_OUTPUT.value} must end in .csv or .jsonl.")
+  if _TOP_K.value < 1 or _BATCH.value < 1:
+    raise cli.UsageError("--top_k and --batch_size must be at least 1.")
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  paths = find_images(argv[1:])
+  if not paths:
+    raise cli.UsageError(f"No image files in {' '.join(argv[1:])}.")
+  model, spec, config = load_model(_CHECKPOINT.value, _MODEL.value, _IMG_SIZE.value)
+  names = class_names(model.config.num_classes, config, _DATA_DIR.value, _LABELS.value)
+  multi_label = bool(config and config.get("multi_label"))
+  results, skipped = predict_files(paths, model, spec, top_k=_TOP_K.value,
+                                   batch_size=_BATCH.value, multi_label=multi_label)
+  write(results, names, _OUTPUT.value)
+  log.info("Classified %d image(s); skipped %d unreadable%s", len(results), len(skipped),
+           (": " + ", ".join(p for p, _ in skipped)) if skipped else "")
+  if not results:
+    raise cli.UsageError(f"None of the {len(paths)} files could be read as an image.")
+
+
+if __name__ == "__main__":
+  cli.run(main)
