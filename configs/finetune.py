@@ -85,6 +85,10 @@ def get_config(arg='b16,cifar100'):
     raise ValueError(f'Unknown crop {crop!r}; use one of {", ".join(CROPS)}.')
   if name in DATASETS:
     num_classes, steps, warmup, train, val, test = DATASETS[name]
+  elif name.startswith('imagefolder:'):  # splits from the folder; classes from the data (-1)
+    from vit_jax.data import imagefolder  # pylint: disable=g-import-not-at-top
+    num_classes, steps, warmup, (train, val, test) = (
+        -1, 10_000, 500, imagefolder.default_splits(name))
   else:  # any other dataset string passes through to vit_jax.data
     num_classes, steps, warmup, train, val, test = (
         _tfds_num_classes(name) or -1, 10_000, 500, 'train[:98%]', 'train[98%:]', 'test')
@@ -101,7 +105,7 @@ def get_config(arg='b16,cifar100'):
   c.train_split = train  # fine-tuning split
   c.val_split = val  # dev split (model and lr selection)
   c.test_split = test  # reported split
-  c.num_classes = num_classes  # -1: set --config.num_classes (tfds metadata not found)
+  c.num_classes = num_classes  # -1: from the dataset's label feature (vit_jax.data)
   c.pp_train = (f'decode|{CROPS[crop]}|flip_lr|value_range(-1, 1)|'
                 'onehot({num_classes})')  # crop (see CROPS), then flip
   c.pp_eval = 'decode|resize({img_size})|value_range(-1, 1)|onehot({num_classes})'  # resize only

@@ -76,8 +76,8 @@ def encode_rgb(data: bytes) -> bytes:
       else:
         image = image.convert("RGB")
       out = io.BytesIO()
-      lossy = fmt in ("JPEG", "MPO") or (fmt == "WEBP" and not getattr(
-          image, "info", {}).get("lossless", False))
+      lossy = fmt in ("JPEG", "MPO") or (fmt == "WEBP" and
+                                         not _is_lossless_webp(data))
       if lossy:
         image.save(out, format="JPEG", quality=JPEG_QUALITY)
       else:
@@ -88,6 +88,18 @@ def encode_rgb(data: bytes) -> bytes:
   except Exception as e:  # pylint: disable=broad-except
     # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError ...).
     raise UnreadableImageError(f"{type(e).__name__}: {e}") from None
+
+
+def _is_lossless_webp(data: bytes) -> bool:
+  """Whether a WebP file's image chunk is VP8L (lossless) rather than VP8 (lossy)."""
+  offset = 12  # after 'RIFF' <size> 'WEBP'
+  while offset + 8 <= len(data):
+    tag = data[offset:offset + 4]
+    if tag in (b"VP8L", b"VP8 "):
+      return tag == b"VP8L"
+    size = int.from_bytes(data[offset + 4:offset + 8], "little")
+    offset += 8 + size + (size & 1)
+  return False
 
 
 def read_image(path) -> bytes:
