@@ -47,11 +47,11 @@ IMAGENET1K_LABELS = "datasets/imagenet2012/labels.txt"  # inside tensorflow_data
 
 def find_images(paths: Sequence[str]) -> list[str]:
   """Files given by name, plus the image files under the given folders (sorted)."""
-  from vit_jax.data import image_files  # pylint: disable=g-import-not-at-top
   out = []
   for path in paths:
     path = os.path.expanduser(path)
     if os.path.isdir(path):
+      from vit_jax.data import image_files  # pylint: disable=g-import-not-at-top
       found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
                      if image_files.is_image_name(f))
       if not found:

@@ -123,7 +123,11 @@ class Imagenet21k(image_files.ImageFilesBuilder):
     )
 
   def _split_items(self, dl_manager):
-    _, synsets = find_release(os.fspath(dl_manager.manual_dir))
+    try:
+      manual_dir = os.fspath(dl_manager.manual_dir)
+    except AssertionError:  # tfds: missing or empty
+      manual_dir = os.fspath(dl_manager._manual_dir)  # pylint: disable=protected-access
+    _, synsets = find_release(manual_dir)
     names = sorted(synsets)
     self.info.features["label"].names = names
     return {SPLIT: [(synsets[s], i, s) for i, s in enumerate(names)]}
