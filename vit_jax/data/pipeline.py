@@ -25,6 +25,16 @@ price is that shuffling never crosses an epoch boundary and the file order is
 fixed, which is fine because tfds shuffles examples across files when it
 writes a dataset.
 
+Datasets (get_builder)
+----------------------
+config.dataset is a tfds name (its prepared copy in data_dir; 'digits' is
+built on first use, 'imagenet21k' by `python -m vit_jax.data.build`),
+'vtab:<task>', or files converted on first use and reused while they are
+unchanged: 'imagefolder:ROOT' (imagefolder.py) and 'manifest:FILE'
+(manifest.py). All of them are read as tfds datasets, so everything below
+holds for each. num_classes may be left unset (None or -1): see
+resolve_num_classes.
+
 Evaluation (eval_iterator)
 --------------------------
 Every process yields ceil(ceil(N / P) / host_batch) batches: its share,
