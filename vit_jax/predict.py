@@ -32,14 +32,19 @@ from absl import flags
 
 from vit_jax import cli
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Published .npz or a training workdir.")
-_MODEL = flags.DEFINE_string("model", None, "Model name for a .npz (default: from its file name).")
-_TOP_K = flags.DEFINE_integer("top_k", 5, "Classes printed per image.")
-_OUTPUT = flags.DEFINE_string("output", None, "Write predictions to this .csv or .jsonl file.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per batch (all devices together).")
-_IMG_SIZE = flags.DEFINE_integer("img_size", None, "Input resolution (default: the checkpoint's).")
-_LABELS = flags.DEFINE_string("labels", None, "Text file with one class name per line.")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir for dataset label names.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing predict defines none)."""
+  flags.DEFINE_string("checkpoint", None, "Published .npz or a training workdir.")
+  flags.DEFINE_string("model", None, "Model name for a .npz (default: from its file name).")
+  flags.DEFINE_integer("top_k", 5, "Classes printed per image.")
+  flags.DEFINE_string("output", None, "Write predictions to this .csv or .jsonl file.")
+  flags.DEFINE_integer("batch_size", 32, "Images per batch (all devices together).")
+  flags.DEFINE_integer("img_size", None, "Input resolution (default: the checkpoint's).")
+  flags.DEFINE_string("labels", None, "Text file with one class name per line.")
+  flags.DEFINE_string("data_dir", None, "tfds data_dir for dataset label names.")
 
 log = logging.getLogger(__name__)
 IMAGENET1K_LABELS = "datasets/imagenet2012/labels.txt"  # inside tensorflow_datasets
@@ -256,13 +261,13 @@ def write(results, names, output: str | None, stream=sys.stdout) -> None:
 
 
 def main(argv):
-  if not _CHECKPOINT.value:
+  if not FLAGS.checkpoint:
     raise cli.UsageError("--checkpoint is required: a published .npz or a training workdir.")
   if len(argv) < 2:
     raise cli.UsageError("Give the image files or folders to classify.")
-  if _OUTPUT.value and not _OUTPUT.value.endswith((".csv", ".jsonl")):
-    raise cli.UsageError(f"--output={_OUTPUT.value} must end in .csv or .jsonl.")
-  if _TOP_K.value < 1 or _BATCH.value < 1:
+  if FLAGS.output and not FLAGS.output.endswith((".csv", ".jsonl")):
+    raise cli.UsageError(f"--output={FLAGS.output} must end in .csv or .jsonl.")
+  if FLAGS.top_k < 1 or FLAGS.batch_size < 1:
     raise cli.UsageError("--top_k and --batch_size must be at least 1.")
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
@@ -270,12 +275,12 @@ def main(argv):
   paths = find_images(argv[1:])
   if not paths:
     raise cli.UsageError(f"No image files in {' '.join(argv[1:])}.")
-  model, spec, config = load_model(_CHECKPOINT.value, _MODEL.value, _IMG_SIZE.value)
-  names = class_names(model.config.num_classes, config, _DATA_DIR.value, _LABELS.value)
+  model, spec, config = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.img_size)
+  names = class_names(model.config.num_classes, config, FLAGS.data_dir, FLAGS.labels)
   multi_label = bool(config and config.get("multi_label"))
-  results, skipped = predict_files(paths, model, spec, top_k=_TOP_K.value,
-                                   batch_size=_BATCH.value, multi_label=multi_label)
-  write(results, names, _OUTPUT.value)
+  results, skipped = predict_files(paths, model, spec, top_k=FLAGS.top_k,
+                                   batch_size=FLAGS.batch_size, multi_label=multi_label)
+  write(results, names, FLAGS.output)
   log.info("Classified %d image(s); skipped %d unreadable%s", len(results), len(skipped),
            (": " + ", ".join(p for p, _ in skipped)) if skipped else "")
   if not results:
@@ -283,4 +288,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

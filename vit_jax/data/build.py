@@ -28,15 +28,18 @@ from absl import flags
 
 from vit_jax import cli
 
-_DATA_DIR = flags.DEFINE_string("data_dir", None,
-                                "tfds data_dir (default ~/tensorflow_datasets).")
-_MANUAL_DIR = flags.DEFINE_string(
-    "manual_dir", None, "Folder with manually downloaded files (imagenet21k: "
-    "holds winter21_whole/ or fall11_whole/; default data_dir/downloads/manual).")
-_BEAM = flags.DEFINE_string(
-    "beam_pipeline_options", None,
-    "Comma-separated Beam options, e.g. runner=DirectRunner,direct_num_workers=4.")
+FLAGS = flags.FLAGS
 
+
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing build defines none)."""
+  flags.DEFINE_string("data_dir", None, "tfds data_dir (default ~/tensorflow_datasets).")
+  flags.DEFINE_string(
+      "manual_dir", None, "Folder with manually downloaded files (imagenet21k: "
+      "holds winter21_whole/ or fall11_whole/; default data_dir/downloads/manual).")
+  flags.DEFINE_string(
+      "beam_pipeline_options", None,
+      "Comma-separated Beam options, e.g. runner=DirectRunner,direct_num_workers=4.")
 
 def beam_options(text: str | None):
   """'k=v,k=v' -> apache_beam PipelineOptions (None without text)."""
@@ -83,7 +86,7 @@ def main(argv):
                          "tfds name such as imagenet21k.")
   logging.getLogger().setLevel(logging.INFO)
   start = time.perf_counter()
-  builder = build(argv[1], _DATA_DIR.value, _MANUAL_DIR.value, _BEAM.value)
+  builder = build(argv[1], FLAGS.data_dir, FLAGS.manual_dir, FLAGS.beam_pipeline_options)
   seconds = time.perf_counter() - start
   total = sum(s.num_examples for s in builder.info.splits.values())
   unreadable = builder.info.metadata.get("num_unreadable", 0) if (
@@ -94,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
