@@ -56,6 +56,10 @@ def test_formats_become_rgb_that_tensorflow_decodes():
   np.testing.assert_array_equal(
       _decode(image_files.encode_rgb(_encode(Image.fromarray(gray), "PNG"))), np.stack([gray] * 3, -1))
 
+  deep = (gray.astype(np.uint16) << 8) | 0x7F  # 16-bit grayscale PNG
+  np.testing.assert_array_equal(
+      _decode(image_files.encode_rgb(_encode(Image.fromarray(deep), "PNG"))), np.stack([gray] * 3, -1))
+
   palette = Image.fromarray(rgb).quantize(colors=8)
   expected = np.asarray(palette.convert("RGB"))
   for fmt in ("GIF", "PNG", "BMP"):

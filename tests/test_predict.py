@@ -48,8 +48,9 @@ def test_predict_folder_to_csv_and_jsonl(tmp_path):
     lib.write_image(str(photos / "sub" / f"{i}.{fmt.lower()}"), lib.pixels(i, 20, 28), fmt)
   (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff nothing")
   single = lib.write_image(str(tmp_path / "one.png"), lib.pixels(9))
+  # 6 readable images in batches of 4 over 4 devices: the last batch (2) is padded.
   out = _run([f"--checkpoint={npz}", "--top_k=3", f"--output={tmp_path / 'p.csv'}", "--batch_size=4",
-              str(photos), single])
+              str(photos), single], devices=4)
   assert out.returncode == 0, out.stderr[-3000:]
   assert str(photos / "broken.jpg") in out.stderr and "skipped 1 unreadable" in out.stderr
   rows = list(csv.DictReader(open(tmp_path / "p.csv")))

@@ -66,6 +66,9 @@ def encode_rgb(data: bytes) -> bytes:
         return data
       from PIL import ImageOps  # pylint: disable=g-import-not-at-top
       image = ImageOps.exif_transpose(image)
+      if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+        import numpy as np  # pylint: disable=g-import-not-at-top
+        image = Image.fromarray((np.asarray(image, np.uint32) >> 8).clip(0, 255).astype(np.uint8))
       if image.mode in ("RGBA", "LA") or (image.mode == "P" and
                                           "transparency" in image.info):
         # Transparent pixels over white, as a viewer shows them.
