@@ -13,10 +13,10 @@ data_dir/downloads/manual by default:
 An already extracted copy, <manual_dir>/<name>/<synset>/<image>.JPEG (or
 synset folders directly in manual_dir), is read too. Labels are the synset
 ids in sorted order (ClassLabel names); one split, 'full', as in the
-published pre-training, whose first 102,400 examples (tfds's stored order is
-a fixed hash of the keys, so a fixed random subset) are the held-out
-minival: train on 'full[102400:]', validate on 'full[:102400]'
-(configs/pretrain.py). Images are normalised by image_files.encode_rgb
+published pre-training: tfds stores it in a fixed order (a hash of the keys),
+so slices from its front are fixed random subsets, which the pretrain config
+holds out ('full[:25600]' test, 'full[25600:51200]' minival, 'full[51200:]'
+train; configs/pretrain.py). Images are normalised by image_files.encode_rgb
 (some release files are CMYK or PNG inside .JPEG names); unreadable files are
 skipped and listed in the dataset's metadata.
 
