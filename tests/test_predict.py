@@ -28,7 +28,7 @@ def _run(args, devices=2):
 def _npz(tmp_path):
   """ViT-test with 1,000 classes and a random (not zero) head, in the published layout."""
   model = models.create("ViT-test", num_classes=1000, img_size=32, rngs=nnx.Rngs(0))
-  model.head.kernel.value = jax.random.normal(jax.random.key(1), model.head.kernel.value.shape)
+  model.head.kernel.set_value(jax.random.normal(jax.random.key(1), model.head.kernel.shape))
   path = str(tmp_path / "ViT-test.npz")  # the model name comes from the file name
   checkpoint.save_npz(model, path)
   return path
