@@ -190,8 +190,15 @@ def builder(root: str, data_dir: str) -> ImageFolder:
 
 def default_splits(spec: str) -> tuple[str, str, str | None]:
   """(train, val, test) split strings for a config: the folder's own
-  'validation' when present, else the last 2% of train; 'test' if present."""
-  present = split_folders(root_of(spec))
+  'validation' when present, else the last 2% of train; 'test' if present.
+
+  A folder that is not there (yet) gets the generic fine-tuning splits; the
+  data layer names the missing folder when the run reads it.
+  """
+  try:
+    present = split_folders(root_of(spec))
+  except ImageFolderError:
+    return "train[:98%]", "train[98%:]", "test"
   if "validation" in present:
     train, val = "train", "validation"
   else:
