@@ -3,8 +3,9 @@
   python -m vit_jax.predict --checkpoint=ViT-B_16.npz photos/ cat.jpg
   python -m vit_jax.predict --checkpoint=workdirs/flowers --top_k=3 --output=preds.csv photos/
 
---checkpoint is a published .npz (local, gs://, any fsspec URL; --model names
-the model when the file name does not, e.g. 'ViT-B_16') or a training
+--checkpoint is a published .npz (local, gs://, any fsspec URL; the model is
+the --model name, else the registry name the file is named after, else read
+from the file's shapes; BiT files need --model) or a training
 workdir (model, resolution and preprocessing from its checkpoint and
 config.json). Directories are searched recursively for image files (any
 format PIL reads; EXIF orientation applied). Class names: --labels=FILE (one
@@ -72,7 +73,8 @@ def find_images(paths: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------
 # Model and class names.
 # ---------------------------------------------------------------------------
-def _model_name(path: str, name: str | None) -> str:
+def _model_name(path: str, name: str | None) -> str | None:
+  """--model, else a registry name the file is named after, else None (read from the file)."""
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   names = models.names()
   if name:
@@ -83,18 +85,17 @@ def _model_name(path: str, name: str | None) -> str:
   for candidate in sorted(names, key=len, reverse=True):
     if stem == candidate or stem.startswith(candidate + "_") or stem.startswith(candidate + "-"):
       return candidate
-  raise cli.UsageError(f"Cannot tell the model of {path} from its name: pass --model, e.g. "
-                       f"--model=ViT-B_16.{cli.did_you_mean(stem, names)}")
+  return None
 
 
 def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
   """(model, preprocessing spec, workdir config dict or None)."""
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  if checkpoint._is_workdir(checkpoint_path):  # pylint: disable=protected-access
+  if checkpoint.is_workdir(checkpoint_path):
     config_file = os.path.join(checkpoint_path, "config.json")
     config = json.load(open(config_file)) if os.path.exists(config_file) else None
     try:
-      net = checkpoint.load_workdir(checkpoint_path)
+      net = checkpoint.load(checkpoint_path)
     except FileNotFoundError as e:
       raise cli.UsageError(str(e)) from None
     size = img_size or net.config.img_size
@@ -106,7 +107,10 @@ def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
                          "workdir (a folder with checkpoints/).")
   if "://" not in checkpoint_path and not os.path.exists(checkpoint_path):
     raise cli.UsageError(f"--checkpoint={checkpoint_path} does not exist.")
-  net = checkpoint.load(checkpoint_path, _model_name(checkpoint_path, model), img_size=img_size)
+  try:
+    net = checkpoint.load(checkpoint_path, _model_name(checkpoint_path, model), img_size=img_size)
+  except checkpoint.CheckpointMismatchError as e:
+    raise cli.UsageError(f"{e} (pass --model=NAME)") from None
   return net, _default_spec(net.config.img_size), None
 
 
