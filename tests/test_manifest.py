@@ -105,6 +105,9 @@ def test_bad_manifests_are_clear_errors(tmp_path):
   (tmp_path / "x.jsonl").write_text('{"image": "a.png", "labels": ["cat"]}\n{oops\n')
   with pytest.raises(manifest.ManifestError, match=r"x.jsonl:2: not JSON"):
     manifest.read(str(tmp_path / "x.jsonl"))
+  (tmp_path / "m.csv").write_text("image,labels\na.png,cat 3\n")
+  with pytest.raises(manifest.ManifestError, match=r"mix class names and indices \(e.g. \['3'\]\)"):
+    manifest.read(str(tmp_path / "m.csv"))
   (tmp_path / "y.jsonl").write_text('{"image": "a.png", "labels": ["cat"], "split": "all"}\n')
   with pytest.raises(manifest.ManifestError, match="split 'all'"):
     manifest.read(str(tmp_path / "y.jsonl"))

@@ -124,10 +124,10 @@ def read(path: str):
                           f"{len(classes)} classes.")
     to_id = lambda l: _as_index(l)
   else:
-    if any(isinstance(l, int) for l in labels) and not all(
-        i is None for i in indices):
-      raise ManifestError(f"{path}: labels mix class names and indices; use "
-                          "one or the other.")
+    mixed = sorted({str(l) for l, i in zip(labels, indices) if i is not None})
+    if mixed:
+      raise ManifestError(f"{path}: labels mix class names and indices (e.g. "
+                          f"{mixed[:3]}); use one or the other.")
     classes = [str(c) for c in header.get("classes", sorted(set(map(str, labels))))]
     missing = sorted(set(map(str, labels)) - set(classes))
     if missing:
