@@ -23,8 +23,8 @@ from vit_jax.data import digits
 from vit_jax.data import preprocess
 from vit_jax.data import vtab
 from vit_jax.data.pipeline import DatasetNotPreparedError
-from vit_jax.data.pipeline import eval_iterator
 from vit_jax.data.pipeline import dataset_num_classes
+from vit_jax.data.pipeline import eval_iterator
 from vit_jax.data.pipeline import get_builder
 from vit_jax.data.pipeline import label_names
 from vit_jax.data.pipeline import num_examples
