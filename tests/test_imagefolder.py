@@ -275,3 +275,21 @@ def test_finetune_config_trains_on_an_image_folder_and_predict_names_its_classes
   for r in results:
     probs = [p for _, p in r["top_k"]]
     assert sorted(probs, reverse=True) == probs and abs(sum(probs) - 1) < 1e-5
+
+
+def test_cli_class_count_mismatch_is_one_line_before_the_workdir(folder, built, tmp_path):
+  import subprocess
+  import sys
+  from test_train import REPO
+  root, _ = folder
+  wd = tmp_path / "wd"
+  out = subprocess.run(
+      [sys.executable, "-m", "vit_jax.main", f"--config=configs/finetune.py:test,imagefolder:{root}",
+       f"--workdir={wd}", f"--config.data_dir={built[1]}", "--config.num_classes=5",
+       "--config.batch_size=8", "--config.eval_batch_size=8"],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: config.num_classes=5 but dataset 'imagefolder:{root}' has 3 classes: set "
+      "--config.num_classes=3 (or leave it unset to take it from the data).")
+  assert not wd.exists()

@@ -555,6 +555,8 @@ def check_data(config, data) -> None:
   real = eval_lib.real_eval_config(config)
   if real is not None:
     data.num_examples(real, real.test_split)
+  if hasattr(data, "resolve_num_classes"):
+    data.resolve_num_classes(config)  # ValueError naming both counts when they differ
 
 
 def _check_finite(step: int, loss: float, ckpt) -> None:
