@@ -77,7 +77,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "warmup_steps": _COUNT,
     "grad_accum_steps": _POSITIVE,
     "img_size": (_size, "a positive integer (or a pair of them)"),
-    "num_classes": _POSITIVE,
+    "num_classes": ((lambda v: _int(v) and (v == -1 or v > 0)),
+                    "a positive integer, or -1 to take it from the dataset"),
     "log_every": _COUNT,
     "eval_every": _COUNT,
     "checkpoint_every": _COUNT,
@@ -140,7 +141,8 @@ def check_model(config) -> None:
   overrides = {k: (v.to_dict() if hasattr(v, "to_dict") else v)
                for k, v in (config.get("model") or {}).items() if v is not None}
   try:
-    registry.get_config(config.model_name, num_classes=config.num_classes,
+    num_classes = config.num_classes if (config.num_classes or -1) > 0 else 1  # -1: from the data
+    registry.get_config(config.model_name, num_classes=num_classes,
                         img_size=config.img_size, **overrides)
   except (ValueError, TypeError) as e:
     raise cli.UsageError(f"config.model: {e}") from None

@@ -246,6 +246,7 @@ def sweep_and_repeat(config, workdir: str, *, runs: int = 1, sweep: bool = True,
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
   import configs  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -257,6 +258,7 @@ def main(argv):
   except FileNotFoundError as e:
     raise cli.UsageError(str(e)) from None
   apply_overrides(config, parse_overrides(f.set))
+  preflight.check_config(config)
   sweep_and_repeat(config, f.workdir, runs=f.runs, sweep=f.sweep,
                    final_train_split=f.final_train_split)
   print(open(os.path.join(f.workdir, "sweep_results.md")).read())

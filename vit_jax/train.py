@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from vit_jax import checkpoint
+from vit_jax import cli
 from vit_jax import evaluate as eval_lib
 from vit_jax import optim
 from vit_jax import sharding
@@ -550,8 +551,10 @@ def check_data(config, data) -> None:
     return
   for key in ("train_split", "val_split", "test_split"):
     split = config.get(key)
-    if split:
-      data.num_examples(config, split)  # raises data.DatasetNotPreparedError with a hint
+    if split and not data.num_examples(config, split):  # a missing one raises with a hint
+      raise cli.UsageError(
+          f"config.{key}={split!r} of {config.dataset!r} holds no examples; give it a larger "
+          f"slice (--config.{key}=...) or add data.")
   real = eval_lib.real_eval_config(config)
   if real is not None:
     data.num_examples(real, real.test_split)

@@ -133,6 +133,7 @@ def write_table(results: Mapping[str, Mapping], workdir: str, header: Mapping = 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
@@ -141,6 +142,7 @@ def main(argv):
   tasks = check_tasks(f.tasks) if f.tasks else None
   overrides = sweep_lib.parse_overrides(f.set)
   check_model(task_config(f.model, tasks[0] if tasks else "cifar100", overrides=overrides))
+  preflight.check_pretrained(f.pretrained, "--pretrained")
   res = run_vtab(f.model, f.workdir, tasks=tasks, pretrained=f.pretrained, protocol=f.protocol,
                  runs=f.runs, overrides=overrides)
   print(open(os.path.join(f.workdir, "vtab_results.md")).read())

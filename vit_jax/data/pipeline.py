@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vit_jax import cli
 from vit_jax.data import digits as digits_lib
 from vit_jax.data import imagefolder
 from vit_jax.data import imagenet21k  # registers 'imagenet21k'
@@ -73,8 +74,11 @@ OFFLINE_BUILDERS = {"digits": digits_lib.Digits}
 CACHE_MAX_BYTES = 1 << 30
 
 
-class DatasetNotPreparedError(RuntimeError):
-  """The tfds dataset is not in data_dir; the message says how to prepare it."""
+class DatasetNotPreparedError(cli.UsageError, RuntimeError):
+  """The tfds dataset is not in data_dir; the message says how to prepare it.
+
+  A user's error: the command lines print it as one line (exit 2).
+  """
 
 
 # ---------------------------------------------------------------------------
@@ -208,10 +212,12 @@ def get_builder(config) -> tfds.core.DatasetBuilder:
     return _prepare_local(name, data_dir)
   try:
     builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.registered.DatasetNotFoundError as e:
+  except tfds.core.registered.DatasetNotFoundError:
+    # tfds's own message lists its whole catalogue; name the few close ones instead.
     raise DatasetNotPreparedError(
         f"Dataset '{name}' is neither a registered tfds dataset nor found in "
-        f"data_dir={data_dir}. {prepare_hint(config)}\n(tfds: {e})") from None
+        f"data_dir={data_dir}.{cli.did_you_mean(name.split(':')[0], tfds.list_builders())} "
+        f"{prepare_hint(config)}") from None
   if not builder.is_prepared():
     if name in OFFLINE_BUILDERS:
       builder.download_and_prepare()
