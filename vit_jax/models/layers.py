@@ -411,7 +411,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "save_nothing": jax.checkpoint_policies.nothing_saveable,
     "save_everything": jax.checkpoint_policies.everything_saveable,
 }
 
