@@ -337,7 +337,7 @@ def test_padded_attention_is_exact(nq, nk):
   # cuDNN rejects odd token counts, so attention_cudnn pads the token inputs
   # and masks the padding. Through XLA on CPU, the padded computation must
   # equal plain attention, outputs and gradients (nq == 0: self-attention).
-  from vit_jax.models import vit
+  from vit_jax.models import attention
   self_attention = nq == 0
   nq, nk = (9, 9) if self_attention else (nq, nk)
   kq, kk, kw, kg = jax.random.split(jax.random.key(nq * 1000 + nk), 4)
@@ -354,7 +354,7 @@ def test_padded_attention_is_exact(nq, nk):
     return jax.nn.dot_product_attention(*project(a, b), implementation="xla")
 
   def padded(a, b):
-    return vit.attention_cudnn(a, b, project, implementation="xla")
+    return attention.attention_cudnn(a, b, project, implementation="xla")
 
   if self_attention:  # the same array as queries and keys: padded once
     out, vjp = jax.vjp(lambda a: padded(a, a), x_q)
@@ -374,12 +374,12 @@ def test_cpu_head_major_attention_equals_xla_attention(nq, dtype):
   # The CPU path normalises the softmax after the second matmul; same values
   # and gradients as jax.nn.dot_product_attention (large logits included,
   # where an unshifted exp would overflow).
-  from vit_jax.models import vit
+  from vit_jax.models import attention
   k = jax.random.split(jax.random.key(nq), 4)
   q = (jax.random.normal(k[0], (2, nq, 3, 8)) * 30).astype(dtype)
   kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
   g = jax.random.normal(k[3], (2, nq, 3, 8)).astype(dtype)
-  out, vjp = jax.vjp(vit._attention_head_major, q, *kv)
+  out, vjp = jax.vjp(attention.attention_head_major, q, *kv)
   # The reference: XLA's attention in float32 on the same (rounded) inputs.
   f32 = lambda a: np.asarray(a, np.float32)
   ref, vjp_ref = jax.vjp(

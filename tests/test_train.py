@@ -245,8 +245,14 @@ def check_restore_onto_another_mesh(uninterrupted):
   ckpt.close()
   assert meta["step"] == 6 and int(state["step"]) == 6
   assert_trees_equal(jax.tree.map(np.asarray, state["params"]), params_of(full))
-  leaf = state["params"]["head"]["kernel"] if "head" in state["params"] else jax.tree.leaves(state["params"])[0]
-  assert len(leaf.sharding.device_set) == 4
+  # Every restored array is laid out as the new mesh asks, and the largest
+  # parameter really is split four ways (fsdp x model).
+  restored, wanted = jax.tree.leaves(state), jax.tree.leaves(shardings)
+  assert len(restored) == len(wanted)
+  for a, sh in zip(restored, wanted):
+    assert a.sharding.is_equivalent_to(sh, a.ndim), (a.shape, a.sharding, sh)
+  largest = max(jax.tree.leaves(state["params"]), key=lambda a: a.size)
+  assert {shard.data.size for shard in largest.addressable_shards} == {largest.size // 4}
 
 
 def check_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
