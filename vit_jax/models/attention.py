@@ -20,6 +20,7 @@ import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax.models import cpu_kernels
 from vit_jax.models import layers
 
 Array = jax.Array
@@ -64,7 +65,7 @@ class MultiHeadDotProductAttention(nnx.Module):
 
   def _project(self, p, rows: Array, lead: tuple[int, ...]) -> Array:
     k = p["kernel"][...]
-    y = layers.matmul_rows(rows, k)
+    y = cpu_kernels.matmul_rows(rows, k)
     return y.reshape(*lead, *k.shape[1:]) + p["bias"][...].astype(self.dtype)
 
   def _qkv(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
@@ -112,7 +113,7 @@ class MultiHeadDotProductAttention(nnx.Module):
     else:
       ctx = jax.nn.dot_product_attention(*self._qkv(x_q, x_kv),
                                          implementation=self.attention_impl)
-    out = layers.matmul_rows(ctx, self.out["kernel"][...], contract=2)
+    out = cpu_kernels.matmul_rows(ctx, self.out["kernel"][...], contract=2)
     out = out + self.out["bias"][...].astype(self.dtype)
     return out, weights
 
