@@ -69,29 +69,6 @@ def drop_path(x: Array, rate: Array | float, key: Array | None) -> Array:
   return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
 
 
-def _cpu_fusion_barrier(x: Array) -> Array:
-  # A conditional on a runtime value: XLA cannot fuse across it (the CPU
-  # backend drops optimization_barrier before fusion), and JAX transposes it
-  # into a conditional on the gradient. Both branches return x exactly.
-  pred = jnp.isfinite(x.reshape(-1)[0])
-  return jax.lax.cond(pred, lambda y: y, lambda y: y * 1.0, x)
-
-
-def residual_barrier(x: Array) -> Array:
-  """Identity on a residual stream at a block boundary; on CPU it stops XLA
-  from fusing across the boundary, forward and backward.
-
-  Without it XLA's CPU fusion merges the elementwise LayerNorm-backward /
-  residual-add chain of all later blocks into every consumer of the stream's
-  gradient (each weight gradient's transposed operand) and recomputes it
-  once per consumer: work quadratic in depth, ~40% of a ViT-B/16 train step
-  on a 2-core CPU (benchmarks/RESULTS.md). Other backends get x unchanged.
-  Works under jit, grad, jvp/hessian, vmap, scan and remat.
-  """
-  return jax.lax.platform_dependent(x, cpu=_cpu_fusion_barrier,
-                                    default=lambda y: y)
-
-
 def image_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
   return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 

@@ -108,19 +108,12 @@ class EncoderBlock(nnx.Module):
     self.MlpBlock_3 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs,
                                       dropout_rate=cfg.dropout_rate, **kw)
     self.dropout_rate = cfg.dropout_rate
-    # Under scan XLA cannot fuse across layers anyway (one loop body), so the
-    # CPU residual barriers are only needed unrolled; without them the scanned
-    # program compiles faster.
-    self.residual_barriers = not cfg.scan
 
   def __call__(self, x: Array, *, key: Array | None, drop_rate,
                capture: bool = False, out_tokens: int | None = None):
     """`out_tokens`: compute the output for the first `out_tokens` tokens only
     (they still attend to all tokens); the rest are not computed."""
-    barrier = layers.residual_barrier if self.residual_barriers else (
-        lambda y: y)
     k_attn, k_drop, k_mlp, k_path1, k_path2 = layers.split_key(key, 5)
-    x = barrier(x)
     y = self.LayerNorm_0(x)
     y_q = y
     if out_tokens is not None:
@@ -128,7 +121,7 @@ class EncoderBlock(nnx.Module):
     y, weights = self.MultiHeadDotProductAttention_1(
         y_q, y, key=k_attn, return_weights=capture)
     attn_branch = layers.dropout(y, self.dropout_rate, k_drop)
-    x = barrier(x + layers.drop_path(attn_branch, drop_rate, k_path1))
+    x = x + layers.drop_path(attn_branch, drop_rate, k_path1)
     mlp_branch = self.MlpBlock_3(self.LayerNorm_2(x), key=k_mlp)
     x = x + layers.drop_path(mlp_branch, drop_rate, k_path2)
     aux = {}
