@@ -53,7 +53,8 @@ setuptools.setup(
     name="vit_jax",
     version="0.1.0",
     description="Vision Transformers and MLP-Mixers in JAX / Flax NNX",
-    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*"]),
+    # configs/ ships too, so config specs ('configs/finetune.py:b16,cifar10') work installed.
+    packages=setuptools.find_packages(include=["vit_jax", "vit_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

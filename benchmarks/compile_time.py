@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from vit_jax import cli, preflight
 from vit_jax import checkpoint
 
 
@@ -75,7 +76,7 @@ def time_compile(name: str, scan: bool, batch: int, img_size: int,
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="ViT-H_14")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--img_size", type=int, default=224)
@@ -87,6 +88,7 @@ def main(argv=None):
   parser.add_argument("--skip_check", action="store_true")
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
+  preflight.check_model_name(args.model, "--model")
 
   result = {"model": args.model, "batch": args.batch, "dtype": args.dtype,
             "remat": args.remat,
@@ -125,4 +127,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

@@ -27,6 +27,7 @@ import statistics
 import jax
 
 from benchmarks import common
+from vit_jax import cli, preflight
 
 
 def compiled_peak(name: str, batch: int, remat: str, scan: bool,
@@ -133,7 +134,7 @@ def time_policies(name, policies, batch, steps, scan, img_size, dtype):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="ViT-L_16")
   parser.add_argument("--remat", default="none,full,dots")
   parser.add_argument("--batch", default="8,32,128")
@@ -155,6 +156,7 @@ def main(argv=None):
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--json", default=None)
   args = parser.parse_args(argv)
+  preflight.check_model_name(args.model, "--model")
   policies = args.remat.split(",")
   scan = not args.unrolled
   budget = int(args.budget_gib * 2**30)
@@ -232,4 +234,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

@@ -23,6 +23,8 @@ import re
 import sys
 import tempfile
 
+from vit_jax import cli, preflight
+
 
 def _parse_hlo(text: str):
   """{instruction name: (shape, op, called computation, metadata op_name)} of
@@ -80,7 +82,7 @@ def _describe(instr, comps) -> tuple[str, str]:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="ViT-B_16")
   parser.add_argument("--layers", type=int, default=2)
   parser.add_argument("--batch", type=int, default=8)
@@ -90,6 +92,7 @@ def main(argv=None):
   parser.add_argument("--xla_flags", default="")
   parser.add_argument("--scan", action="store_true")
   args = parser.parse_args(argv)
+  preflight.check_model_name(args.model, "--model")
 
   dump = tempfile.mkdtemp(prefix="hlo_dump_")
   os.environ["XLA_FLAGS"] = " ".join([
@@ -160,4 +163,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.call(main))

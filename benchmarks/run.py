@@ -38,6 +38,7 @@ import tempfile
 import jax
 
 from benchmarks import common
+from vit_jax import cli, preflight
 from vit_jax.main import reuse_cpu_step_memory
 
 
@@ -132,7 +133,7 @@ def _csv(s, conv=str):
 
 def main(argv=None):
   on_cpu = jax.default_backend() == "cpu"
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
   parser.add_argument("--models", default="ViT-S_16,ViT-B_16" if on_cpu
@@ -166,6 +167,8 @@ def main(argv=None):
                       help="skip vit_jax.main.reuse_cpu_step_memory (which "
                       "`python -m vit_jax.main` applies by default)")
   args = parser.parse_args(argv)
+  for name in _csv(args.models):
+    preflight.check_model_name(name, "--models")
 
   reuse_cpu_memory = (not args.no_reuse_cpu_memory
                       and reuse_cpu_step_memory())
@@ -221,4 +224,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(0 if main() is not None else 1)
+  sys.exit(0 if cli.call(main) is not None else 1)

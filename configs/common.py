@@ -1,7 +1,7 @@
 """Fields shared by every run config; each config file starts from `base()`.
 
 Durations are in steps. `None` fields mean "not used" / "model default".
-Load from another config file with `load_common(__file__)` (configs/ is not a package).
+Config files import it as `from configs import common`; `configs.load(spec)` reads a config.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -121,3 +121,14 @@ MODEL_ALIASES = {
 
 def model_name(alias):
   return MODEL_ALIASES.get(alias.lower(), alias)
+
+
+# Dropout of the published fine-tuning runs: the official model configs
+# (google-research/vision_transformer vit_jax/configs/models.py) set 0.1 for L/16 (:142),
+# H/14 (:160), R50+B/16 (:273) and R50+L/32 (built from L/16, :320); every other model 0.
+FINETUNE_DROPOUT = {'ViT-L_16': 0.1, 'ViT-H_14': 0.1, 'R50+ViT-B_16': 0.1, 'R50+ViT-L_32': 0.1}
+
+
+def finetune_dropout(name):
+  """Dropout rate of model `name` when fine-tuning, as published."""
+  return FINETUNE_DROPOUT.get(name, 0.0)

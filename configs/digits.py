@@ -8,13 +8,7 @@ pixel per token) overfit this tiny training set; a few large patches generalize.
 Measured on 2 shared CPU cores: about 1 minute end to end (dataset build included), 98.6%
 test accuracy (292 of 296); 8x8 patches (16 tokens) reach the same accuracy about twice as slowly.
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location(
-    '_vit_configs_common', os.path.join(os.path.dirname(__file__), 'common.py'))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 
 def get_config(arg=None):

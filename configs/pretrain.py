@@ -1,73 +1,207 @@
-"""Pre-training as published: `pretrain.py:<model>,<dataset>[,<augreg>]`.
+"""Pre-training as in AugReg ("How to train your ViT?", Steiner et al. 2021).
 
-  python -m vit_jax.main --config=configs/pretrain.py:b16,imagenet21k,medium --workdir=DIR
+  python -m vit_jax.main --workdir=DIR \\
+    --config=configs/pretrain.py:B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0
+  python -m vit_jax.main --workdir=DIR \\
+    --config=configs/pretrain.py:b16,imagenet21k,medium1,epochs=30,wd=0.03,do=0.1,sd=0.1
 
-Adam (b1 0.9, b2 0.999; first moment optionally bfloat16), decoupled weight decay on kernels,
-lr 1e-3 with 10,000 warm-up steps then linear (or cosine) decay, batch 4096, 224px inception
-crop + flip. Datasets: 'imagenet21k' (21,843 classes, softmax) or 'jft' (a JFT-like multi-label
-dataset: sigmoid cross-entropy, multi-hot labels, head bias initialised to -10).
-AugReg settings (Steiner et al. 2021): none / light / medium / strong = RandAugment and mixup
-strength, with dropout and stochastic depth 0.1 whenever augmentation is on.
+The argument is either a published AugReg checkpoint name (the file names of
+gs://vit_models/augreg, listed in google-research/vision_transformer's README)
+or `<model>,<dataset>[,<aug>][,epochs=E][,lr=L][,wd=W][,do=D][,sd=S]`:
+model 'b16' / 'ViT-B_16' / 'B_16' / 'R50_L_32'...; dataset 'imagenet21k' (i21k),
+'imagenet2012' (i1k) or 'jft'; aug one of AUGREG below. Every field of a
+published name (model, dataset, epochs, lr, aug, wd, do, sd) is an argument.
+
+Settings and where they come from. paper = arXiv:2106.10270v2 (TMLR); big_vision
+is the paper's reproduction code: i21k = configs/vit_i21k.py @0127fb6, i1k =
+configs/vit_i1k.py @95ccb15 (its first release; later ones moved i1k to a sigmoid
+loss), utils = big_vision/utils.py @95ccb15:
+  aug level -> RandAugment (layers, magnitude), mixup alpha: none (0, 0, 0),
+    light1 (2, 0, 0), light2 (2, 10, 0.2), medium1 (2, 15, 0.2), medium2
+    (2, 15, 0.5), strong1 (2, 20, 0.5), strong2 (2, 20, 0.8)
+                                         paper Sec. 3.3; i21k:30-48, i1k:39-57
+  RandAugment ops and level mapping      vit_jax/data/randaug.py (its sources)
+  mixup: one Beta(alpha, alpha) weight per batch, the larger on the example
+    itself                               utils:700-735
+  do / sd: 0.0 or 0.1 each, independent of aug      paper Sec. 3.3
+  wd: 0.1 or 0.03, decoupled but multiplied by the learning rate, i.e. a
+    per-step decay of wd * lr(t) (optim.weight_decay = wd * lr)
+                                         paper Sec. 3.3; i21k:110 (wd=1e-4)
+  lr 0.001, Adam b1 0.9 b2 0.999, batch 4096, 10k linear warm-up then cosine
+    decay, global-norm clip 1.0          paper Sec. 3.4; i21k:79, 105-111
+  Adam first moment in bfloat16          i21k:106
+  epochs: 300 (i1k, i21k) or 30 (i21k)   paper Sec. 3.4; i21k:57
+  224 px Inception crop + left-right flip, shuffle buffer 250k
+                                         paper Sec. 3.4; i21k:80, 85
+  eval: resize_small(256, area) + central 224 crop  i21k:86 (area: big_vision's
+                                         resize_small default)
+  i21k: 21,843 classes, sigmoid cross-entropy, head bias -10, train
+    full[51200:], minival full[25600:51200], test full[:25600]
+                                         i21k:58-60, 77, 125-126
+  i1k: softmax cross-entropy, train train[:99%], minival train[99%:], test
+    validation                           paper Sec. 3.1; i1k:78, 82, 151, 155
+
+Deliberate deviations:
+  * Epochs become steps when training starts: total_epochs x the train
+    split's size / batch_size, rounded, as big_vision does
+    (train.resolve_epochs); a non-zero --config.total_steps takes precedence.
+    For i1k that is round(300 x 1,268,355 / 4096) = 92,897 steps.
+  * Mixup draws one weight per host batch, not one for the global batch.
+  * Published file names with aug 'light0' (a few R26+S/32 files) are refused:
+    the paper defines no such level.
+  * 'none' / 'light' / 'medium' / 'strong' (no digit) are kept as aliases of
+    none / light2 / medium2 / strong2; dropout and stochastic depth no longer
+    follow them (give do= / sd=).
+  * The model keeps the class-token head of the published AugReg files and no
+    pre-logits layer (paper Sec. 3.2); today's big_vision vit_i21k.py trains a
+    GAP head instead.
+  * Train images are decoded, then cropped (decode|inception_crop): the same
+    crop distribution as big_vision's fused decode_jpeg_and_inception_crop,
+    which also reads non-JPEG datasets.
+  * i1k's extra evaluations (ImageNet-V2, ReaL) are not configured here.
+  * 'jft' is not an AugReg dataset: a JFT-like multi-label set trained for a
+    fixed 500k steps with linear decay as in the ViT paper.
 """
-import importlib.util
 import os
+import re
 
-_spec = importlib.util.spec_from_file_location(
-    '_vit_configs_common', os.path.join(os.path.dirname(__file__), 'common.py'))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from ml_collections import config_dict
 
-# dataset -> (tfds name, num_classes, multi_label, total_steps, train, val)
-DATASETS = {
-    'imagenet21k': ('imagenet21k', 21_843, False, 930_000 // 3, 'full[102400:]', 'full[:102400]'),
-    'jft': ('jft', 18_291, True, 500_000, 'train', 'validation'),
-}
-# AugReg: (randaug num_layers, magnitude or None, mixup alpha, dropout, stochastic depth)
+from configs import common
+
+# AugReg level -> (RandAugment num_layers, magnitude, mixup alpha); paper Sec. 3.3.
 AUGREG = {
-    'none': (None, None, 0.0, 0.0, 0.0),
-    'light': (2, 10, 0.2, 0.1, 0.1),
-    'medium': (2, 15, 0.5, 0.1, 0.1),
-    'strong': (2, 20, 0.8, 0.1, 0.1),
+    'none': (0, 0, 0.0),
+    'light1': (2, 0, 0.0),
+    'light2': (2, 10, 0.2),
+    'medium1': (2, 15, 0.2),
+    'medium2': (2, 15, 0.5),
+    'strong1': (2, 20, 0.5),
+    'strong2': (2, 20, 0.8),
 }
+AUG_ALIASES = {'light': 'light2', 'medium': 'medium2', 'strong': 'strong2'}
+
+# dataset -> tfds name, classes, sigmoid loss, train / val / test split, default epochs (or steps).
+DATASETS = {
+    'imagenet21k': dict(tfds='imagenet21k', classes=21_843, sigmoid=True, train='full[51200:]',
+                        val='full[25600:51200]', test='full[:25600]', epochs=300),
+    'imagenet2012': dict(tfds='imagenet2012', classes=1000, sigmoid=False, train='train[:99%]',
+                         val='train[99%:]', test='validation', epochs=300),
+    'jft': dict(tfds='jft', classes=18_291, sigmoid=True, train='train', val='validation',
+                test=None, steps=500_000),
+}
+DATASET_ALIASES = {'i21k': 'imagenet21k', 'i21k_30': 'imagenet21k', 'i1k': 'imagenet2012'}
+
+# A published AugReg pre-training checkpoint name.
+NAME = re.compile(r'(?P<model>[A-Za-z0-9_]+)-(?P<dataset>i1k|i21k|i21k_30)-(?P<epochs>\d+)ep'
+                  r'-lr_(?P<lr>[0-9.e-]+)-aug_(?P<aug>[a-z0-9]+)-wd_(?P<wd>[0-9.e-]+)'
+                  r'-do_(?P<do>[0-9.]+)-sd_(?P<sd>[0-9.]+)')
+KEYS = ('epochs', 'lr', 'wd', 'do', 'sd')
 
 
-def get_config(arg='b16,imagenet21k,none'):
-  args = common.parse_args(arg, ('model', 'dataset', 'aug'),
-                           {'model': 'b16', 'dataset': 'imagenet21k', 'aug': 'none'})
+def model_name(alias: str) -> str:
+  """'b16' / 'B_16' / 'R50_L_32' / 'R_Ti_16' / 'ViT-B_16' -> a models.create() name."""
+  m = re.fullmatch(r'(?:(R\d*)_)?((?:Ti|S|B|L|H)_\d+)', alias)  # AugReg file-name prefix
+  if m:
+    return f'{m[1]}+ViT-{m[2]}' if m[1] else f'ViT-{m[2]}'
+  return common.model_name(alias)
+
+
+def parse_name(name: str) -> dict:
+  """A published AugReg file name (optionally with .npz) -> the config arguments."""
+  base = os.path.basename(name)
+  base = base[:-4] if base.endswith('.npz') else base
+  if '--' in base:
+    raise ValueError(f'{name!r} is a fine-tuned checkpoint; give its pre-training part '
+                     f'{base.split("--")[0]!r}.')
+  m = NAME.fullmatch(base)
+  if not m:
+    raise ValueError(f'{name!r} is not an AugReg checkpoint name like '
+                     'B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.')
+  args = m.groupdict()
+  args['dataset'] = DATASET_ALIASES[args['dataset']]
+  return args
+
+
+def parse_arg(arg: str | None) -> dict:
+  """The config argument -> {model, dataset, aug, epochs, lr, wd, do, sd} (strings or None)."""
+  arg = (arg or '').strip()
+  if NAME.fullmatch(os.path.basename(arg).removesuffix('.npz').split('--')[0]) or '--' in arg:
+    return parse_name(arg)
+  args = dict(model='b16', dataset='imagenet21k', aug='none')
+  positional = []
+  for item in filter(None, (v.strip() for v in arg.split(','))):
+    key, eq, value = item.partition('=')
+    if not eq:
+      positional.append(item)
+    elif key in KEYS or key in ('model', 'dataset', 'aug'):
+      args[key] = value
+    else:
+      raise ValueError(f'Unknown pretrain.py argument {key!r}; valid: {", ".join(KEYS)}.')
+  if len(positional) > 3:
+    raise ValueError(f'Too many config args {arg!r}; expected <model>,<dataset>[,<aug>][,key=value].')
+  args.update(zip(('model', 'dataset', 'aug'), positional))
+  args['dataset'] = DATASET_ALIASES.get(args['dataset'], args['dataset'])
+  return args
+
+
+def _number(args, key, default):
+  value = args.get(key)
+  if value in (None, ''):
+    return default
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(f'pretrain.py argument {key}={value!r} is not a number.') from None
+
+
+def get_config(arg=None):
+  args = parse_arg(arg)
   if args['dataset'] not in DATASETS:
-    raise ValueError(f'pretrain dataset {args["dataset"]!r}; valid: {sorted(DATASETS)}')
-  if args['aug'] not in AUGREG:
-    raise ValueError(f'AugReg setting {args["aug"]!r}; valid: {sorted(AUGREG)}')
-  tfds_name, n, multi_label, steps, train, val = DATASETS[args['dataset']]
-  ra_layers, ra_mag, mixup, dropout, sd = AUGREG[args['aug']]
+    raise ValueError(f'pretrain dataset {args["dataset"]!r}; valid: {sorted(DATASETS)} '
+                     f'(or {sorted(DATASET_ALIASES)}).')
+  aug = AUG_ALIASES.get(args['aug'], args['aug'])
+  if aug not in AUGREG:
+    hint = (' Some published files say aug_light0, which the paper does not define.'
+            if aug == 'light0' else '')
+    raise ValueError(f'AugReg setting {args["aug"]!r}; valid: {", ".join(AUGREG)}.{hint}')
+  ds = DATASETS[args['dataset']]
+  ra_layers, ra_magnitude, mixup = AUGREG[aug]
+  lr = _number(args, 'lr', 1e-3)
+  wd = _number(args, 'wd', 0.1)
+  epochs = _number(args, 'epochs', ds.get('epochs'))
 
   c = common.base()
-  c.model_name = common.model_name(args['model'])  # published model name
+  c.model_name = model_name(args['model'])  # models.create() name
   c.img_size = 224  # pre-training resolution
   c.head_zero_init = True  # zero head kernel; bias = model.head_bias_init
-  c.model.dropout_rate = dropout  # AugReg dropout
-  c.model.stochastic_depth = sd  # AugReg stochastic depth
-  c.model.head_bias_init = -10.0 if multi_label else 0.0  # -10 keeps early sigmoid losses small
+  c.model.dropout_rate = _number(args, 'do', 0.0)  # AugReg 'do'
+  c.model.stochastic_depth = _number(args, 'sd', 0.0)  # AugReg 'sd' (max drop-path rate)
+  c.model.head_bias_init = -10.0 if ds['sigmoid'] else 0.0  # -10 keeps early sigmoid losses small
   c.model.dtype = 'bfloat16'  # compute dtype on accelerators
   c.model.scan = True  # one compiled block for all layers
   c.model.remat_policy = 'none'  # 'dots' to trade compute for memory on large models
 
-  c.dataset = tfds_name  # tfds name
-  c.train_split = train  # training split
-  c.val_split = val  # held-out split (minival)
-  c.test_split = None  # none during pre-training
-  c.num_classes = n  # classes
-  c.multi_label = multi_label  # sigmoid cross-entropy over multi-hot labels
-  label_op = 'multi_hot({num_classes})' if multi_label else 'onehot({num_classes})'
-  aug = f'|randaug({ra_layers}, {ra_mag})' if ra_layers else ''
-  c.pp_train = 'decode|inception_crop({img_size})|flip_lr' + aug + '|value_range(-1, 1)|' + label_op  # train ops
-  c.pp_eval = 'decode|resize_small(256)|central_crop({img_size})|value_range(-1, 1)|' + label_op  # eval ops
+  c.dataset = ds['tfds']  # tfds name
+  c.train_split = ds['train']  # training split
+  c.val_split = ds['val']  # held-out minival (selects the best checkpoint)
+  c.test_split = ds['test']  # evaluated at the end and every eval_every
+  c.num_classes = ds['classes']  # classes
+  c.multi_label = ds['sigmoid']  # sigmoid cross-entropy (i21k, jft) instead of softmax
+  label_op = 'multi_hot({num_classes})' if args['dataset'] == 'jft' else 'onehot({num_classes})'
+  randaug = f'|randaug({ra_layers}, {ra_magnitude})' if ra_layers else ''
+  c.pp_train = ('decode|inception_crop({img_size})|flip_lr' + randaug +
+                '|value_range(-1, 1)|' + label_op)  # train ops
+  c.pp_eval = ("decode|resize_small(256, method='area')|central_crop({img_size})"
+               '|value_range(-1, 1)|' + label_op)  # eval ops
   c.shuffle_buffer = 250_000  # examples
   c.mixup.alpha = mixup  # AugReg mixup strength
+  c.augreg = aug  # AugReg augmentation level (none, light1 ... strong2)
 
-  c.total_steps = steps  # ~90 epochs of ImageNet-21k at batch 4096 / 7 epochs of JFT
-  c.warmup_steps = 10_000  # linear warm-up
   c.batch_size = 4096  # global batch
+  c.total_epochs = config_dict.FieldReference(epochs, field_type=float)  # passes over train_split
+  c.total_steps = 0 if epochs else ds['steps']  # 0 = total_epochs x train split size / batch_size
+  c.warmup_steps = 10_000  # linear warm-up
   c.eval_batch_size = 4096  # global eval batch
   c.log_every = 100  # train metrics
   c.eval_every = 10_000  # val accuracy (prec@1 for multi-label)
@@ -75,12 +209,12 @@ def get_config(arg='b16,imagenet21k,none'):
   c.keep_best_checkpoints = 0  # only the latest
 
   c.optim.name = 'adam'  # Adam
-  c.optim.lr = 1e-3  # peak learning rate
+  c.optim.lr = lr  # peak learning rate
   c.optim.b1 = 0.9  # first moment decay
   c.optim.b2 = 0.999  # second moment decay
   c.optim.mu_dtype = 'bfloat16'  # first moment in bfloat16 (halves its memory)
-  c.optim.schedule = 'linear'  # linear decay to 0 ('cosine' also published)
-  c.optim.weight_decay = 1e-4  # decoupled (= the paper's 0.1 x lr 1e-3), kernels only
+  c.optim.schedule = 'linear' if args['dataset'] == 'jft' else 'cosine'  # decay to 0 after warm-up
+  c.optim.weight_decay = wd * lr  # decoupled, kernels only: AugReg 'wd' times the peak lr
   c.optim.grad_clip_norm = 1.0  # global norm clip
   c.label_smoothing = 0.0  # none
   c.fewshot.every = 10_000  # few-shot probe on pre_logits

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
+from vit_jax import cli
 from vit_jax.analysis import attention, embeddings, layers
 
 
@@ -26,8 +27,8 @@ def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16", 64)
   p.add_argument("--data", default="photos", choices=["digits", "photos"],
                  help="images for the distances (photos: random crops of the sample photos)")
-  p.add_argument("--num-images", type=int, default=32, help="published: 128")
-  p.add_argument("--num-components", type=int, default=28)
+  p.add_argument("--num-images", type=cli.positive_int, default=32, help="published: 128")
+  p.add_argument("--num-components", type=cli.positive_int, default=28)
   args = common.parse(p, argv)
   timer = common.Timer()
   zoo = common.load_models(args)
@@ -129,4 +130,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from vit_jax import cli
 from vit_jax.analysis import cka, layers
 
 
@@ -41,8 +42,8 @@ def photo_crops(size: int, n: int, seed: int) -> np.ndarray:
 def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
   p.add_argument("--data", default="digits", choices=["digits", "photos"])
-  p.add_argument("--num-examples", type=int, default=1024, help="published: 10,240")
-  p.add_argument("--batch-size", type=int, default=256, help="published: 1024 (Raghu), 256 (Nguyen)")
+  p.add_argument("--num-examples", type=cli.positive_int, default=1024, help="published: 10,240")
+  p.add_argument("--batch-size", type=cli.positive_int, default=256, help="published: 1024 (Raghu), 256 (Nguyen)")
   p.add_argument("--resnet-layers", default="units", choices=["units", "stages"])
   args = common.parse(p, argv)
   timer = common.Timer()
@@ -122,4 +123,4 @@ def _heatmap(ax, heat, y_model: str, x_model: str):
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

@@ -11,25 +11,44 @@ from typing import Sequence
 import numpy as np
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
+# scikit-image sample photos that photos() can show (colour or grey-scale)
+PHOTOS_AVAILABLE = ("astronaut", "brick", "camera", "cat", "chelsea", "coffee", "coins", "colorwheel",
+                    "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry",
+                    "logo", "microaneurysms", "moon", "page", "retina", "rocket", "text")
 
 
 def parser(description: str, models_default: str, img_size: int) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=description,
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  from vit_jax import cli
+
+  p = cli.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--out", required=True, help="output folder for PNG figures and the JSON of numbers")
   p.add_argument("--models", default=models_default,
                  help="comma-separated registry names (untrained unless --checkpoint)")
   p.add_argument("--checkpoint", default=None,
                  help="a published .npz (for the first of --models) or a training workdir "
                       "(its model replaces the first of --models)")
-  p.add_argument("--img-size", type=int, default=img_size, help="input resolution of created models")
-  p.add_argument("--num-classes", type=int, default=10, help="head size of created models")
+  p.add_argument("--img-size", type=cli.positive_int, default=img_size,
+                 help="input resolution of created models")
+  p.add_argument("--num-classes", type=cli.positive_int, default=10, help="head size of created models")
   p.add_argument("--seed", type=int, default=0)
   return p
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None):
+  """Parses and checks the arguments (cli.UsageError), then creates --out."""
+  from vit_jax import cli, preflight
+
   args = p.parse_args(argv)
+  names = [n.strip() for n in args.models.split(",") if n.strip()]
+  if not names:
+    raise cli.UsageError("--models is empty: give one or more model names.")
+  for name in names:
+    preflight.check_model_name(name, "--models")
+  preflight.check_pretrained(args.checkpoint, "--checkpoint")
+  for name in (getattr(args, "photos", None) or "").split(","):
+    if name and name not in PHOTOS_AVAILABLE:
+      raise cli.UsageError(f"--photos: {name!r} is not a scikit-image sample photo."
+                           f"{cli.did_you_mean(name, PHOTOS_AVAILABLE)} Photos: {', '.join(PHOTOS_AVAILABLE)}.")
   os.makedirs(args.out, exist_ok=True)
   return args
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from experiments import common
+from vit_jax import cli
 from vit_jax.analysis import fourier, layers
 
 KIND_MARK = {"msa": "o", "mlp": "s", "token": "o", "channel": "s", "conv": "^", "stem": "v", "embed": "x"}
@@ -28,10 +29,10 @@ KIND_MARK = {"msa": "o", "mlp": "s", "token": "o", "channel": "s", "conv": "^", 
 def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
   p.add_argument("--data", default="photos", choices=["digits", "photos"])
-  p.add_argument("--num-images", type=int, default=32)
-  p.add_argument("--batch-size", type=int, default=32)
+  p.add_argument("--num-images", type=cli.positive_int, default=32)
+  p.add_argument("--batch-size", type=cli.positive_int, default=32)
   p.add_argument("--noise-std", type=float, default=0.1, help="band noise std in [-1, 1] units")
-  p.add_argument("--num-bands", type=int, default=6)
+  p.add_argument("--num-bands", type=cli.positive_int, default=6)
   args = common.parse(p, argv)
   timer = common.Timer()
   zoo = common.load_models(args, random_head=True)  # a zero head predicts one class for all
@@ -115,4 +116,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

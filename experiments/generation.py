@@ -21,18 +21,19 @@ import jax
 import numpy as np
 
 from experiments import common
+from vit_jax import cli
 from vit_jax.analysis import generation, layers
 
 
 def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16", 64)
-  p.add_argument("--targets", default="0,1,2,3", help="class (or channel) indices")
+  p.add_argument("--targets", default="0,1,2,3", type=cli.int_list, help="class (or channel) indices")
   p.add_argument("--objective", default="logit", choices=["logit", "unit"])
   p.add_argument("--layer", default=None, help="layer of a unit objective (default: the middle block)")
   p.add_argument("--patch", type=int, default=None, help="one patch (a neuron); default all patches")
   p.add_argument("--style", default="octaves", choices=["octaves", "lucent"],
                  help="octaves: pixel steps + blur + crops; lucent: Fourier/decorrelated + Adam")
-  p.add_argument("--steps", type=int, default=60, help="steps per octave (or total for lucent)")
+  p.add_argument("--steps", type=cli.positive_int, default=60, help="steps per octave (or total for lucent)")
   p.add_argument("--target-value", type=float, default=None,
                  help="minimise |C - activation| instead of maximising (published C = 200)")
   p.add_argument("--l2", type=float, default=0.0)
@@ -42,7 +43,7 @@ def main(argv=None) -> dict:
   args = common.parse(p, argv)
   timer = common.Timer()
   zoo = common.load_models(args, random_head=args.objective == "logit")
-  targets = [int(t) for t in args.targets.split(",")]
+  targets = args.targets
   results = common.header(args, {"models": {}})
   outs = {}
   for mi, (name, model) in enumerate(zoo.items()):
@@ -95,4 +96,4 @@ def vars_of(obj) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

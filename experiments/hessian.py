@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import common
+from vit_jax import cli
 from vit_jax.analysis import hessian, layers
 
 
@@ -36,10 +37,10 @@ def augmented_batches(x, y, num_batches, batch_size, seed):
 
 def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], "ViT-test,Mixer-test,BiT-test", 32)
-  p.add_argument("--num-batches", type=int, default=3)
-  p.add_argument("--batch-size", type=int, default=16)
-  p.add_argument("--k", type=int, default=5)
-  p.add_argument("--max-iters", type=int, default=100)
+  p.add_argument("--num-batches", type=cli.positive_int, default=3)
+  p.add_argument("--batch-size", type=cli.positive_int, default=16)
+  p.add_argument("--k", type=cli.positive_int, default=5)
+  p.add_argument("--max-iters", type=cli.positive_int, default=100)
   p.add_argument("--tol", type=float, default=1e-3)
   p.add_argument("--method", default="power", choices=["power", "subspace"])
   args = common.parse(p, argv)
@@ -92,4 +93,4 @@ def plot(models: dict, out: str, k: int) -> list[str]:
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

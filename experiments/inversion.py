@@ -19,13 +19,14 @@ import jax
 import numpy as np
 
 from experiments import common
+from vit_jax import cli
 from vit_jax.analysis import inversion, layers
 
 
 def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
   p.add_argument("--photos", default="astronaut", help="comma-separated scikit-image sample photos")
-  p.add_argument("--steps", type=int, default=150, help="steps per model (published: 1500 ViT/Mixer, 500 ResNet)")
+  p.add_argument("--steps", type=cli.positive_int, default=150, help="steps per model (published: 1500 ViT/Mixer, 500 ResNet)")
   p.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.005), help="step size, start end")
   p.add_argument("--optimizer", default="adam", choices=["adam", "normalized", "sgd"])
   p.add_argument("--resnet-layers", default="stages", choices=["stages", "units"])
@@ -104,4 +105,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

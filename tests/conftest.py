@@ -33,6 +33,9 @@ def pytest_configure(config):
   # per run that are not ours.
   config.addinivalue_line(
       "filterwarnings", "ignore:.*'___pyct_anno':DeprecationWarning")
+  # ml_collections' config-file parser (configs.load) still calls load_module().
+  config.addinivalue_line(
+      "filterwarnings", "ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
 """Published .npz checkpoints: round trips, layouts, resizing, head swap, errors."""
 
 
+import logging
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vit_jax import checkpoint, models
 from test_models import images, randomize
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 SMALL = ["ViT-test", "ViT-test-gap", "ViT-test-map", "R+ViT-test", "Mixer-test",
          "BiT-test"]
@@ -224,8 +229,12 @@ def test_missing_and_misshaped_keys_are_named(vit_npz, tmp_path):
 
 def test_load_errors(vit_npz, tmp_path):
   _, path = vit_npz
-  with pytest.raises(ValueError, match="needs the model name"):
-    checkpoint.load(path)
+  bit = tmp_path / "bit.npz"
+  checkpoint.save_npz(models.create("BiT-test", num_classes=3), bit)
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="BiT-R50x1"):
+    checkpoint.load(bit)  # BiT sizes are not read from the file
+  with pytest.raises(checkpoint.CheckpointMismatchError, match="vit.npz is not a BiT checkpoint .* but BiT-test is a BiT model"):
+    checkpoint.load(path, "BiT-test")
   with pytest.raises(ValueError, match="Unknown model name"):
     checkpoint.load(path, "ViT-Z_3")
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -269,3 +278,147 @@ def test_remote_paths_via_fsspec(vit_npz):
   np.testing.assert_array_equal(loaded(images()), model(images()))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     checkpoint.load("memory://bucket/absent.npz", "ViT-test")
+
+
+# Files written by outside code (tests/fixtures/make_*.py).
+
+@pytest.mark.parametrize("name", ["big_vision_vit", "big_vision_vit_sincos"])
+def test_big_vision_files_reproduce_big_vision_logits(name):
+  want = np.load(FIXTURES / "big_vision_logits.npz")
+  # Architecture and resolution from the file, except the resolution of a
+  # fixed sin-cos position embedding, which no file records.
+  img_size = 16 if name.endswith("sincos") else None
+  model = checkpoint.load(FIXTURES / f"{name}.npz", img_size=img_size)
+  cfg = model.config
+  assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim,
+          cfg.patch_size, cfg.num_classes, cfg.img_size) == (16, 2, 2, 32, 4, 5, 16)
+  assert (cfg.classifier, cfg.posemb) == (
+      ("gap", "sincos2d") if name.endswith("sincos") else ("token", "learn"))
+  np.testing.assert_allclose(model(want["inputs"]), want[name], rtol=1e-5, atol=1e-5)
+
+
+def test_timm_reads_our_export():
+  """timm's logits for an .npz our save_npz wrote equal ours for that file."""
+  timm = np.load(FIXTURES / "timm_logits.npz")
+  model = checkpoint.load(FIXTURES / "vit_jax_export.npz")
+  assert model.config.img_size == 16 and model.config.num_classes == 5
+  np.testing.assert_allclose(model(timm["inputs"]), timm["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_sincos_posemb_is_big_visions_formula():
+  """Known values: position (row 0, col 1) of a 1x2 grid, width 8."""
+  from vit_jax.models import vit
+  pe = vit.posemb_sincos_2d((1, 2), 8)[0]
+  # quarter = 2 frequencies: 1 and 1/10000; x of the second patch is 1.
+  np.testing.assert_allclose(pe[1], [np.sin(1), np.sin(1e-4), np.cos(1), np.cos(1e-4),
+                                     0, 0, 1, 1], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(pe[0], [0, 0, 1, 1, 0, 0, 1, 1])
+
+
+ARCHITECTURES = [
+    ("ViT-test", dict(hidden_size=24, num_layers=3, num_heads=3, mlp_dim=40, patch_size=4,
+                      representation_size=12), 24),
+    ("ViT-test-map", dict(hidden_size=16, num_heads=4, patch_size=8), 32),
+    ("R+ViT-test", {}, 32),
+    ("Mixer-test", dict(hidden_size=24, num_layers=3, tokens_mlp_dim=8, channels_mlp_dim=40,
+                        patch_size=4), 16),
+]
+
+
+@pytest.mark.parametrize("name,overrides,img_size", ARCHITECTURES)
+def test_load_without_name_reads_the_architecture(name, overrides, img_size, tmp_path):
+  model = randomize(models.create(name, num_classes=6, img_size=img_size, **overrides))
+  checkpoint.save_npz(model, tmp_path / "m.npz")
+  loaded = checkpoint.load(tmp_path / "m.npz")
+  want, got = model.config, loaded.config
+  for field in models.registry.ARCHITECTURE_FIELDS[want.family] + (
+      "num_classes", "img_size"):
+    assert getattr(got, field) == getattr(want, field), field
+  assert getattr(got, "representation_size", None) == getattr(want, "representation_size", None)
+  # A file whose sizes are a registry model's is named after it.
+  assert (got.name == name) == (not overrides)
+  x = images(size=img_size)
+  np.testing.assert_array_equal(loaded(x), model(x))
+  # A new head drops the representation layer, as with a name.
+  new_head = checkpoint.load(tmp_path / "m.npz", num_classes=2)
+  assert new_head.config.num_classes == 2
+  assert getattr(new_head.config, "representation_size", None) is None
+
+
+def test_gap_classifier_is_a_logged_guess(tmp_path, caplog):
+  model = randomize(models.create("ViT-test-gap", num_classes=3, img_size=32))
+  checkpoint.save_npz(model, tmp_path / "m.npz")
+  with caplog.at_level(logging.INFO, logger="vit_jax.checkpoint"):
+    loaded = checkpoint.load(tmp_path / "m.npz")
+  assert loaded.config.classifier == "gap"
+  assert "Guessed classifier='gap'" in caplog.text
+  assert "Architecture read from" in caplog.text and "ViT-test-gap" in caplog.text
+
+
+def test_resolution_uses_the_overridden_patch_size(tmp_path):
+  sizes = dict(patch_size=16, hidden_size=64, num_layers=2, num_heads=4, mlp_dim=128)
+  model = randomize(models.create("ViT-test", num_classes=3, img_size=32, **sizes))
+  checkpoint.save_npz(model, tmp_path / "m.npz")
+  loaded = checkpoint.load(tmp_path / "m.npz", "ViT-test", **sizes)
+  assert loaded.config.img_size == 32  # a 2x2 grid of 16 px patches, not of 8 px
+  np.testing.assert_array_equal(loaded(images()), model(images()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_export_is_float32(dtype, tmp_path):
+  model = models.create("ViT-test", num_classes=3, img_size=32, param_dtype=dtype)
+  for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+    noise = 0.1 * jax.random.normal(jax.random.key(i), var.get_value().shape)
+    var.set_value((var.get_value() + noise).astype(dtype))
+  checkpoint.save_npz(model, tmp_path / "m.npz")
+  with np.load(tmp_path / "m.npz") as f:
+    assert {f[k].dtype for k in f.files} == {np.dtype(np.float32)}
+  loaded = checkpoint.load(tmp_path / "m.npz", param_dtype=dtype)
+  for (_, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                            nnx.to_flat_state(nnx.state(loaded, nnx.Param))):
+    assert b.get_value().dtype == dtype
+    np.testing.assert_array_equal(np.asarray(a.get_value(), np.float32),
+                                  np.asarray(b.get_value(), np.float32))
+
+
+def test_load_params_into_says_what_it_took(vit_npz):
+  _, path = vit_npz
+  same = checkpoint.load_params_into(models.create("ViT-test", num_classes=7, img_size=32), path)
+  assert not same.posemb_resized and same.head_kept and not same.head_new
+  assert "position embedding kept (4x4)" in str(same) and "head kept (7 classes)" in str(same)
+  moved = checkpoint.load_params_into(models.create("ViT-test", num_classes=3, img_size=48), path)
+  assert moved.posemb_resized and moved.head_new
+  assert str(path) in str(moved) and "resized 4x4 -> 6x6 (bilinear)" in str(moved)
+  assert "head new, zero-initialised (3 classes; the file's has 7)" in str(moved)
+
+
+def test_finetune_from_a_workdir_takes_its_architecture(tmp_path, caplog):
+  """A run trained with architecture overrides is fine-tuned by a config
+  that does not repeat them; load(workdir) reads without orbax warnings."""
+  import test_train
+  from vit_jax import optim, train
+  wd = str(tmp_path / "pretrain")
+  c = test_train.tiny_config(total_steps=2, checkpoint_every=0)
+  c.model.hidden_size, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 16, 2, 32, 4
+  train.train_and_evaluate(c, wd, data=test_train.InMemoryData())
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    trained = checkpoint.load(wd)
+  assert trained.config.hidden_size == 16
+  assert "read only" not in caplog.text.lower() and "read_only" not in caplog.text.lower()
+
+  ft = test_train.tiny_config(pretrained=wd, num_classes=5, img_size=16)
+  assert ft.model.hidden_size is None  # the registry's ViT-test would be 32 wide
+  ft = train.pretrained_architecture(train.resolve_config(ft))
+  assert (ft.model.hidden_size, ft.model.patch_size) == (16, 4)
+  s = train.setup(ft, str(tmp_path / "finetune"))
+  spec = train.abstract_model(ft)
+  tx = optim.make_optimizer(ft)
+  _, shardings = train.state_shardings(ft, spec, tx, s)
+  with caplog.at_level(logging.INFO, logger="vit_jax.train"):
+    state = train.create_train_state(ft, spec, tx, shardings)
+  params = jax.device_get(state["params"])
+  np.testing.assert_array_equal(params["embedding"]["kernel"],
+                                trained.embedding.kernel.get_value())
+  assert f"config.pretrained: {wd} -> ViT-test: position embedding resized 8x8 -> 4x4" in caplog.text
+  assert "head new, zero-initialised (5 classes; the file's has 4)" in caplog.text

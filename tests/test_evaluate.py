@@ -61,3 +61,49 @@ def test_fewshot_ridge_probe_separates_clusters():
   chance = evaluate.ridge_probe(rng.normal(size=(50, 32)), ytr[:50], rng.normal(size=(50, 32)), yte,
                                 num_classes=5, l2_reg=1.0)
   assert chance < 0.6
+
+
+def test_real_accuracy_counts_label_sets_and_skips_images_without_labels():
+  """ImageNet ReaL: right when the top-1 class is in the image's label set; no set, no vote."""
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "model": 1})
+  logits = np.full((8, 4), -1.0, np.float32)
+  top = [2, 1, 0, 3, 0, 1, 2, 3]
+  logits[np.arange(8), top] = 5.0
+  sets = [{1, 2}, {0}, set(), {3}, {0, 3}, set(), {0, 1}, {3}]
+  labels = np.zeros((8, 4), np.float32)
+  for i, s in enumerate(sets):
+    labels[i, sorted(s)] = 1.0
+  mask = np.array([1, 1, 1, 1, 1, 1, 1, 0], np.float32)  # the last row is padding
+  batch = {"image": logits, "labels": labels, "mask": mask}
+  step = evaluate.make_eval_step(lambda p, x: x, mesh=mesh, param_shardings=sharding.replicated(mesh),
+                                 label_sets=True)
+  res = evaluate.evaluate(step, jnp.zeros(()), [batch], mesh)
+  # Counted: rows 0, 1, 3, 4, 6 (2 and 5 have no labels, 7 is padding); right: 0, 3, 4.
+  assert res["count"] == 5 and res["accuracy"] == pytest.approx(3 / 5)
+  # Single-label scoring of the same batch would count every unmasked row.
+  plain = evaluate.make_eval_step(lambda p, x: x, mesh=mesh, param_shardings=sharding.replicated(mesh))
+  assert evaluate.evaluate(plain, jnp.zeros(()), [batch], mesh)["count"] == 7
+
+
+def test_training_reports_real_accuracy_on_its_own_eval_set(tmp_path):
+  """config.real_eval adds a 'real/' evaluation read through the data API with its own config;
+  on one-hot label sets it agrees with plain top-1 accuracy."""
+  import ml_collections
+  import test_train
+  from vit_jax import train
+  c = test_train.tiny_config(total_steps=2, checkpoint_every=0)
+  c.real_eval = ml_collections.ConfigDict(dict(
+      dataset="imagenet2012_real", split="validation",
+      pp="decode|resize({img_size})|value_range(-1, 1)|multi_hot({num_classes}, key='real_label')"))
+  seen = []
+
+  class Data(test_train.InMemoryData):
+    def eval_iterator(self, config, split, **kw):
+      seen.append((config.dataset, split, config.pp_eval))
+      return super().eval_iterator(config, split, **kw)
+
+  res = train.train_and_evaluate(c, str(tmp_path / "wd"), data=Data())
+  assert ("imagenet2012_real", "validation",
+          "decode|resize(32)|value_range(-1, 1)|multi_hot(4, key='real_label')") in seen
+  assert res["real/count"] == res["test/count"] == 64
+  assert res["real/accuracy"] == pytest.approx(res["test/accuracy"])

@@ -1,5 +1,4 @@
 """Train loop: learns, mesh-independent, exact resume, SIGTERM, NaN stop, clear errors."""
-import importlib.util
 import json
 import os
 import signal
@@ -8,16 +7,14 @@ import jax
 import numpy as np
 import pytest
 
+import configs
 from vit_jax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config_file(name, arg=None):
-  spec = importlib.util.spec_from_file_location(f"_cfg_{name}", os.path.join(REPO, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+  return configs.load(os.path.join(REPO, "configs", name) + ("" if arg is None else f":{arg}"))
 
 
 class InMemoryData:
@@ -300,8 +297,8 @@ def test_batch_not_divisible_by_devices(tmp_path):
 
 
 def test_checkpoints_keep_last_n_and_best_by_val_accuracy(tmp_path):
-  from vit_jax import checkpoint
-  ckpt = checkpoint.TrainCheckpointer(tmp_path, keep=1, keep_best=1)
+  from vit_jax import train_state
+  ckpt = train_state.TrainCheckpointer(tmp_path, keep=1, keep_best=1)
   state = {"params": {"w": np.zeros(3, np.float32)}}
   for step, acc in [(1, 0.9), (2, 0.1), (3, 0.2), (4, None)]:
     meta = {"step": step, "data_position": step}

@@ -1,4 +1,4 @@
-"""Checkpoints: the published .npz layout in and out; training state (orbax).
+"""Published .npz checkpoints in and out: layouts, position-embedding resize, head swap.
 
 Published layout: a flat .npz whose '/'-joined keys are the parameter paths of
 the original code (`embedding/kernel`, `cls`,
@@ -7,16 +7,25 @@ the original code (`embedding/kernel`, `cls`,
 parameter path with unrolled list indices written `encoderblock_{i}`; scanned
 stacks are split into / built from those per-layer keys. big_vision's layout
 (`params/` prefix, per-type numbering, a top-level `pos_embedding` without the
-class token, a scanned `encoderblock`) is converted on reading; so are old
-files that store GroupNorm parameters as (1, 1, 1, C).
+class token, a scanned `encoderblock`) is converted on reading, and a
+big_vision ViT without `pos_embedding` gets the fixed 2-D sin-cos embedding it
+was trained with; so are old files that store GroupNorm parameters as
+(1, 1, 1, C).
 
+    model = checkpoint.load('ViT-B_16.npz')   # architecture read from the file
     model = checkpoint.load('ViT-B_16.npz', 'ViT-B_16', num_classes=10, img_size=384)
     checkpoint.save_npz(model, 'finetuned.npz')
+    model = checkpoint.load('workdirs/run')    # a training run's latest checkpoint
+
+A training run's own checkpoints (orbax, with optimizer state) are
+vit_jax.train_state's; `load(workdir)` rebuilds the trained model from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import math
 import os
 import re
@@ -30,7 +39,10 @@ from etils import epath
 from flax import nnx
 
 from vit_jax import models
+from vit_jax.models import registry
 from vit_jax.models import resnet
+
+log = logging.getLogger(__name__)
 
 _STACKS = ("encoderblock", "MixerBlock")
 _EPATH_SCHEMES = ("gs://", "s3://", "az://")  # handled by etils.epath
@@ -90,15 +102,20 @@ def to_published(model: nnx.Module) -> dict[str, np.ndarray]:
   return out
 
 
+_HALF = (np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
 def save_npz(model: nnx.Module, path: str | os.PathLike) -> None:
   """Writes the published .npz layout (readable by timm and the original code).
 
-  Local files are written to a temporary name and renamed, so an interrupted
+  bfloat16 and float16 parameters are written as float32 (exactly): numpy's
+  format has no bfloat16, and the published files are float32. Local files are written to a temporary name and renamed, so an interrupted
   save never leaves a truncated checkpoint behind; object stores (gs://, any
   fsspec URL) write objects atomically themselves.
   """
   buf = io.BytesIO()
-  np.savez(buf, **to_published(model))
+  np.savez(buf, **{k: v.astype(np.float32) if v.dtype in _HALF else v
+                   for k, v in to_published(model).items()})
   spath = os.fspath(path)
   if "://" in spath and not spath.startswith(_EPATH_SCHEMES):
     import fsspec
@@ -205,9 +222,21 @@ def _is_bit_layout(flat) -> bool:
   return any(k.startswith("resnet/") for k in flat)
 
 
-def infer_from_checkpoint(flat: Mapping[str, np.ndarray], name: str) -> dict[str, Any]:
-  """What the file says about num_classes, img_size and representation_size."""
-  cfg = models.get_config(name, num_classes=1)
+def _grid_side(n: int, what: str) -> int:
+  g = math.isqrt(n)
+  if g * g != n:
+    raise CheckpointMismatchError(
+        f"cannot infer the resolution: {n} {what} do not form a square grid; "
+        "pass img_size= explicitly")
+  return g
+
+
+def infer_from_checkpoint(flat: Mapping[str, np.ndarray], name: str,
+                          **overrides) -> dict[str, Any]:
+  """What the file says about num_classes, img_size and representation_size,
+  for the named model with `overrides` (its patch size and stem set the
+  pixels per position-embedding cell)."""
+  cfg = models.get_config(name, num_classes=1, **overrides)
   info: dict[str, Any] = {}
   head = flat.get("resnet/head/conv2d/bias" if cfg.family == "bit" else "head/bias")
   info["num_classes"] = int(head.shape[-1]) if head is not None else 0
@@ -215,17 +244,81 @@ def infer_from_checkpoint(flat: Mapping[str, np.ndarray], name: str) -> dict[str
     info["representation_size"] = int(flat["pre_logits/kernel"].shape[-1])
   if cfg.family == "vit" and _POSEMB in flat:
     n = flat[_POSEMB].shape[1] - (1 if "cls" in flat else 0)
-    g = math.isqrt(n)
-    if g * g != n:
-      raise CheckpointMismatchError(
-          f"cannot infer the resolution: {n} position embeddings do not form a "
-          f"square grid; pass img_size= explicitly")
-    info["img_size"] = g * cfg.pixels_per_token
+    info["img_size"] = _grid_side(n, "position embeddings") * cfg.pixels_per_token
   elif cfg.family == "mixer" and "MixerBlock_0/token_mixing/Dense_0/kernel" in flat:
     n = flat["MixerBlock_0/token_mixing/Dense_0/kernel"].shape[0]
-    g = math.isqrt(n)
-    info["img_size"] = g * cfg.patch_size
+    info["img_size"] = _grid_side(n, "tokens") * cfg.patch_size
   return info
+
+
+def _count(flat, pattern: str) -> int:
+  return len({m.group(1) for k in flat for m in [re.match(pattern, k)] if m})
+
+
+def infer_architecture(flat: Mapping[str, np.ndarray], *,
+                       posemb: str = "learn") -> tuple[str, dict[str, Any]]:
+  """(family, models.create() fields) of a ViT, hybrid or Mixer file in the
+  published layout, from the parameter shapes (the resolution is
+  `infer_from_checkpoint`'s). A ViT without a class token or MAP head is
+  taken to pool by 'gap' ('unpooled' has the same parameters): logged.
+  """
+  fields: dict[str, Any] = {}
+  if "stem/kernel" in flat and "MixerBlock_0/token_mixing/Dense_0/kernel" in flat:
+    stem = flat["stem/kernel"]
+    tokens = flat["MixerBlock_0/token_mixing/Dense_0/kernel"]
+    fields = dict(
+        patch_size=int(stem.shape[0]), hidden_size=int(stem.shape[-1]),
+        num_layers=_count(flat, r"MixerBlock_(\d+)/"),
+        tokens_mlp_dim=int(tokens.shape[-1]),
+        channels_mlp_dim=int(
+            flat["MixerBlock_0/channel_mixing/Dense_0/kernel"].shape[-1]))
+    return "mixer", fields
+  query = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel"
+  if "embedding/kernel" not in flat or query not in flat:
+    if _is_bit_layout(flat):
+      raise CheckpointMismatchError(
+          "a BiT file: its architecture is not read from the file; pass the "
+          f"model name, one of: {', '.join(n for n in models.names() if n.startswith('BiT'))}")
+    raise CheckpointMismatchError(
+        "neither a ViT nor a Mixer file (no 'embedding/kernel' with "
+        f"'{query}', nor 'stem/kernel' with MixerBlock_0); pass the model name")
+  hidden, heads, _ = flat[query].shape
+  fields = dict(
+      hidden_size=int(hidden), num_heads=int(heads),
+      num_layers=_count(flat, r"Transformer/encoderblock_(\d+)/"),
+      mlp_dim=int(flat["Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel"
+                       ].shape[-1]),
+      patch_size=int(flat["embedding/kernel"].shape[0]))
+  if "conv_root/kernel" in flat:  # ResNet hybrid
+    fields["resnet_layers"] = tuple(
+        _count(flat, rf"block{s}/unit(\d+)/")
+        for s in range(1, _count(flat, r"block(\d+)/unit") + 1))
+    fields["resnet_width"] = int(flat["conv_root/kernel"].shape[-1]) // 64
+  if "cls" in flat:
+    fields["classifier"] = "token"
+  elif "MAPHead_0/probe" in flat:
+    fields["classifier"] = "map"
+  else:
+    fields["classifier"] = "gap"
+    log.warning("Guessed classifier='gap' (no class token or MAP head in the "
+                "file; 'unpooled' has the same parameters)")
+  if "pre_logits/kernel" in flat:
+    fields["representation_size"] = int(flat["pre_logits/kernel"].shape[-1])
+  fields["posemb"] = posemb
+  return "vit", fields
+
+
+def _registry_match(family: str, fields: Mapping[str, Any]) -> str | None:
+  """The registry name whose architecture is `fields` (None when none is)."""
+  cls = registry._CONFIG_CLASSES[family]  # pylint: disable=protected-access
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+  arch = {"resnet_layers": None, **{k: v for k, v in fields.items()
+                                     if k not in ("img_size", "representation_size")}}
+  for name, (fam, entry) in registry.MODELS.items():
+    if fam == family and all({**defaults, **entry}.get(k) == v
+                             for k, v in arch.items()):
+      return name
+  return None
 
 
 # ---------------------------------------------------------------------------
@@ -271,6 +364,10 @@ def resize_posemb(posemb: np.ndarray, num_prefix_tokens: int,
 def _fit_posemb(value, model, method):
   want_prefix = model.config.num_prefix_tokens
   have_prefix = value.shape[1] - _grid_tokens(value, want_prefix)
+  if have_prefix != want_prefix:
+    log.info("Position embedding: the file has %d class-token row(s), the model "
+             "%d; %s", have_prefix, want_prefix,
+             "dropped" if have_prefix > want_prefix else "zero rows added")
   if have_prefix > want_prefix:      # token checkpoint -> model without cls
     value = value[:, have_prefix - want_prefix:]
   elif have_prefix < want_prefix:    # no class-token row -> zero row (identity)
@@ -298,9 +395,43 @@ def _is_head(key: str) -> bool:
   return key.startswith(("head/", "resnet/head/"))
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadSummary:
+  """What loading a checkpoint into a model took from the file."""
+  source: str
+  model: str
+  posemb_grid: tuple[tuple[int, int], tuple[int, int]] | None  # (file, model)
+  posemb_method: str
+  head_classes: tuple[int, int]   # (file, model); 0: no head
+  head_kept: bool
+
+  @property
+  def posemb_resized(self) -> bool:
+    return self.posemb_grid is not None and self.posemb_grid[0] != self.posemb_grid[1]
+
+  @property
+  def head_new(self) -> bool:
+    return bool(self.head_classes[1]) and not self.head_kept
+
+  def __str__(self):
+    posemb = ""
+    if self.posemb_resized:
+      (fh, fw), (mh, mw) = self.posemb_grid
+      posemb = (f"position embedding resized {fh}x{fw} -> {mh}x{mw} "
+                f"({self.posemb_method}); ")
+    elif self.posemb_grid is not None:
+      posemb = "position embedding kept ({}x{}); ".format(*self.posemb_grid[0])
+    file_n, model_n = self.head_classes
+    head = (f"kept ({model_n} classes)" if self.head_kept else
+            f"new, zero-initialised ({model_n} classes; the file's has "
+            f"{file_n})" if model_n else "none")
+    return f"{self.source} -> {self.model}: {posemb}head {head}"
+
+
 def _assign(model: nnx.Module, flat: Mapping[str, np.ndarray], *,
             keep_head: bool, posemb_method: str = "bilinear",
-            place=None, fresh: tuple[str, ...] = ()) -> nnx.Module:
+            place=None, fresh: tuple[str, ...] = (), source: str = "<dict>"
+            ) -> LoadSummary:
   """Copies published-layout arrays into the model's parameters, in place.
 
   Raises CheckpointMismatchError naming every missing, unexpected and
@@ -309,8 +440,16 @@ def _assign(model: nnx.Module, flat: Mapping[str, np.ndarray], *,
   in `fresh` keep the model's own initialisation when the file lacks them.
   """
   flat = dict(flat)
-  if model.config.family == "vit" and _POSEMB in flat and model.config.patch_grid:
+  cfg = model.config
+  posemb_grid = None
+  if (cfg.family == "vit" and _POSEMB in flat and cfg.patch_grid
+      and getattr(cfg, "posemb", "learn") == "learn"):
+    side = math.isqrt(_grid_tokens(flat[_POSEMB], cfg.num_prefix_tokens))
+    posemb_grid = ((side, side), tuple(cfg.patch_grid))
     flat[_POSEMB] = _fit_posemb(flat[_POSEMB], model, posemb_method)
+  head_key = "resnet/head/conv2d/bias" if cfg.family == "bit" else "head/bias"
+  head_classes = (int(flat[head_key].shape[-1]) if head_key in flat else 0,
+                  int(cfg.num_classes or 0))
   if model.config.family == "bit" and "resnet/head/conv2d/kernel" in flat:
     k = flat["resnet/head/conv2d/kernel"]
     flat["resnet/head/conv2d/kernel"] = k.reshape(k.shape[-2], k.shape[-1])
@@ -361,7 +500,9 @@ def _assign(model: nnx.Module, flat: Mapping[str, np.ndarray], *,
   place = place or _place_like
   for var, value in updates:
     var.set_value(place(value.astype(var.get_value().dtype), var))
-  return model
+  return LoadSummary(source=source, model=cfg.name, posemb_grid=posemb_grid,
+                     posemb_method=posemb_method, head_classes=head_classes,
+                     head_kept=bool(keep_head and head_classes[1]))
 
 
 def _place_like(value: np.ndarray, var) -> jax.Array:
@@ -373,37 +514,57 @@ def _place_like(value: np.ndarray, var) -> jax.Array:
   return jax.make_array_from_callback(value.shape, sharding, lambda idx: value[idx])
 
 
-def _is_workdir(path) -> bool:
+def is_workdir(path) -> bool:
   """A local directory (a training run's workdir) rather than an .npz file."""
   spath = os.fspath(path)
   return (not spath.endswith(".npz") and "://" not in spath
           and epath.Path(path).is_dir())
 
 
+def _read_published(source) -> tuple[dict[str, np.ndarray], bool]:
+  """(flat dict in the published layout, whether it came in big_vision's)."""
+  if isinstance(source, Mapping):
+    raw = dict(source)
+  elif is_workdir(source):
+    from vit_jax import train_state  # pylint: disable=g-import-not-at-top
+    raw = to_published(train_state.load_workdir(source))
+  else:
+    raw = read_npz(source)
+  return normalize_layout(raw), _is_big_vision(raw)
+
+
+def _file_posemb(flat, big_vision: bool) -> str:
+  """'sincos2d' for a big_vision ViT saved without a position embedding."""
+  is_vit = any(k.startswith("Transformer/encoderblock_") for k in flat)
+  if big_vision and is_vit and _POSEMB not in flat:
+    log.info("No position embedding in a big_vision file: fixed 2-D sin-cos "
+             "(posemb='sincos2d')")
+    return "sincos2d"
+  return "learn"
+
+
 def load_params_into(model: nnx.Module, source, *, posemb_method: str = "bilinear"
-                     ) -> nnx.Module:
+                     ) -> LoadSummary:
   """Fills an existing (possibly sharded) model from a published checkpoint.
 
   `source` is a published .npz (path or URL), a training workdir, or a flat
   dict in the published layout. The position embedding is resized to the
   model's grid; the head is kept only when its shape matches (otherwise the
   model's own freshly initialised head stays), and `pre_logits` is ignored
-  when the model has no representation layer.
+  when the model has no representation layer. Returns what was taken from
+  the file (a LoadSummary, for the caller to log).
   """
-  if isinstance(source, Mapping):
-    flat = source
-  elif _is_workdir(source):
-    flat = to_published(load_workdir(source))
-  else:
-    flat = read_npz(source)
-  flat = normalize_layout(flat)
+  flat, _ = _read_published(source)
   head_key = "resnet/head/conv2d/bias" if model.config.family == "bit" else "head/bias"
   keep_head = (head_key in flat and model.config.num_classes and
                flat[head_key].shape[-1] == model.config.num_classes)
   if getattr(model.config, "representation_size", None) is None:
+    if any(k.startswith("pre_logits/") for k in flat):
+      log.info("The file's pre_logits layer is dropped: the model has none")
     flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
+  source_name = "<dict>" if isinstance(source, Mapping) else os.fspath(source)
   return _assign(model, flat, keep_head=bool(keep_head),
-                 posemb_method=posemb_method)
+                 posemb_method=posemb_method, source=source_name)
 
 
 def load(path: str | os.PathLike, name: str | None = None, *,
@@ -414,24 +575,49 @@ def load(path: str | os.PathLike, name: str | None = None, *,
   Args:
     path: a .npz in the published or big_vision layout (local, gs://, ...),
       or a training run's workdir (its latest orbax checkpoint).
-    name: the model name (`ViT-B_16` ...); not needed for a workdir.
+    name: the model name (`ViT-B_16` ...). None reads a ViT's, hybrid's or
+      Mixer's architecture from the file (BiT files need the name); not
+      needed for a workdir.
     num_classes: None keeps the checkpoint's head; another value replaces it
       with a zero-initialised head (and drops `pre_logits`).
-    img_size: None keeps the checkpoint's resolution; another value resizes
-      the position embedding (posemb_method 'bilinear' or 'bicubic').
+    img_size: None keeps the checkpoint's resolution (its position-embedding
+      grid times the patch size of the model as overridden); another value
+      resizes the position embedding (posemb_method 'bilinear' or 'bicubic').
     **overrides: model config overrides (dtype, scan, classifier ...).
   """
-  if _is_workdir(path):
-    return load_workdir(path)
+  if is_workdir(path):
+    from vit_jax import train_state  # pylint: disable=g-import-not-at-top
+    return train_state.load_workdir(path)
+  flat, big_vision = _read_published(path)
+  posemb = _file_posemb(flat, big_vision)
   if name is None:
-    raise ValueError(f"load({str(path)!r}) needs the model name, one of: "
-                     f"{', '.join(models.names())}")
-  flat = normalize_layout(read_npz(path))
+    family, fields = infer_architecture(flat, posemb=posemb)
+    name = _registry_match(family, fields)
+    label = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    base = name or ("ViT-test" if family == "vit" else "Mixer-test")
+    log.info("Architecture read from %s: %s (%s)", os.fspath(path), label,
+             ", ".join(f"{k}={v}" for k, v in fields.items()))
+    # pre_logits is kept with the file's head and dropped with a new one, as
+    # for a named model.
+    fields.pop("representation_size", None)
+    overrides = {**fields, **overrides}
+    return _load_named(flat, base, label, path, num_classes=num_classes,
+                       img_size=img_size, posemb_method=posemb_method,
+                       overrides=overrides)
+  if posemb == "sincos2d" and models.family(name) == "vit":
+    overrides.setdefault("posemb", posemb)
+  return _load_named(flat, name, name, path, num_classes=num_classes,
+                     img_size=img_size, posemb_method=posemb_method,
+                     overrides=overrides)
+
+
+def _load_named(flat, name, label, path, *, num_classes, img_size,
+                posemb_method, overrides) -> nnx.Module:
   family = models.family(name)
   if family == "bit" and not _is_bit_layout(flat):
     raise CheckpointMismatchError(f"{path} is not a BiT checkpoint (no "
-                                  "'resnet/' keys) but {name} is a BiT model")
-  info = infer_from_checkpoint(flat, name)
+                                  f"'resnet/' keys) but {name} is a BiT model")
+  info = infer_from_checkpoint(flat, name, **overrides)
   keep_head = num_classes is None or num_classes == info["num_classes"]
   if num_classes is None:
     num_classes = info["num_classes"]
@@ -439,7 +625,12 @@ def load(path: str | os.PathLike, name: str | None = None, *,
     overrides["representation_size"] = (info.get("representation_size")
                                          if keep_head else None)
   if img_size is None:
-    img_size = info.get("img_size", 224)
+    img_size = info.get("img_size")
+    if img_size is None and family != "bit":
+      img_size = 224
+      log.warning("Guessed img_size=224: %s does not record the resolution "
+                  "(a fixed position embedding); pass img_size=", path)
+    img_size = img_size or 224
   elif family == "mixer" and "img_size" in info and img_size != info["img_size"]:
     raise CheckpointMismatchError(
         f"{name} checkpoints fix the resolution through the token-mixing MLP "
@@ -449,17 +640,23 @@ def load(path: str | os.PathLike, name: str | None = None, *,
 
   cfg = models.get_config(name, num_classes=num_classes, img_size=img_size,
                           **overrides)
+  if label != name:
+    cfg = dataclasses.replace(cfg, name=label)
   fresh = ()
   rep = getattr(cfg, "representation_size", None)
   if rep and ("pre_logits/kernel" not in flat
               or flat["pre_logits/kernel"].shape[-1] != rep):
     # A new representation layer needs its random initialisation.
+    log.info("New representation layer (pre_logits, %d): randomly initialised",
+             rep)
     flat = {k: v for k, v in flat.items() if not k.startswith("pre_logits/")}
     model, fresh = models.create_from_config(cfg), ("pre_logits/",)
   else:
     model = _materialize_abstract(cfg)
-  _assign(model, flat, keep_head=keep_head, posemb_method=posemb_method,
-          place=lambda v, var: jnp.asarray(v), fresh=fresh)
+  summary = _assign(model, flat, keep_head=keep_head, posemb_method=posemb_method,
+                    place=lambda v, var: jnp.asarray(v), fresh=fresh,
+                    source=os.fspath(path))
+  log.info("Loaded %s", summary)
   return model
 
 
@@ -476,166 +673,3 @@ def _materialize_abstract(cfg) -> nnx.Module:
   return abstract
 
 
-# Training state (orbax)
-# ---------------------------------------------------------------------------
-# A training run's workdir holds checkpoints/<step>/ with two items: 'state'
-# (the train state dict: params, opt_state, step, rng[, ema]; saved with
-# orbax's StandardSave, so it restores onto any mesh) and 'meta' (JSON: step,
-# input position, and the models.create() arguments that rebuild the model).
-
-
-class TrainCheckpointer:
-  """orbax CheckpointManager under <workdir>/checkpoints/<step>/.
-
-  Asynchronous saves; keeps the last `keep` checkpoints plus the best
-  `keep_best` by the 'val/accuracy' metric passed to `save`.
-  """
-
-  def __init__(self, workdir, *, keep: int = 2, keep_best: int = 0,
-               read_only: bool = False):
-    import orbax.checkpoint as ocp
-    from orbax.checkpoint import checkpoint_managers as cm
-    self._ocp = ocp
-    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)),
-                                  "checkpoints")
-    policies = [cm.LatestN(n=max(int(keep), 1))]
-    if keep_best and int(keep_best) > 0:
-      policies.append(cm.BestN(get_metric_fn=lambda m: m["val/accuracy"],
-                               n=int(keep_best),
-                               keep_checkpoints_without_metrics=False))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=cm.AnyPreservationPolicy(policies),
-        create=not read_only, read_only=read_only,
-        enable_async_checkpointing=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
-
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
-  def save(self, state, *, meta: Mapping[str, Any],
-           metrics: Mapping[str, float] | None = None) -> None:
-    """Starts an asynchronous save of `state` at step meta['step']."""
-    ocp = self._ocp
-    step = int(meta["step"])
-    if step in self.manager.all_steps():
-      return
-    best = ({"val/accuracy": float(metrics["val/accuracy"])}
-            if metrics and "val/accuracy" in metrics else None)
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))),
-                      metrics=best, force=True)
-
-  def restore(self, abstract_state, shardings=None, step: int | None = None):
-    """Restores (state, meta) onto `shardings` (any mesh); (None, None) if empty.
-
-    `abstract_state` is a tree of ShapeDtypeStructs; `shardings` the matching
-    tree of jax.sharding.Sharding (None: use the structs' own shardings).
-    """
-    ocp = self._ocp
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None, None
-    if shardings is not None:
-      abstract_state = jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-          abstract_state, shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
-
-  def restore_meta(self, step: int | None = None) -> dict | None:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    out = self.manager.restore(step, args=self._ocp.args.Composite(
-        meta=self._ocp.args.JsonRestore()))
-    return dict(out["meta"])
-
-  def restore_params(self, abstract_params, step: int | None = None,
-                     key: str = "params"):
-    """Only state[key] (e.g. 'params' or 'ema'), onto the structs' shardings."""
-    ocp = self._ocp
-    step = self.latest_step() if step is None else step
-    path = os.path.join(self.directory, str(step), "state")
-    restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                       dtype=a.dtype), abstract_params)
-    with ocp.PyTreeCheckpointer() as ckptr:
-      out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
-          item={key: abstract_params}, restore_args={key: restore_args},
-          partial_restore=True))
-    return out[key]
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
-
-
-def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
-               model_overrides: Mapping[str, Any], has_ema: bool = False
-               ) -> dict:
-  """The JSON metadata saved with each training checkpoint."""
-  def plain(v):
-    if isinstance(v, (jnp.dtype, np.dtype)) or (isinstance(v, type) and
-                                                 issubclass(v, np.generic)):
-      return str(jnp.dtype(v))
-    if hasattr(v, "dtype") and not hasattr(v, "shape"):
-      return str(jnp.dtype(v))
-    return v
-  return {"step": int(step), "data_position": int(step),
-          "model_name": model_name, "num_classes": int(num_classes),
-          "img_size": img_size if isinstance(img_size, int) else list(img_size),
-          "model_overrides": {k: plain(v) for k, v in model_overrides.items()},
-          "has_ema": bool(has_ema)}
-
-
-def _model_from_meta(meta: Mapping[str, Any]):
-  """An abstract model (no memory) described by a checkpoint's metadata."""
-  overrides = {k: tuple(v) if isinstance(v, list) else v
-               for k, v in meta.get("model_overrides", {}).items()}
-  img_size = meta["img_size"]
-  img_size = tuple(img_size) if isinstance(img_size, list) else img_size
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: models.create(
-        meta["model_name"], num_classes=meta["num_classes"], img_size=img_size,
-        **overrides))
-
-
-def load_workdir(workdir, step: int | None = None, *, ema: bool | None = None
-                 ) -> nnx.Module:
-  """The trained model of a training run (latest checkpoint, or `step`).
-
-  The model is rebuilt from the checkpoint's metadata (model name and
-  models.create() arguments) and its parameters restored onto the first
-  local device. `ema`: load the EMA parameters (default: when the run kept
-  an EMA, as its evaluation did).
-  """
-  ckpt = TrainCheckpointer(workdir, read_only=True)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(
-          f"No training checkpoint under {ckpt.directory}: train first with "
-          f"python -m vit_jax.main --config=... --workdir={workdir}")
-    meta = ckpt.restore_meta(step)
-    abstract = _model_from_meta(meta)
-    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    device = jax.local_devices()[0]
-    target = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                       sharding=jax.sharding.SingleDeviceSharding(device)),
-        nnx.to_pure_dict(abstract_params))
-    use_ema = meta.get("has_ema", False) if ema is None else ema
-    params = ckpt.restore_params(target, step, key="ema" if use_ema else "params")
-  finally:
-    ckpt.close()
-  nnx.replace_by_pure_dict(abstract_params, params)
-  return nnx.merge(graphdef, abstract_params, rest)

@@ -5,6 +5,11 @@ the last batch (on every host) and marks padding with ``mask == 0``; sums are
 taken over the global (multi-host) batch under ``jit`` so the result is the
 same whatever the number of devices or processes.
 
+ImageNet ReaL (Beyer et al. 2020, "Are we done with ImageNet?") relabels each
+ImageNet validation image with a set of plausible classes: a prediction is
+right when it is in the set, and images whose set is empty are left out.
+``make_eval_step(..., label_sets=True)`` scores multi-hot label sets that way.
+
 The few-shot probe follows the usual recipe (as in big_vision): embed images
 with the model's ``pre_logits``, pick k examples per class, fit a closed-form
 ridge regression onto +-1 one-hot targets, report test accuracy.
@@ -46,16 +51,26 @@ def per_example_correct(logits, labels, *, multi_label: bool = False):
 # --------------------------------------------------------------------------
 # Classification eval
 # --------------------------------------------------------------------------
-def make_eval_step(apply_fn: Callable, *, mesh, param_shardings, multi_label: bool = False):
+def make_eval_step(apply_fn: Callable, *, mesh, param_shardings, multi_label: bool = False,
+                   label_sets: bool = False):
   """jit(params, batch) -> {'loss_sum', 'correct_sum', 'count'} (replicated scalars).
 
   ``apply_fn(params, images) -> logits``. ``batch`` has 'image', 'labels', 'mask'.
+  ``label_sets``: 'labels' are multi-hot sets of right answers (ImageNet ReaL): the top-1
+  class is right when it is in the set, examples with an empty set are not counted, and a
+  softmax model's loss is the cross-entropy against the set's uniform distribution.
   """
   def step(params, batch):
     logits = apply_fn(params, batch["image"])
     mask = batch["mask"].astype(jnp.float32)
-    loss = per_example_loss(logits, batch["labels"], multi_label=multi_label)
-    correct = per_example_correct(logits, batch["labels"], multi_label=multi_label)
+    labels = batch["labels"]
+    if label_sets:
+      has_labels = jnp.max(labels, axis=-1) > 0
+      mask = mask * has_labels.astype(jnp.float32)
+      if not multi_label:
+        labels = labels / jnp.maximum(jnp.sum(labels, axis=-1, keepdims=True), 1.0)
+    loss = per_example_loss(logits, labels, multi_label=multi_label)
+    correct = per_example_correct(logits, batch["labels"], multi_label=multi_label or label_sets)
     return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask),
             "count": jnp.sum(mask)}
 
@@ -76,6 +91,24 @@ def evaluate(eval_step: Callable, params, batches: Iterable[Mapping[str, np.ndar
   n = totals["count"]
   return {"accuracy": totals["correct_sum"] / max(n, 1), "loss": totals["loss_sum"] / max(n, 1),
           "count": int(round(n))}
+
+
+def real_eval_config(config):
+  """The config that reads config.real_eval (dataset, split, pp) through vit_jax.data.
+
+  A copy of `config` whose dataset is the ReaL dataset, whose test_split is its split and
+  whose pp_eval yields the multi-hot label sets; None when config.real_eval is not set.
+  """
+  real = config.get("real_eval")
+  if not real:
+    return None
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.dataset = real.dataset
+  c.test_split = real.split
+  c.val_split = None
+  c.pp_eval = real.pp.format(img_size=config.img_size, num_classes=config.num_classes)
+  return c
 
 
 # --------------------------------------------------------------------------

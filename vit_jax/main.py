@@ -19,10 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+import configs
+from vit_jax import cli
+from vit_jax import preflight
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Run config file, e.g. configs/digits.py or configs/finetune.py:b16,cifar100.",
@@ -40,7 +45,8 @@ _REUSE_CPU_MEMORY = flags.DEFINE_boolean(
 
 
 # --------------------------------------------------------------------------
-# Unknown --config.* keys: fail with the list of valid keys
+# Flags: a missing config file, an unknown --config.* key or a malformed value
+# fails in one line (cli.UsageError), before JAX and TensorFlow start
 # --------------------------------------------------------------------------
 def config_keys(config, prefix="") -> list[str]:
   """Every dotted field name of a ConfigDict (nested dicts included)."""
@@ -53,39 +59,74 @@ def config_keys(config, prefix="") -> list[str]:
   return out
 
 
-def check_overrides(argv: list[str]) -> None:
-  """Raises app.UsageError naming an unknown --config.<key> and listing the valid ones."""
+def _config_spec(argv: list[str]) -> str | None:
   spec = None
   for a in argv[1:]:
     if a.startswith("--config="):
       spec = a.split("=", 1)[1]
-  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
-  if spec is None or not overrides:
-    return
-  path, _, arg = spec.partition(":")
-  config = load_config(path, arg or None)
-  valid = set(config_keys(config))
-  for key in overrides:
-    if key not in valid:
-      raise app.UsageError(
-          f"Unknown config key --config.{key} for {spec}. Valid keys:\n  "
-          + "\n  ".join(sorted(valid)))
+  return spec
 
 
-def load_config(path: str, arg: str | None = None):
-  """Loads configs/X.py and calls get_config(arg) (as config_flags does)."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("_vit_run_config", path)
+def check_overrides(argv: list[str]):
+  """Loads --config (as config_flags will) and checks every --config.<key> names a field.
+
+  Returns the config (None without --config); raises cli.UsageError for a config file that
+  does not exist, config arguments it refuses (ValueError) and unknown keys ("did you mean").
+  """
+  spec = _config_spec(argv)
   if spec is None:
-    raise app.UsageError(f"Config file {path!r} not found.")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg) if arg is not None else module.get_config()
+    return None
+  path = spec.partition(":")[0]
+  try:
+    config = configs.load(spec)
+  except FileNotFoundError as e:
+    raise cli.UsageError(f"--config: {e}") from None
+  except ValueError as e:  # the config's own check of its arguments
+    # config_flags' parser re-raises it with the traceback in the message; show the config's own.
+    cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
+    message = str(cause).strip().splitlines()[-1].removeprefix("ValueError: ")
+    raise cli.UsageError(f"--config={spec}: {message}") from None
+  valid = config_keys(config)
+  for a in argv[1:]:
+    if a.startswith("--config."):
+      key = a[len("--config."):].split("=", 1)[0]
+      if key not in valid:
+        raise cli.UsageError(f"unknown config key --config.{key} for {spec}."
+                             f"{cli.did_you_mean(key, valid) or ' See the fields of ' + path + '.'}")
+  return config
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          tuple: "a tuple, e.g. '(1, 2)'"}
+
+
+def _malformed(error: flags.IllegalFlagValueError, config) -> str:
+  """'--config.batch_size=abc: batch_size must be an integer.' from config_flags' error."""
+  match = re.match(r"flag --config\.([\w.]+)=(.*?): ", str(error), re.S)
+  if not match or config is None:
+    return str(error)
+  key, value = match.groups()
+  parent, _, leaf = key.rpartition(".")
+  try:
+    node = config
+    for part in filter(None, parent.split(".")):
+      node = node[part]
+    kind = _KINDS[node.get_type(leaf)]
+  except (KeyError, AttributeError, TypeError):  # a field type without a plain description
+    return str(error)
+  return f"--config.{key}={value}: {key} must be {kind}."
 
 
 def _parse_flags(argv):
-  check_overrides(argv)
-  return flags.FLAGS(argv)
+  config = check_overrides(argv)
+  # --config names a checkout's path or a shipped config; config_flags reads the file it resolves to.
+  argv = [("--config=" + configs.path(a[len("--config="):].partition(":")[0])
+           + "".join(a[len("--config="):].partition(":")[1:])) if a.startswith("--config=") else a
+          for a in argv]
+  try:
+    return flags.FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    raise cli.UsageError(_malformed(e, config)) from None
 
 
 # --------------------------------------------------------------------------
@@ -152,32 +193,70 @@ def reuse_cpu_step_memory() -> bool:
       libc.mallopt(m_trim_threshold, 2**31 - 1))  # mallopt takes a C int
 
 
+def check_devices_and_data(config) -> None:
+  """The checks that need the devices or the dataset, still before the workdir is written:
+  the mesh fits the devices, the batches split over them, the dataset and splits are prepared."""
+  from vit_jax import sharding
+  try:
+    mesh = sharding.make_mesh(config.mesh)
+    accum = int(config.get("grad_accum_steps") or 1)
+    sharding.check_batch_size(config.batch_size // accum, mesh,
+                              "config.batch_size" + (f" / grad_accum_steps={accum}" if accum > 1 else ""))
+    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
+  from vit_jax import data, train
+  try:
+    train.check_data(config, data)
+  except (data.DatasetNotPreparedError, ValueError) as e:
+    raise cli.UsageError(str(e)) from None
+
+
+def _print_summary(metrics: dict) -> None:
+  """The run's final metrics as one JSON line on stdout."""
+  summary = {k: v for k, v in metrics.items()
+             if k not in ("state", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+  print(json.dumps(summary, sort_keys=True), file=sys.stdout, flush=True)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _CONFIG.value is None or not _WORKDIR.value:
-    raise app.UsageError("--config and --workdir are required.")
+    raise cli.UsageError("--config and --workdir are required.")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  # Checks that need no accelerator, before JAX and TensorFlow start and before the
+  # workdir is touched: a failing job leaves it as it found it.
+  preflight.check_config(config)
+  finished = preflight.finished_metrics(workdir, config.total_steps)
+  if finished is not None:
+    if not _PROC_ID.value:
+      print(f"{workdir} already finished at step {finished['step']} "
+            f"(config.total_steps={config.total_steps}); nothing to train. Final metrics:",
+            file=sys.stderr, flush=True)
+      _print_summary(finished)
+    return
   if _REUSE_CPU_MEMORY.value:
     reuse_cpu_step_memory()
   init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
   import jax
-  from vit_jax import train
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax / tf chatter
   # JAX probes every platform plugin at INFO ("Unable to initialize backend
   # 'tpu'"); a missing accelerator it should have found is still a WARNING.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  check_devices_and_data(config)
   if jax.process_index() == 0:
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
-  results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from vit_jax import train
+  results = train.train_and_evaluate(config, workdir)
   if jax.process_index() == 0:
-    summary = {k: v for k, v in results.items() if k != "state" and isinstance(v, (int, float))}
-    print(json.dumps(summary, sort_keys=True), file=sys.stdout, flush=True)
+    _print_summary(results)
 
 
 def run():
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
 from typing import Any, Callable, Mapping
 
@@ -40,6 +38,7 @@ from vit_jax import checkpoint
 from vit_jax import evaluate as eval_lib
 from vit_jax import optim
 from vit_jax import sharding
+from vit_jax import train_state
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +79,28 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   for key in ("pp_train", "pp_eval"):
     if isinstance(config.get(key), str):
       config[key] = config[key].format(**fields)
+  config.lock()
+  return config
+
+
+def steps_for_epochs(epochs: float, num_train_examples: int, batch_size: int) -> int:
+  """Optimizer steps for `epochs` passes over the train split (rounded, >= 1)."""
+  return max(1, round(float(epochs) * int(num_train_examples) / int(batch_size)))
+
+
+def resolve_epochs(config: ml_collections.ConfigDict, data) -> ml_collections.ConfigDict:
+  """total_steps from config.total_epochs and train_split's size, unless total_steps is set."""
+  epochs = config.get("total_epochs")
+  if not epochs:
+    return config
+  if config.total_steps:
+    log.warning("total_steps=%d is set; total_epochs=%g is ignored.", config.total_steps, epochs)
+    return config
+  n = data.num_examples(config, config.train_split)
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.total_steps = steps_for_epochs(epochs, n, config.batch_size)
+  log.info("total_epochs=%g of %s (%d examples) at batch %d = %d steps", epochs,
+           config.train_split, n, config.batch_size, config.total_steps)
   config.lock()
   return config
 
@@ -219,14 +240,52 @@ def init_optimizer_state(config, tx, params, shardings) -> dict:
   return jax.jit(init, in_shardings=(shardings["params"],), out_shardings=shardings)(params)
 
 
+def pretrained_architecture(config) -> ml_collections.ConfigDict:
+  """config, with the model of the training workdir named by config.pretrained.
+
+  That run may have overridden the architecture (as the digits config does);
+  its weights fit only the same shapes, so model_name and the architecture
+  fields of config.model come from the workdir's config.json. The rest of
+  config.model (dtype, dropout, scan ...), num_classes and img_size stay.
+  """
+  from vit_jax.models import registry
+  path = config.get("pretrained")
+  if not path or not checkpoint.is_workdir(path):
+    return config
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"config.pretrained={path} is a directory without config.json: "
+                            "pass a training run's workdir or a .npz file")
+  with open(config_path) as f:
+    source = json.load(f)
+  source_model = source.get("model") or {}
+  out = ml_collections.ConfigDict(config.to_dict())
+  out.model_name = source["model_name"]
+  if out.get("model") is None:
+    out.model = {}
+  taken = {}
+  for key in registry.ARCHITECTURE_FIELDS[registry.family(out.model_name)]:
+    value = source_model.get(key)
+    value = tuple(value) if isinstance(value, list) else value
+    if key in out.model or value is not None:
+      out.model[key] = value
+    if value is not None:
+      taken[key] = value
+  log.info("config.pretrained=%s: model %s%s from its config.json", path, out.model_name,
+           "".join(f", {k}={v}" for k, v in taken.items()))
+  out.lock()
+  return out
+
+
 def load_pretrained(config, spec: ModelSpec, params, param_shardings):
   """Fills params from config.pretrained: a published .npz or a training workdir.
 
   Both go through checkpoint.load_params_into (position-embedding resize,
-  new head, named key mismatches).
+  new head, named key mismatches); what it took from the file is logged.
   """
   model = params_to_model(spec, params)
-  checkpoint.load_params_into(model, config.pretrained)
+  summary = checkpoint.load_params_into(model, config.pretrained)
+  log.info("config.pretrained: %s", summary)
   loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if config.get("head_zero_init"):
     loaded = _head_zero(config, loaded)
@@ -342,16 +401,22 @@ def eval_params(state):
   return state["ema"] if "ema" in state else state["params"]
 
 
-def run_evaluations(config, data, eval_step, state, mesh) -> dict:
-  """Classification eval on val_split and test_split -> {'<split>/accuracy', '<split>/loss'}."""
+def run_evaluations(config, data, eval_step, state, mesh, real_step=None) -> dict:
+  """Classification eval on val_split and test_split -> {'<split>/accuracy', '<split>/loss'}.
+
+  With config.real_eval, also ReaL accuracy on its dataset -> 'real/accuracy'.
+  """
   out = {}
-  for key in ("val", "test"):
-    split = config.get(f"{key}_split")
+  evals = [("val", config, eval_step), ("test", config, eval_step)]
+  if real_step is not None:
+    evals.append(("real", eval_lib.real_eval_config(config), real_step))
+  for key, c, step in evals:
+    split = c.get("test_split" if key == "real" else f"{key}_split")
     if not split:
       continue
-    it = data.eval_iterator(config, split, global_batch_size=config.eval_batch_size,
+    it = data.eval_iterator(c, split, global_batch_size=config.eval_batch_size,
                             process_index=jax.process_index(), process_count=jax.process_count())
-    res = eval_lib.evaluate(eval_step, eval_params(state), it, mesh)
+    res = eval_lib.evaluate(step, eval_params(state), it, mesh)
     out[f"{key}/accuracy"] = res["accuracy"]
     out[f"{key}/loss"] = res["loss"]
     out[f"{key}/count"] = res["count"]
@@ -376,51 +441,21 @@ def run_fewshot(config, data, feature_step, state, mesh) -> dict:
 # ==========================================================================
 # 5. Checkpoints (orbax)
 # ==========================================================================
-def make_checkpointer(workdir: str, config) -> "checkpoint.TrainCheckpointer":
+def make_checkpointer(workdir: str, config) -> train_state.TrainCheckpointer:
   """orbax CheckpointManager under workdir/checkpoints/<step>/ (async; last N + best N by val accuracy).
 
   Each checkpoint holds the train state (params, opt_state, step, rng, ema)
   and JSON metadata with the input position and how to rebuild the model
-  (see vit_jax.checkpoint, "Training state (orbax)").
+  (see vit_jax.train_state).
   """
-  return checkpoint.TrainCheckpointer(workdir, keep=int(config.get("keep_checkpoints", 2)),
-                                      keep_best=int(config.get("keep_best_checkpoints", 0) or 0))
+  return train_state.TrainCheckpointer(workdir, keep=int(config.get("keep_checkpoints", 2)),
+                                       keep_best=int(config.get("keep_best_checkpoints", 0) or 0))
 
 
 def checkpoint_meta(config, step: int) -> dict:
-  return checkpoint.train_meta(step=step, model_name=config.model_name, num_classes=config.num_classes,
-                               img_size=config.img_size, model_overrides=model_overrides(config),
-                               has_ema=bool(config.get("ema_decay", 0.0)))
-
-
-class Preemption:
-  """Turns SIGTERM into a 'save and stop' request checked once per step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    return self
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-    return False
-
-
-def _any_process(flag: bool) -> bool:
-  """True on every process if any process saw the flag (SIGTERM may reach only one)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+  return train_state.train_meta(step=step, model_name=config.model_name, num_classes=config.num_classes,
+                                img_size=config.img_size, model_overrides=model_overrides(config),
+                                has_ema=bool(config.get("ema_decay", 0.0)))
 
 
 # ==========================================================================
@@ -501,6 +536,9 @@ def check_data(config, data) -> None:
     split = config.get(key)
     if split:
       data.num_examples(config, split)  # raises data.DatasetNotPreparedError with a hint
+  real = eval_lib.real_eval_config(config)
+  if real is not None:
+    data.num_examples(real, real.test_split)
 
 
 def _check_finite(step: int, loss: float, ckpt) -> None:
@@ -523,7 +561,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   Returns the final metrics (and 'state').
   """
   data = _data_module(data)
-  config = resolve_config(config)
+  config = resolve_epochs(pretrained_architecture(resolve_config(config)), data)
 
   # 1. Setup -----------------------------------------------------------------
   s = setup(config, workdir, devices)
@@ -556,6 +594,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   eval_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
                                       param_shardings=shardings["params"],
                                       multi_label=bool(config.get("multi_label", False)))
+  real_step = None
+  if config.get("real_eval"):
+    real_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
+                                        param_shardings=shardings["params"],
+                                        multi_label=bool(config.get("multi_label", False)),
+                                        label_sets=True)
   feature_step = None
   if config.get("fewshot") and config.fewshot.get("every"):
     feature_step = eval_lib.make_feature_step(
@@ -569,14 +613,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   results: dict = {}
 
   def log_eval(step, with_fewshot):
-    res = run_evaluations(config, data, eval_step, state, mesh)
+    res = run_evaluations(config, data, eval_step, state, mesh, real_step)
     if with_fewshot and feature_step is not None:
       res.update(run_fewshot(config, data, feature_step, state, mesh))
     writer.write(step, res)
     return res
 
   try:
-    with Preemption() as preempt:
+    with train_state.Preemption() as preempt:
       train_iter = data.train_iterator(config, global_batch_size=config.batch_size, seed=config.seed,
                                        start_step=start_step, process_index=jax.process_index(),
                                        process_count=jax.process_count())
@@ -603,7 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
         do_fewshot = feature_step is not None and (is_last or step % fewshot_every == 0)
         do_ckpt = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
         # SIGTERM may reach only some processes: agree on it (every 10 steps when multi-host).
-        stop = (_any_process(preempt.requested)
+        stop = (train_state.any_process(preempt.requested)
                 if jax.process_count() == 1 or step % 10 == 0 or do_ckpt else False)
 
         if do_log or do_ckpt or stop:

@@ -1,154 +1,161 @@
 """VTAB-1k driver: runs every task of configs/vtab.py and writes one table.
 
   python -m vit_jax.vtab --model=b16 --pretrained=ViT-B_16.npz --workdir=DIR [--tasks=a,b] \
-      [--nosweep] [--set=total_steps=100 --set=batch_size=64]
+      [--protocol=vit|sweep] [--runs=3] [--set=total_steps=100 --set=batch_size=64]
 
-Protocol (VTAB-1k): for each task, each learning rate of configs/vtab.py's LR_SWEEP is
-trained on `train800` and scored on `val200`; the best one is retrained on
-`train800val200` and scored on `test`. With --nosweep only the config's lr is run (on
-train800val200). Each run lives in DIR/<task>/<run>/ and is resumable; finished runs are
-read back from DIR/vtab_runs.json. The table (per task, mean per group: natural,
-specialized, structured, and overall) goes to DIR/vtab_results.md and .json.
+Protocols (configs/vtab.py): 'vit' (default) trains every task with the config's lr on
+`train800val200` and scores `test`; 'sweep' first trains each lr of LR_SWEEP on `train800`,
+scores `val200`, and keeps the best lr of each task. Each task's final run is repeated
+--runs times (seeds 0, 1, ...; published VTAB numbers are means of 3), and the table gives
+mean ± std per task, per group (natural, specialized, structured) and overall; its header
+names the protocol, model and checkpoint. Runs live in DIR/<task>/<run>-<key>/ and are
+cached in DIR/vtab_runs.json by a key of their whole config and of the checkpoint's identity
+(vit_jax.sweep): changing the model, the checkpoint file or an override runs them again.
+The table goes to DIR/vtab_results.md and .json.
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
 import json
 import os
 from typing import Iterable, Mapping
 
+from vit_jax import sweep as sweep_lib
+
 GROUPS = ("natural", "specialized", "structured")
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "vtab.py")
+CACHE_FILE = "vtab_runs.json"
 
 
-def _load_vtab_config_module(path: str = _CONFIG):
-  spec = importlib.util.spec_from_file_location("_vit_vtab_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _set(config, key: str, value) -> None:
-  *parents, last = key.split(".")
-  target = config
-  for p in parents:
-    target = target[p]
-  target[last] = value
-
-
-def task_config(model: str, task: str, *, lr: float | None = None, pretrained: str | None = None,
-                overrides: Mapping[str, object] = (), config_path: str = _CONFIG):
-  module = _load_vtab_config_module(config_path)
-  c = module.get_config(f"{model},{task}")
+def task_config(model: str, task: str, *, protocol: str = "vit", lr: float | None = None,
+                pretrained: str | None = None, overrides: Mapping[str, object] = ()):
+  """configs/vtab.py's config of `task`, with the checkpoint, overrides and lr applied."""
+  import configs  # pylint: disable=g-import-not-at-top
+  c = configs.load(f"vtab.py:{model},{task},{protocol}")
   if pretrained:
     c.pretrained = pretrained
-  for k, v in dict(overrides).items():
-    _set(c, k, v)
+  sweep_lib.apply_overrides(c, overrides)
   if lr is not None:
     c.optim.lr = lr
   return c
 
 
-def run_vtab(model: str, workdir: str, *, tasks: Iterable[str] | None = None,
-             pretrained: str | None = None, sweep: bool = True,
-             overrides: Mapping[str, object] = (), data=None, config_path: str = _CONFIG) -> dict:
-  """Runs the VTAB-1k protocol; returns {task: {'group', 'lr', 'val200', 'test'}}."""
-  from vit_jax import train
-  from vit_jax.data import vtab as vtab_tasks
-  tasks = list(tasks) if tasks else list(vtab_tasks.TASKS)
-  module = _load_vtab_config_module(config_path)
-  os.makedirs(workdir, exist_ok=True)
-  runs_path = os.path.join(workdir, "vtab_runs.json")
-  runs = json.load(open(runs_path)) if os.path.exists(runs_path) else {}
+def check_tasks(tasks: Iterable[str]) -> list[str]:
+  """The task names, or a UsageError naming the unknown one and close matches."""
+  from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import vtab as vtab_tasks  # pylint: disable=g-import-not-at-top
+  out = []
+  for t in tasks:
+    name = t.removeprefix("vtab:")
+    if name not in vtab_tasks.TASKS:
+      raise cli.UsageError(f"Unknown VTAB task {name!r}.{cli.did_you_mean(name, vtab_tasks.TASKS)}"
+                           f" The 19 tasks: {', '.join(vtab_tasks.TASKS)}.")
+    out.append(name)
+  return out
 
-  def run(task, name, lr, train_split, val_split, test_split):
-    key = f"{task}/{name}"
-    if key in runs:
-      return runs[key]
-    c = task_config(model, task, lr=lr, pretrained=pretrained, overrides=overrides,
-                    config_path=config_path)
-    c.train_split, c.val_split, c.test_split = train_split, val_split, test_split
-    res = train.train_and_evaluate(c, os.path.join(workdir, task.replace("/", "_"), name), data=data)
-    runs[key] = {k: v for k, v in res.items() if isinstance(v, (int, float)) and "/" in k
-                 and k.split("/")[0] in ("val", "test")}
-    runs[key]["lr"] = c.optim.lr
-    with open(runs_path, "w") as f:
-      json.dump(runs, f, indent=1, sort_keys=True)
-    return runs[key]
+
+def check_model(config) -> None:
+  """A UsageError when config.model_name is not a model of vit_jax.models."""
+  from vit_jax import cli, models  # pylint: disable=g-import-not-at-top
+  name = config.model_name
+  if name not in models.names():
+    raise cli.UsageError(f"Unknown model {name!r}.{cli.did_you_mean(name, models.names())}"
+                         f" Models: {', '.join(models.names())}.")
+
+
+def run_vtab(model: str, workdir: str, *, tasks: Iterable[str] | None = None,
+             pretrained: str | None = None, protocol: str = "vit", runs: int = 1,
+             overrides: Mapping[str, object] = (), data=None) -> dict:
+  """Runs VTAB-1k; returns {task: {'group', 'lr', 'val200', 'test': [per run]}}."""
+  from vit_jax.data import vtab as vtab_tasks  # pylint: disable=g-import-not-at-top
+  tasks = check_tasks(tasks) if tasks else list(vtab_tasks.TASKS)
+  os.makedirs(workdir, exist_ok=True)
+  cache = sweep_lib.RunCache(os.path.join(workdir, CACHE_FILE))
 
   results = {}
   for task in tasks:
-    t = vtab_tasks.get_task("vtab:" + task)
-    if sweep:
-      scores = {lr: run(t.name, f"sweep_lr{lr:g}", lr, "train800", "val200", None)["val/accuracy"]
-                for lr in module.LR_SWEEP}
-      best_lr = max(scores, key=lambda lr: (scores[lr], -lr))
-      val = scores[best_lr]
-    else:
-      best_lr, val = None, None
-    final = run(t.name, "final", best_lr, "train800val200", None, "test")
-    results[t.name] = {"group": t.group, "lr": final["lr"], "val200": val,
-                       "test": final["test/accuracy"]}
-  write_table(results, workdir)
+    t = vtab_tasks.get_task(task)
+    c = task_config(model, t.name, protocol=protocol, pretrained=pretrained, overrides=overrides)
+    root = os.path.join(workdir, t.name.replace("/", "_"))
+    val = None
+    if protocol == "sweep":
+      best, scores = sweep_lib.sweep_lr(c, c.lr_sweep, root, cache, data=data,
+                                        train_split="train800", val_split="val200")
+      c.optim.lr, val = best, scores[best]
+    finals = sweep_lib.repeat(c, runs, root, cache, data=data, train_split="train800val200",
+                              val_split=None, test_split="test")
+    results[t.name] = {"group": t.group, "lr": float(c.optim.lr), "val200": val,
+                       "test": [r["test/accuracy"] for r in finals]}
+  write_table(results, workdir, header={"protocol": protocol, "model": model,
+                                        "pretrained": pretrained, "runs": runs})
   return results
 
 
 def summarize(results: Mapping[str, Mapping]) -> dict:
-  """Mean test accuracy per group and overall (over the tasks present)."""
+  """Per group and overall: [mean test accuracy over the tasks present, one per run]."""
+  def per_run(names):
+    accs = [results[n]["test"] for n in names]
+    if not accs:
+      return []
+    runs = min(len(a) for a in accs)
+    return [sum(a[i] for a in accs) / len(accs) for i in range(runs)]
   out = {}
   for g in GROUPS:
-    accs = [r["test"] for r in results.values() if r["group"] == g]
-    if accs:
-      out[g] = sum(accs) / len(accs)
-  accs = [r["test"] for r in results.values()]
-  out["mean"] = sum(accs) / len(accs) if accs else float("nan")
+    names = [n for n, r in results.items() if r["group"] == g]
+    if names:
+      out[g] = per_run(names)
+  out["mean"] = per_run(list(results))
   return out
 
 
-def write_table(results: Mapping[str, Mapping], workdir: str) -> str:
-  """Writes vtab_results.md / .json; returns the markdown table."""
+def write_table(results: Mapping[str, Mapping], workdir: str, header: Mapping = ()) -> str:
+  """Writes vtab_results.md / .json; returns the markdown table (accuracies in %)."""
   summary = summarize(results)
-  lines = ["| task | group | lr | val200 | test |", "|---|---|---|---|---|"]
+  fmt = sweep_lib.format_mean_std
+  lines = [", ".join(f"{k} {v}" for k, v in dict(header).items()), "",
+           "| task | group | lr | val200 | test |", "|---|---|---|---|---|"]
   for g in GROUPS:
     for name, r in results.items():
       if r["group"] == g:
         val = "" if r["val200"] is None else f"{100 * r['val200']:.1f}"
-        lines.append(f"| {name} | {g} | {r['lr']:g} | {val} | {100 * r['test']:.1f} |")
+        lines.append(f"| {name} | {g} | {r['lr']:g} | {val} | {fmt(r['test'])} |")
   for g in GROUPS + ("mean",):
-    if g in summary:
-      lines.append(f"| **{g}** | | | | **{100 * summary[g]:.1f}** |")
+    if summary.get(g):
+      lines.append(f"| **{g}** | | | | **{fmt(summary[g])}** |")
   table = "\n".join(lines) + "\n"
   with open(os.path.join(workdir, "vtab_results.md"), "w") as f:
     f.write(table)
+  stats = {g: dict(zip(("mean", "std"), sweep_lib.mean_std(v))) for g, v in summary.items() if v}
   with open(os.path.join(workdir, "vtab_results.json"), "w") as f:
-    json.dump({"tasks": results, "summary": summary}, f, indent=1, sort_keys=True)
+    json.dump({"header": dict(header), "tasks": results, "summary": stats}, f, indent=1,
+              sort_keys=True)
   return table
 
 
 def main(argv):
-  del argv
-  from absl import flags
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  overrides = {}
-  for item in f.set:
-    k, _, v = item.partition("=")
-    try:
-      overrides[k] = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-      overrides[k] = v
-  res = run_vtab(f.model, f.workdir, tasks=f.tasks, pretrained=f.pretrained, sweep=f.sweep,
-                 overrides=overrides)
+  if f.runs < 1:
+    raise cli.UsageError(f"--runs={f.runs}: the number of runs must be 1 or more.")
+  tasks = check_tasks(f.tasks) if f.tasks else None
+  overrides = sweep_lib.parse_overrides(f.set)
+  check_model(task_config(f.model, tasks[0] if tasks else "cifar100", overrides=overrides))
+  res = run_vtab(f.model, f.workdir, tasks=tasks, pretrained=f.pretrained, protocol=f.protocol,
+                 runs=f.runs, overrides=overrides)
   print(open(os.path.join(f.workdir, "vtab_results.md")).read())
   return res
 
 
 if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("model", "b16", "Model name or alias (configs/common.py MODEL_ALIASES).")
-  flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-  flags.DEFINE_string("pretrained", None, "Published .npz (or a workdir) to transfer from.")
-  flags.DEFINE_list("tasks", None, "VTAB task names (default: all 19).")
-  flags.DEFINE_bool("sweep", True, "Sweep the learning rate on train800 / val200 first.")
-  flags.DEFINE_multi_string("set", [], "Config override key=value (e.g. total_steps=100).")
-  app.run(main)
+  from absl import flags as _flags
+  from vit_jax import cli as _cli
+  _flags.DEFINE_string("model", "b16", "Model name or alias (configs/common.py MODEL_ALIASES).")
+  _flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+  _flags.DEFINE_string("pretrained", None, "Published .npz (or a workdir) to transfer from.")
+  _flags.DEFINE_list("tasks", None, "VTAB task names (default: all 19).")
+  _flags.DEFINE_enum("protocol", "vit", ["vit", "sweep"],
+                     "'vit': the config's lr on every task; 'sweep': lr chosen per task on val200.")
+  _flags.DEFINE_integer("runs", 1, "Final runs per task (seeds 0, 1, ...); mean ± std in the table.")
+  _flags.DEFINE_multi_string("set", [], "Config override key=value (e.g. total_steps=100).")
+  _cli.run(main)

@@ -267,11 +267,16 @@ _EXAMPLES, _MIXUP = 0, 1  # salts that separate the two uses of the seed
 
 
 def _mixup(batch: dict, key: tf.Tensor, alpha: float) -> dict:
-  """Mixes each example with its neighbour: lam ~ Beta(alpha, alpha)."""
+  """Mixes each example with its neighbour: lam ~ Beta(alpha, alpha), >= 1/2.
+
+  The larger weight goes to the example itself (as big_vision's mixup sorts
+  it), so a small alpha does not replace examples by their neighbours.
+  """
   keys = tf.random.experimental.stateless_split(key, num=2)
   g1 = tf.random.stateless_gamma([], keys[0], alpha)
   g2 = tf.random.stateless_gamma([], keys[1], alpha)
   lam = g1 / (g1 + g2)
+  lam = tf.maximum(lam, 1.0 - lam)
 
   def mix(x):
     return lam * x + (1.0 - lam) * tf.roll(x, shift=1, axis=0)

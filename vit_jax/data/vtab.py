@@ -8,6 +8,13 @@ structured tasks that derive their label from annotations, runs the task's
 `preprocess` on the raw example (before the pp spec) so that `data['label']`
 is the VTAB class.
 
+tfds versions are pinned as task_adaptation (task_adaptation/data/*.py) pins
+them: 'kitti:3.1.0' (later versions ship an updated devkit), 'dmlab:2.0.1',
+and the major version of every other dataset ('clevr:3.*.*', ...). One
+deliberate exception: oxford_iiit_pet, pinned there at 3.*.*, for which
+tensorflow-datasets 4.9 has no builder any more; its 4.0.0 has the same
+splits (3,680 train / 3,669 test) with corrupt images fixed.
+
 Split facts follow the VTAB benchmark definition (task_adaptation): datasets
 without a validation split carve one out of 'train'; val200 is the first 200
 examples of the validation part, train800 the first 800 of the train part.
@@ -25,7 +32,7 @@ SPLIT_NAMES = ("train", "val", "trainval", "test", "train800", "val200",
 @dataclasses.dataclass(frozen=True)
 class Task:
   name: str  # VTAB task name, e.g. 'clevr/count_all'
-  tfds_name: str  # tfds dataset (with config), e.g. 'clevr'
+  tfds_name: str  # tfds dataset, config and pinned version, e.g. 'clevr:3.*.*'
   splits: dict  # split name (SPLIT_NAMES) -> tfds split string
   num_classes: int
   group: str  # 'natural' | 'specialized' | 'structured'
@@ -101,34 +108,34 @@ def _rename(field: str):
 # --- the table ---------------------------------------------------------------
 
 _NATURAL = [
-    Task("caltech101", "caltech101",
+    Task("caltech101", "caltech101:3.*.*",
          _splits("train[:2754]", "train[2754:]", "test", "train[:800]",
                  "train[2754:2954]", trainval="train"), 102, "natural"),
-    Task("cifar100", "cifar100",
+    Task("cifar100", "cifar100:3.*.*",
          _splits("train[:45000]", "train[45000:]", "test", "train[:800]",
                  "train[45000:45200]", trainval="train"), 100, "natural"),
-    Task("dtd", "dtd", _standard(), 47, "natural"),
-    Task("oxford_flowers102", "oxford_flowers102", _standard(), 102,
+    Task("dtd", "dtd:3.*.*", _standard(), 47, "natural"),
+    Task("oxford_flowers102", "oxford_flowers102:2.*.*", _standard(), 102,
          "natural"),
-    Task("oxford_iiit_pet", "oxford_iiit_pet",
+    Task("oxford_iiit_pet", "oxford_iiit_pet:4.*.*",
          _splits("train[:2944]", "train[2944:]", "test", "train[:800]",
                  "train[2944:3144]", trainval="train"), 37, "natural"),
-    Task("sun397", "sun397/tfds", _standard(), 397, "natural"),
-    Task("svhn", "svhn_cropped",
+    Task("sun397", "sun397/tfds:4.*.*", _standard(), 397, "natural"),
+    Task("svhn", "svhn_cropped:3.*.*",
          _splits("train[:65931]", "train[65931:]", "test", "train[:800]",
                  "train[65931:66131]", trainval="train"), 10, "natural"),
 ]
 
 _SPECIALIZED = [
-    Task("patch_camelyon", "patch_camelyon", _standard(), 2, "specialized"),
-    Task("eurosat", "eurosat/rgb",
+    Task("patch_camelyon", "patch_camelyon:2.*.*", _standard(), 2, "specialized"),
+    Task("eurosat", "eurosat/rgb:2.*.*",
          _splits("train[:16200]", "train[16200:21600]", "train[21600:]",
                  "train[:800]", "train[16200:16400]"), 10, "specialized"),
-    Task("resisc45", "resisc45",
+    Task("resisc45", "resisc45:3.*.*",
          _splits("train[:18900]", "train[18900:25200]", "train[25200:]",
                  "train[:800]", "train[18900:19100]"), 45, "specialized"),
     Task("diabetic_retinopathy",
-         "diabetic_retinopathy_detection/btgraham-300", _standard(), 5,
+         "diabetic_retinopathy_detection/btgraham-300:3.*.*", _standard(), 5,
          "specialized"),
 ]
 
@@ -140,20 +147,20 @@ _SMALLNORB = _splits("train", "test[:50%]", "test[50%:]", "train[:800]",
                      "test[:200]")
 
 _STRUCTURED = [
-    Task("clevr/count_all", "clevr", _CLEVR, 8, "structured",
+    Task("clevr/count_all", "clevr:3.*.*", _CLEVR, 8, "structured",
          clevr_count_all),
-    Task("clevr/closest_object_distance", "clevr", _CLEVR, 6, "structured",
+    Task("clevr/closest_object_distance", "clevr:3.*.*", _CLEVR, 6, "structured",
          clevr_closest_object_distance),
-    Task("dmlab", "dmlab", _standard(), 6, "structured"),
-    Task("dsprites/label_x_position", "dsprites", _DSPRITES, 16, "structured",
+    Task("dmlab", "dmlab:2.0.1", _standard(), 6, "structured"),
+    Task("dsprites/label_x_position", "dsprites:2.*.*", _DSPRITES, 16, "structured",
          _dsprites("label_x_position", 32, 16)),
-    Task("dsprites/label_orientation", "dsprites", _DSPRITES, 16,
+    Task("dsprites/label_orientation", "dsprites:2.*.*", _DSPRITES, 16,
          "structured", _dsprites("label_orientation", 40, 16)),
-    Task("kitti/closest_vehicle_distance", "kitti", _standard(), 4,
+    Task("kitti/closest_vehicle_distance", "kitti:3.1.0", _standard(), 4,
          "structured", kitti_closest_vehicle_distance),
-    Task("smallnorb/label_azimuth", "smallnorb", _SMALLNORB, 18, "structured",
+    Task("smallnorb/label_azimuth", "smallnorb:2.*.*", _SMALLNORB, 18, "structured",
          _rename("label_azimuth")),
-    Task("smallnorb/label_elevation", "smallnorb", _SMALLNORB, 9,
+    Task("smallnorb/label_elevation", "smallnorb:2.*.*", _SMALLNORB, 9,
          "structured", _rename("label_elevation")),
 ]
 

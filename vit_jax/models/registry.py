@@ -75,6 +75,16 @@ MODELS["Mixer-test"] = ("mixer", dict(hidden_size=32, num_layers=2,
                                       patch_size=8))
 MODELS["BiT-test"] = ("bit", dict(layers=(1, 1)))
 
+# The config fields that set the parameters' shapes and how they are used
+# (not dtype, dropout, scan ...): what a fine-tune must take from its source.
+ARCHITECTURE_FIELDS = {
+    "vit": ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size",
+            "classifier", "posemb", "resnet_layers", "resnet_width"),
+    "mixer": ("hidden_size", "num_layers", "tokens_mlp_dim",
+              "channels_mlp_dim", "patch_size"),
+    "bit": ("layers", "width"),
+}
+
 _CONFIG_CLASSES = {"vit": vit.ViTConfig, "mixer": mixer.MixerConfig,
                    "bit": resnet.BiTConfig}
 _MODEL_CLASSES = {"vit": vit.ViT, "mixer": mixer.Mixer, "bit": resnet.BiT}

@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from vit_jax.models import attention
@@ -29,6 +30,7 @@ from vit_jax.models import resnet
 Array = jax.Array
 
 CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
+POSEMBS = ("learn", "sincos2d")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class ViTConfig:
   img_size: int | tuple[int, int] = 224
   classifier: str = "token"         # token | gap | map | unpooled | token_unpooled
   representation_size: int | None = None   # pre_logits Dense + tanh when set
+  posemb: str = "learn"             # learn | sincos2d (fixed, as big_vision's)
   resnet_layers: tuple[int, ...] | None = None   # hybrid stem: units per stage
   resnet_width: int = 1             # hybrid stem width factor
   dropout_rate: float = 0.0
@@ -63,6 +66,11 @@ class ViTConfig:
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f"classifier {self.classifier!r} is not one of "
                        f"{CLASSIFIERS}")
+    if self.posemb not in POSEMBS:
+      raise ValueError(f"posemb {self.posemb!r} is not one of {POSEMBS}")
+    if self.posemb == "sincos2d" and self.hidden_size % 4:
+      raise ValueError(f"posemb='sincos2d' needs hidden_size divisible by 4, "
+                       f"not {self.hidden_size}")
     if self.attention_impl not in attention.IMPLEMENTATIONS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
                        f"{attention.IMPLEMENTATIONS} (None picks the fastest exact path "
@@ -144,13 +152,52 @@ class AddPositionEmbs(nnx.Module):
     return x + self.pos_embedding[...].astype(x.dtype)
 
 
+def posemb_sincos_2d(grid: tuple[int, int], features: int,
+                     temperature: float = 10_000.) -> np.ndarray:
+  """Fixed 2-D sin-cos position embedding (1, gh*gw, features), big_vision's.
+
+  A quarter of the features each for sin(x), cos(x), sin(y), cos(y) of the
+  patch column x and row y, at frequencies spaced geometrically from 1 down
+  to 1/temperature.
+  """
+  quarter = features // 4
+  freqs = temperature ** -(np.arange(quarter) / max(quarter - 1, 1))
+  rows, cols = np.mgrid[:grid[0], :grid[1]]
+  x = cols.reshape(-1, 1) * freqs
+  y = rows.reshape(-1, 1) * freqs
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+class SinCosPositionEmbs(nnx.Module):
+  """Fixed 2-D sin-cos position embedding; the prefix (class) tokens get none,
+  as in big_vision, which adds it before prepending the class token."""
+
+  def __init__(self, grid: tuple[int, int], features: int, num_prefix: int):
+    self.grid, self.features, self.num_prefix = tuple(grid), features, num_prefix
+
+  @property
+  def pos_embedding(self) -> np.ndarray:
+    """(1, prefix + gh*gw, D), zero rows for the prefix tokens."""
+    pe = posemb_sincos_2d(self.grid, self.features)
+    return np.concatenate(
+        [np.zeros((1, self.num_prefix, self.features), np.float32), pe], axis=1)
+
+  def __call__(self, x: Array) -> Array:
+    return x + jnp.asarray(self.pos_embedding, x.dtype)
+
+
 class Encoder(nnx.Module):
   """Position embedding, the block stack and the final LayerNorm."""
 
   def __init__(self, cfg: ViTConfig, num_tokens: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.posembed_input = AddPositionEmbs(num_tokens, cfg.hidden_size,
-                                          rngs=rngs, param_dtype=cfg.param_dtype)
+    if cfg.posemb == "sincos2d":
+      self.posembed_input = SinCosPositionEmbs(
+          cfg.patch_grid, cfg.hidden_size, num_tokens - math.prod(cfg.patch_grid))
+    else:
+      self.posembed_input = AddPositionEmbs(num_tokens, cfg.hidden_size, rngs=rngs,
+                                            param_dtype=cfg.param_dtype)
     self.encoderblock = layers.make_stack(
         lambda r: EncoderBlock(cfg, rngs=r), cfg.num_layers, cfg.scan, rngs)
     self.encoder_norm = layers.LayerNorm(cfg.hidden_size, rngs=rngs,

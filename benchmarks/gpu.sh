@@ -2,12 +2,12 @@
 # The GPU measurements of benchmarks/RESULTS.md, in stages that each fit a
 # short lease on one H100/H200:
 #
-#   bash benchmarks/gpu_session.sh env b16        # versions, bf16 peak, ViT-B/16
-#   bash benchmarks/gpu_session.sh large compile  # ViT-L/16, ViT-H/14, compile
+#   bash benchmarks/gpu.sh env b16        # versions, bf16 peak, ViT-B/16
+#   bash benchmarks/gpu.sh large compile  # ViT-L/16, ViT-H/14, compile
 #
 # Results go to $OUT (default ./out/gpu). Uses the machine's own jax, flax and
 # optax (jax 0.11.1-0.12 with flax >= 0.12.10 on Python 3.12 are within setup.py's
-# ranges; see RESULTS.md section 7).
+# ranges; see RESULTS.md, "GPU").
 set -u
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"

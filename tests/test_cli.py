@@ -1,0 +1,172 @@
+"""vit_jax.cli and the argparse command lines (experiments, benchmarks): a user's mistake is
+one line on stderr and exit status 2, a bug keeps its traceback, --traceback shows both."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from vit_jax import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_ABSL_SCRIPT = """
+import sys
+from absl import flags
+from vit_jax import cli
+flags.DEFINE_integer("steps", 1, "")
+
+def main(argv):
+  if flags.FLAGS.steps == 0:
+    raise cli.UsageError("--steps must be positive.")
+  if flags.FLAGS.steps < 0:
+    raise RuntimeError("a bug")
+  print("ran", flags.FLAGS.steps)
+
+cli.run(main)
+"""
+
+
+def _run(args, cwd=REPO, timeout=120):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def assert_usage_error(out, *hints):
+  """Exit status 2, one line on stderr that gives the hints, no traceback."""
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  lines = out.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+  assert "Traceback" not in out.stderr
+  for hint in hints:
+    assert hint in lines[0], (hint, lines[0])
+  return lines[0]
+
+
+@pytest.fixture(scope="module")
+def absl_script(tmp_path_factory):
+  path = tmp_path_factory.mktemp("cli") / "prog.py"
+  path.write_text(_ABSL_SCRIPT)
+  return str(path)
+
+
+def test_run_reports_usage_and_flag_errors_in_one_line(absl_script):
+  assert_usage_error(_run([absl_script, "--steps=0"]), "--steps must be positive")
+  assert_usage_error(_run([absl_script, "--steps=x"]), "--steps")       # malformed value
+  assert_usage_error(_run([absl_script, "--stepz=1"]), "stepz")         # unknown flag
+  ok = _run([absl_script, "--steps=3"])
+  assert ok.returncode == 0 and ok.stdout.strip() == "ran 3"
+
+
+def test_run_keeps_tracebacks_of_bugs_and_on_request(absl_script):
+  bug = _run([absl_script, "--steps=-1"])
+  assert bug.returncode == 1 and "Traceback" in bug.stderr and "RuntimeError: a bug" in bug.stderr
+  shown = _run([absl_script, "--steps=0", "--traceback"])
+  assert shown.returncode != 0 and "Traceback" in shown.stderr and "UsageError" in shown.stderr
+
+
+def test_did_you_mean_finds_close_names_only():
+  keys = ["optim.lr", "optim.b1", "batch_size", "eval_batch_size", "seed"]
+  assert cli.did_you_mean("optim.lrr", keys).startswith(" Did you mean optim.lr")
+  assert "batch_size" in cli.did_you_mean("batchsize", keys)
+  assert cli.close_matches("cifar", ["cifar10", "cifar100", "mnist"]) == ["cifar10", "cifar100"]
+  assert cli.did_you_mean("zzzz", keys) == ""
+  assert len(cli.close_matches("a", [f"a{i}" for i in range(20)], n=3)) == 3
+
+
+def test_argparse_types_and_call(capsys):
+  p = cli.ArgumentParser(prog="prog")
+  p.add_argument("--n", type=cli.positive_int, default=1)
+  p.add_argument("--targets", type=cli.int_list, default=[0])
+  args = p.parse_args(["--n", "4", "--targets", "3,1"])
+  assert (args.n, args.targets) == (4, [3, 1])
+  for bad, hint in ((["--n", "0"], "positive integer"), (["--n", "2.5"], "positive integer"),
+                    (["--targets", "1,x"], "comma-separated integers")):
+    with pytest.raises(SystemExit) as e:
+      p.parse_args(bad)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and hint in err[0] and "--help" in err[0]
+
+  def main(argv):
+    raise cli.UsageError(f"no good: {argv}")
+  with pytest.raises(SystemExit) as e:
+    cli.call(main, ["x"])
+  assert e.value.code == 2 and capsys.readouterr().err == "error: no good: ['x']\n"
+  with pytest.raises(cli.UsageError):
+    cli.call(main, ["--traceback"])
+
+
+# ---- experiments and benchmarks ---------------------------------------------------------
+
+
+def test_experiment_cli_unknown_model(tmp_path):
+  out = tmp_path / "out"
+  line = assert_usage_error(_run(["-m", "experiments.attention", "--out", str(out), "--models", "ViT-B_61"]),
+                            "ViT-B_61", "Did you mean ViT-B_16", "Valid names", "Mixer-B_16")
+  assert "ViT-test" in line
+  assert not out.exists()  # refused before creating --out
+
+
+def test_experiment_cli_checkpoint_not_an_npz(tmp_path):
+  bad = tmp_path / "weights.npz"
+  bad.write_text("not a zip")
+  out = tmp_path / "out"
+  assert_usage_error(_run(["-m", "experiments.fourier", "--out", str(out), "--checkpoint", str(bad)]),
+                     str(bad), "not a valid .npz")
+  assert not out.exists()
+
+
+def test_experiment_cli_non_positive_count(tmp_path):
+  out = tmp_path / "out"
+  assert_usage_error(_run(["-m", "experiments.cka", "--out", str(out), "--batch-size", "0"]),
+                     "--batch-size", "positive integer")
+  assert not out.exists()
+
+
+def test_benchmark_cli_unknown_model():
+  assert_usage_error(_run(["-m", "benchmarks.memory", "--model", "ViT-Q_16"]),
+                     "ViT-Q_16", "Did you mean", "Valid names")
+
+
+@pytest.mark.parametrize("module,argv,hint", [
+    ("generation", ["--targets", "1,x"], "comma-separated integers"),
+    ("hessian", ["--img-size", "-3"], "positive integer"),
+    ("inversion", ["--photos", "astronot"], "Did you mean astronaut"),
+    ("inversion", ["--steps", "0"], "positive integer"),
+    ("attention", ["--models", ""], "--models is empty"),
+    ("cka", ["--checkpoint", "missing.npz"], "missing.npz does not exist"),
+])
+def test_every_experiment_refuses_bad_arguments_before_writing(tmp_path, capsys, module, argv, hint):
+  """The same checks in-process (each experiment's main parses with cli.ArgumentParser)."""
+  import importlib
+  main = importlib.import_module(f"experiments.{module}").main
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit) as e:
+    cli.call(main, ["--out", str(out), *argv])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and hint in err[0], err
+  assert not out.exists()
+
+
+def test_checkpoint_check_tells_npz_and_workdirs_from_other_files(tmp_path):
+  """check_npz reads the zip's array headers: a real .npz passes, a truncated copy does not."""
+  from vit_jax import preflight
+  good = tmp_path / "w.npz"
+  np.savez(good, **{"embedding/kernel": np.ones((2, 3), np.float32), "head/bias": np.zeros(4)})
+  preflight.check_pretrained(str(good), "--checkpoint")
+  cut = tmp_path / "cut.npz"
+  cut.write_bytes(good.read_bytes()[:-40])
+  with pytest.raises(cli.UsageError, match="cut.npz is not a valid .npz"):
+    preflight.check_pretrained(str(cut), "--checkpoint")
+  # A directory is a training workdir only with a checkpoint step in checkpoints/.
+  with pytest.raises(cli.UsageError, match="without checkpoints/"):
+    preflight.check_pretrained(str(tmp_path), "--checkpoint")
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(cli.UsageError, match="has no checkpoint yet"):
+    preflight.check_pretrained(str(tmp_path), "--checkpoint")
+  (tmp_path / "checkpoints" / "100").mkdir()
+  preflight.check_pretrained(str(tmp_path), "--checkpoint")

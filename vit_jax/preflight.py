@@ -1,0 +1,257 @@
+"""Checks of a run config that need no accelerator, run before anything starts.
+
+  from vit_jax import preflight
+  preflight.check_config(config)          # raises cli.UsageError naming the field
+  preflight.check_model_name("ViT-B_61")  # ... Did you mean ViT-B_16?
+  preflight.check_pretrained(path)        # a readable .npz or a training workdir
+  preflight.check_dataset(name, data_dir)
+
+A user's mistake fails here in about a second: before JAX and TensorFlow start
+(only the model registry imports JAX; nothing imports TensorFlow) and before the
+job writes anything to its workdir. What needs the devices or TensorFlow (the batch
+split over the mesh, whether the dataset is prepared) vit_jax.main checks next,
+still before the workdir is written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any, Callable
+
+import numpy as np
+
+from vit_jax import cli
+
+# Datasets that vit_jax registers with tfds itself (vit_jax.data.pipeline.OFFLINE_BUILDERS;
+# importing it would start TensorFlow).
+OWN_DATASETS = ("digits",)
+# The tasks of vit_jax.data.vtab.TASKS (as 'vtab:<task>'), listed here for the same reason.
+VTAB_TASKS = (
+    "caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn",
+    "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy", "clevr/count_all",
+    "clevr/closest_object_distance", "dmlab", "dsprites/label_x_position",
+    "dsprites/label_orientation", "kitti/closest_vehicle_distance", "smallnorb/label_azimuth",
+    "smallnorb/label_elevation")
+# Dataset strings that name a local folder / file rather than a tfds dataset.
+PATH_DATASETS = ("imagefolder:", "manifest:")
+
+
+# --------------------------------------------------------------------------
+# Values: what each field must be
+# --------------------------------------------------------------------------
+def _int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+  return isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+
+
+def _one_of(*choices) -> tuple[Callable[[Any], bool], str]:
+  return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+def _size(v) -> bool:
+  if isinstance(v, (tuple, list)):
+    return len(v) == 2 and all(_int(s) and s > 0 for s in v)
+  return _int(v) and v > 0
+
+
+def _rules(v) -> bool:
+  return isinstance(v, (tuple, list)) and all(
+      isinstance(r, (tuple, list)) and len(r) == 2 and isinstance(r[0], str)
+      and (r[1] is None or isinstance(r[1], str)) for r in v)
+
+
+_POSITIVE = (lambda v: _int(v) and v > 0), "a positive integer"
+_COUNT = (lambda v: _int(v) and v >= 0), "an integer >= 0"
+_FRACTION = (lambda v: _number(v) and 0 <= v < 1), "a number in [0, 1)"
+_NON_NEGATIVE = (lambda v: _number(v) and v >= 0), "a number >= 0"
+
+# dotted config field -> (test, what the value must be). Absent or None fields are not checked.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch_size": (_POSITIVE[0], "a positive integer (the global batch of all devices together)"),
+    "eval_batch_size": _POSITIVE,
+    "total_steps": _POSITIVE,
+    "warmup_steps": _COUNT,
+    "grad_accum_steps": _POSITIVE,
+    "img_size": (_size, "a positive integer (or a pair of them)"),
+    "num_classes": _POSITIVE,
+    "log_every": _COUNT,
+    "eval_every": _COUNT,
+    "checkpoint_every": _COUNT,
+    "keep_checkpoints": _POSITIVE,
+    "keep_best_checkpoints": _COUNT,
+    "shuffle_buffer": _COUNT,
+    "label_smoothing": _FRACTION,
+    "ema_decay": _FRACTION,
+    "mixup.alpha": _NON_NEGATIVE,
+    "optim.lr": _NON_NEGATIVE,
+    "optim.name": _one_of("sgd", "momentum", "adam", "adamw"),
+    "optim.schedule": _one_of("cosine", "linear", "constant"),
+    "model.dtype": _one_of("float32", "bfloat16", "float16"),
+    "mesh.data": ((lambda v: _int(v) and (v == -1 or v > 0)), "a positive integer or -1 (all remaining devices)"),
+    "mesh.fsdp": _POSITIVE,
+    "mesh.model": _POSITIVE,
+    "sharding_rules": (_rules, "pairs (logical axis, mesh axis or None), e.g. (('embed', 'fsdp'),)"),
+    "fewshot.every": _COUNT,
+    "fewshot.shots": ((lambda v: isinstance(v, (tuple, list)) and all(_int(s) and s > 0 for s in v)),
+                      "a tuple of positive integers, e.g. (1, 5, 10)"),
+}
+
+
+def _field(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    if value is None or not hasattr(value, "get"):
+      return None
+    value = value.get(part, None)
+  return value
+
+
+def check_values(config) -> None:
+  """Each field of RULES holds a value it may hold; grad_accum_steps divides batch_size."""
+  for key, (ok, must_be) in RULES.items():
+    value = _field(config, key)
+    if value is not None and not ok(value):
+      raise cli.UsageError(f"config.{key}={value!r}: must be {must_be}.")
+  accum, batch = _field(config, "grad_accum_steps"), _field(config, "batch_size")
+  if accum and batch and batch % accum:
+    raise cli.UsageError(f"config.grad_accum_steps={accum} does not divide config.batch_size={batch}: "
+                         "it must be a divisor of batch_size.")
+
+
+# --------------------------------------------------------------------------
+# Model, checkpoint, dataset
+# --------------------------------------------------------------------------
+def check_model_name(name: str, what: str = "config.model_name") -> None:
+  from vit_jax.models import registry  # imports JAX (no backend start-up), not TensorFlow
+  names = registry.names()
+  if name not in names:
+    raise cli.UsageError(f"{what}={name!r} is not a model.{cli.did_you_mean(name, names)} "
+                         f"Valid names: {', '.join(names)}.")
+
+
+def check_model(config) -> None:
+  """The model name exists and config.model holds fields of that model."""
+  check_model_name(config.model_name)
+  from vit_jax.models import registry
+  overrides = {k: (v.to_dict() if hasattr(v, "to_dict") else v)
+               for k, v in (config.get("model") or {}).items() if v is not None}
+  try:
+    registry.get_config(config.model_name, num_classes=config.num_classes,
+                        img_size=config.img_size, **overrides)
+  except (ValueError, TypeError) as e:
+    raise cli.UsageError(f"config.model: {e}") from None
+
+
+def check_npz(path: str) -> None:
+  """`path` is a readable .npz: a zip of .npy arrays with valid headers (data not read)."""
+  try:
+    with zipfile.ZipFile(path) as z:
+      members = z.namelist()
+      if not members or not all(m.endswith(".npy") for m in members):
+        raise ValueError("it holds no .npy arrays")
+      for m in members:
+        with z.open(m) as f:
+          fmt = np.lib.format
+          read_header = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else fmt.read_array_header_2_0
+          read_header(f)
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+    raise cli.UsageError(f"{path} is not a valid .npz ({e}).") from None
+
+
+def check_pretrained(path: str | None, what: str = "config.pretrained") -> None:
+  """A local checkpoint exists: a valid .npz, or a training workdir with checkpoints/.
+
+  Remote paths (gs://, ...) are checked when they are read.
+  """
+  if not path or "://" in str(path):
+    return
+  local = os.path.expanduser(str(path))
+  if not os.path.exists(local):
+    raise cli.UsageError(f"{what}: {path} does not exist; give a published .npz or a "
+                         "training workdir.")
+  if os.path.isdir(local):
+    ckpt_dir = os.path.join(local, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+      raise cli.UsageError(f"{what}: {path} is a directory without checkpoints/, so not a "
+                           "training workdir; give a workdir or a published .npz.")
+    if not any(d.isdigit() for d in os.listdir(ckpt_dir)):  # orbax: one folder per step
+      raise cli.UsageError(f"{what}: the workdir {path} has no checkpoint yet.")
+    return
+  check_npz(local)
+
+
+def _tfds_base_name(name: str) -> str | None:
+  """'cifar10' for 'cifar10', 'cifar10:3.0.2' or 'clevr/count_all:1.0'; None when namespaced."""
+  base, _, version = name.split("/")[0].partition(":")
+  if version and not version[:1].isdigit():  # 'huggingface:mnist': tfds resolves namespaces
+    return None
+  return base
+
+
+def check_dataset(name: str | None, data_dir: str | None = None) -> None:
+  """A tfds dataset (registered, or built in data_dir), a VTAB task, or an existing local path."""
+  if not name:
+    raise cli.UsageError("config.dataset is empty: give a tfds name (e.g. 'cifar100'), 'digits', "
+                         "'vtab:<task>', 'imagefolder:<folder>' or 'manifest:<file>'.")
+  for prefix in PATH_DATASETS:
+    if name.startswith(prefix):
+      path = name[len(prefix):]
+      if "://" not in path and not os.path.exists(os.path.expanduser(path)):
+        raise cli.UsageError(f"config.dataset={name!r}: {path or '(empty path)'} does not exist.")
+      return
+  if name.startswith("vtab:"):
+    task = name[len("vtab:"):]
+    if task not in VTAB_TASKS:
+      raise cli.UsageError(f"config.dataset={name!r}: unknown VTAB task.{cli.did_you_mean(task, VTAB_TASKS)} "
+                           f"Tasks: {', '.join(VTAB_TASKS)}.")
+    return
+  base = _tfds_base_name(name)
+  if base is None or base in OWN_DATASETS:
+    return
+  import tensorflow_datasets as tfds  # the registry only; TensorFlow is imported lazily
+  known = tfds.list_builders(with_community_datasets=False)
+  if base in known:
+    return
+  data_dir = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
+  if os.path.isdir(os.path.join(data_dir, base)):  # built by the user's own builder
+    return
+  hint = cli.did_you_mean(base, list(OWN_DATASETS) + list(known))
+  raise cli.UsageError(f"config.dataset={name!r} is neither a tfds dataset nor in data_dir={data_dir}."
+                       f"{hint or ' See tfds.list_builders() for the tfds names.'}")
+
+
+def check_config(config) -> None:
+  """Every check of this module on a run config (vit_jax.main runs it before anything else)."""
+  check_values(config)
+  check_pretrained(config.get("pretrained"))
+  check_dataset(config.get("dataset"), config.get("data_dir"))
+  check_model(config)  # the slowest: imports JAX
+
+
+# --------------------------------------------------------------------------
+# A finished job
+# --------------------------------------------------------------------------
+def finished_metrics(workdir: str, total_steps: int) -> dict | None:
+  """The final metrics (metrics.jsonl, last value of each) when workdir holds a checkpoint at
+  total_steps or later; None when the job has steps left (or the workdir is remote)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if "://" in workdir or not os.path.isdir(ckpt_dir):
+    return None
+  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]  # orbax: one folder per step
+  if not steps or max(steps) < int(total_steps):
+    return None
+  metrics: dict = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        try:
+          metrics.update(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+          continue
+  metrics["step"] = max(steps)
+  return metrics
