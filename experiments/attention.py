@@ -59,8 +59,10 @@ def main(argv=None) -> dict:
       ax.scatter(np.arange(1, nl + 1), dist[:, h], s=10, label=f"head {h + 1}" if nh <= 16 else None)
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
+    common.integer_ticks(ax.xaxis)
     ax.set_ylim(0, size * 0.75)
-    ax.set_title(f"{name}, {size}px, {args.num_images} images", fontsize=8)
+    ax.set_title(f"Mean attention distance per head: {common.model_label(name)}, "
+                 f"{size}px, {args.num_images} images", fontsize=8)
     if nh <= 16:
       ax.legend(fontsize=5, ncol=2)
     figs.append(common.savefig(fig, args.out, f"attention_distance_{tag}.png"))
@@ -68,24 +70,38 @@ def main(argv=None) -> dict:
     ph = common.photos(size)
     maps = attention.rollout_for_model(model, ph)
     up = attention.upsample_map(maps, (size, size))
-    fig, axes = plt.subplots(2, len(ph), figsize=(1.8 * len(ph), 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(ph), figsize=(2.0 * len(ph) + 0.8, 4.2), squeeze=False)
     logits, _ = layers.intermediates(model, ph)
     for i in range(len(ph)):
-      common.show_image(axes[0, i], ph[i], f"class {int(np.argmax(logits[i]))}")
-      # the photo (in [0, 1]) weighted by the map, back in [-1, 1]
-      common.show_image(axes[1, i], up[i][..., None] * (ph[i] + 1.0) - 1.0, "rollout x image")
+      common.show_image(axes[0, i], ph[i], f"predicted class {int(np.argmax(logits[i]))}")
+      # the rollout map over the photo in grey
+      common.show_image(axes[1, i], np.repeat(ph[i].mean(-1, keepdims=True), 3, -1),
+                        "rollout map")
+      im = axes[1, i].imshow(up[i], cmap="inferno", alpha=0.65, vmin=0.0,
+                             vmax=float(np.max(up)))
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="rollout weight")
+    fig.suptitle(f"Attention rollout (class token to patches): {common.model_label(name)}, "
+                 f"{size}px", fontsize=8)
     figs.append(common.savefig(fig, args.out, f"rollout_{tag}.png"))
     res["rollout"] = maps
 
     sim = embeddings.position_similarity_for_model(model)
     gh, gw = sim.shape[:2]
-    fig, axes = plt.subplots(gh, gw, figsize=(0.5 * gw + 0.5, 0.5 * gh + 0.5), squeeze=False)
+    fig, axes = plt.subplots(gh, gw, figsize=(0.5 * gw + 1.5, 0.5 * gh + 0.8), squeeze=False)
     for i in range(gh):
       for j in range(gw):
-        axes[i, j].imshow(sim[i, j], vmin=-1, vmax=1, cmap="viridis")
+        im = axes[i, j].imshow(sim[i, j], vmin=-1, vmax=1, cmap="viridis")
         axes[i, j].set_xticks([])
         axes[i, j].set_yticks([])
-    fig.suptitle("position embedding similarity", fontsize=8)
+    for j in range(gw):
+      axes[-1, j].set_xlabel(str(j + 1), fontsize=6)
+    for i in range(gh):
+      axes[i, 0].set_ylabel(str(i + 1), fontsize=6, rotation=0, labelpad=6)
+    fig.supxlabel("patch column", fontsize=8)
+    fig.supylabel("patch row", fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity")
+    fig.suptitle(f"Position-embedding similarity of each patch to all others: "
+                 f"{common.model_label(name)}", fontsize=8)
     figs.append(common.savefig(fig, args.out, f"posemb_{tag}.png"))
     res["posemb_similarity"] = sim
 
@@ -94,12 +110,14 @@ def main(argv=None) -> dict:
     k = len(pcs["images"])
     cols = min(7, k)
     rows = -(-k // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.8 * cols, 0.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols, 0.9 * rows + 0.5), squeeze=False)
     for i, ax in enumerate(axes.ravel()):
       ax.axis("off")
       if i < k:
         ax.imshow(pcs["images"][i], interpolation="nearest")
-    fig.suptitle("patch-embedding filters: principal components", fontsize=8)
+        ax.set_title(f"PC {i + 1}", fontsize=6)
+    fig.suptitle(f"Patch-embedding filters, principal components:\n"
+                 f"{common.model_label(name)}", fontsize=8)
     figs.append(common.savefig(fig, args.out, f"patch_pcs_{tag}.png"))
     res["patch_pc_explained_variance"] = pcs["explained_variance_ratio"]
     results["models"][name] = res

@@ -91,24 +91,35 @@ def main(argv=None) -> dict:
     a, b = names[i], names[j]
     results["pairs"][f"{a} vs {b}"] = heat
     for ax_, h, ya, xb in [(gaxes[i, j], heat, a, b), (gaxes[j, i], heat.T, b, a)]:
-      gim = ax_.imshow(h, origin="lower", vmin=0, vmax=1, cmap="magma", aspect="auto")
-      ax_.set_ylabel(f"{ya.split(' ')[0]} layer", fontsize=8)
-      ax_.set_xlabel(f"{xb.split(' ')[0]} layer", fontsize=8)
-    fig, ax = plt.subplots(figsize=(3.6, 3.2))
-    im = ax.imshow(heat, origin="lower", vmin=0, vmax=1, cmap="magma")
-    ax.set_ylabel(f"{a} layer", fontsize=8)
-    ax.set_xlabel(f"{b} layer", fontsize=8)
-    fig.colorbar(im, ax=ax)
-    ax.set_title(f"minibatch CKA ({args.data}, n={nb * bs})", fontsize=8)
+      gim = _heatmap(ax_, h, ya, xb)
+    fig, ax = plt.subplots(figsize=(4.0, 3.4))
+    im = _heatmap(ax, heat, a, b)
+    fig.colorbar(im, ax=ax, label="CKA")
+    ax.set_title(f"Minibatch CKA, {common.model_label(a)} vs\n{common.model_label(b)} "
+                 f"({args.data}, n={nb * bs})", fontsize=8)
     fname = f"cka_{a.split(' ')[0]}_vs_{b.split(' ')[0]}.png".replace("+", "p")
     figs.append(common.savefig(fig, args.out, fname))
     print(f"{a} vs {b}: mean CKA {heat.mean():.3f}")
-  gfig.colorbar(gim, ax=gaxes.ravel().tolist(), shrink=0.6)
+  gfig.colorbar(gim, ax=gaxes.ravel().tolist(), shrink=0.6, label="CKA")
+  gfig.suptitle(f"Minibatch CKA between the layers of each pair of models ({args.data}, "
+                f"n={nb * bs}); models untrained unless named with a checkpoint",
+                fontsize=9)
   figs.append(common.savefig(gfig, args.out, "cka_grid.png"))
   results["figures"] = figs
   results["seconds"] = timer()
   common.save_json(args.out, "cka.json", results)
   return results
+
+
+def _heatmap(ax, heat, y_model: str, x_model: str):
+  """CKA of layer pairs, layers counted from 1 (the embedding) in input order."""
+  im = ax.imshow(heat, origin="lower", vmin=0, vmax=1, cmap="magma", aspect="auto",
+                 extent=(0.5, heat.shape[1] + 0.5, 0.5, heat.shape[0] + 0.5))
+  ax.set_ylabel(f"{y_model.split(' ')[0]} layer", fontsize=8)
+  ax.set_xlabel(f"{x_model.split(' ')[0]} layer", fontsize=8)
+  common.integer_ticks(ax.xaxis)
+  common.integer_ticks(ax.yaxis)
+  return im
 
 
 if __name__ == "__main__":

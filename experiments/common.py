@@ -159,11 +159,23 @@ def plt():
   return pyplot
 
 
-def savefig(fig, out: str, name: str, dpi: int = 80) -> str:
+def savefig(fig, out: str, name: str, dpi: int = 150) -> str:
   path = os.path.join(out, name)
   fig.savefig(path, dpi=dpi, bbox_inches="tight")
   plt().close(fig)
   return path
+
+
+def model_label(name: str) -> str:
+  """A model's name for titles and legends; says so when it is untrained."""
+  return name if trained(name) else f"{name} (untrained)"
+
+
+def integer_ticks(axis) -> None:
+  """Integer ticks on an axis that counts things (layers, heads, batches)."""
+  from matplotlib.ticker import MaxNLocator
+
+  axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def show_image(ax, img, title=None, fontsize=7):

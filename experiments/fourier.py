@@ -39,9 +39,10 @@ def main(argv=None) -> dict:
   results = common.header(args, {"models": {}})
   plt = common.plt()
   figs = []
-  dfig, daxes = plt.subplots(1, 2, figsize=(9, 3.2))
+  dfig, daxes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
   bfig, bax = plt.subplots(figsize=(4.5, 3.2))
   bands = fourier.default_bands(args.num_bands)
+  seen_kinds = {}   # sub-layer kinds drawn, in order (marker legend)
   for name, model in zoo.items():
     info = layers.model_info(model)
     tag = name.split(" ")[0].replace("+", "p")
@@ -66,32 +67,45 @@ def main(argv=None) -> dict:
         ax.plot(np.linspace(0, 1, len(curve)), curve, color=cmap(r["depth"][s]), lw=1)
     ax.set_xlabel("frequency (0 = DC, 1 = highest)")
     ax.set_ylabel("relative log amplitude")
-    ax.set_title(f"{name}: colour = depth", fontsize=8)
+    depth_colours = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
+    fig.colorbar(depth_colours, ax=ax, label="normalised depth")
+    ax.set_title(f"Fourier spectrum of each sub-layer's features:\n"
+                 f"{common.model_label(name)}", fontsize=8)
     figs.append(common.savefig(fig, args.out, f"fourier_{tag}.png"))
 
     depth = np.asarray(r["depth"])
-    line = daxes[0].plot(depth, r["high_freq"], "-", lw=0.8, label=name)[0]
+    line = daxes[0].plot(depth, r["high_freq"], "-", lw=0.8, label=common.model_label(name))[0]
     for kind, mark in KIND_MARK.items():
       sel = np.asarray([k == kind for k in r["kinds"]])
       if sel.any():
+        seen_kinds[kind] = None
         daxes[0].scatter(depth[sel], r["high_freq"][sel], marker=mark, s=14, color=line.get_color())
         daxes[1].scatter(depth[sel], r["variance"][sel], marker=mark, s=14, color=line.get_color())
-    daxes[1].plot(depth, r["variance"], "-", lw=0.8, color=line.get_color(), label=name)
+    daxes[1].plot(depth, r["variance"], "-", lw=0.8, color=line.get_color(),
+                  label=common.model_label(name))
     centres = [0.5 * (a + b) for a, b in bands]
-    bax.plot(centres, rob["accuracy_drop"], "o-", label=name)
+    bax.plot(centres, rob["accuracy_drop"], "o-", label=common.model_label(name))
     print(f"{name}: high-frequency log amplitude by depth "
           f"{np.round(np.asarray(r['high_freq'], float), 2).tolist()}; accuracy drop per band "
           f"{np.round(np.asarray(rob['accuracy_drop'], float), 2).tolist()} ({timer()} s)")
-  daxes[0].set_title("highest-frequency relative log amplitude (o/s: attention-token/MLP)", fontsize=8)
-  daxes[1].set_title("feature-map variance", fontsize=8)
+  daxes[0].set_title("Relative log amplitude at the highest frequency, by depth", fontsize=8)
+  daxes[0].set_ylabel("relative log amplitude")
+  daxes[1].set_title("Feature-map variance by depth", fontsize=8)
+  daxes[1].set_ylabel("feature-map variance")
   daxes[1].set_yscale("log")
+  # Marker shape: the kind of sub-layer whose output is measured.
+  marks = {}
+  for kind in seen_kinds:
+    marks.setdefault(KIND_MARK[kind], []).append(kind)
+  for mark, kinds in marks.items():
+    daxes[1].scatter([], [], marker=mark, s=14, color="grey", label=" / ".join(kinds) + " output")
   for ax in daxes:
     ax.set_xlabel("normalised depth")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
   figs.append(common.savefig(dfig, args.out, "fourier_depth.png"))
   bax.set_xlabel("noise band centre (radial frequency / Nyquist)")
   bax.set_ylabel("accuracy drop")
-  bax.set_title(f"noise std {args.noise_std}", fontsize=8)
+  bax.set_title(f"Accuracy drop under band-limited noise (std {args.noise_std})", fontsize=8)
   bax.legend(fontsize=7)
   figs.append(common.savefig(bfig, args.out, "band_noise.png"))
   results["bands"] = bands

@@ -73,15 +73,18 @@ def main(argv=None) -> dict:
     print(f"{name}: activation {np.round(np.asarray(out['activation'], float), 2).tolist()} ({timer()} s)")
 
   plt = common.plt()
-  fig, axes = plt.subplots(len(outs), len(targets), figsize=(1.6 * len(targets), 1.7 * len(outs)),
-                           squeeze=False)
+  fig, axes = plt.subplots(len(outs), len(targets),
+                           figsize=(1.6 * len(targets) + 0.3, 1.7 * len(outs) + 0.3),
+                           squeeze=False, layout="constrained")
   for r, (name, out) in enumerate(outs.items()):
     for c, t in enumerate(targets):
       what = "class" if args.objective == "logit" else "channel"
       common.show_image(axes[r, c], out["images"][c], f"{what} {t}: {out['activation'][c]:.1f}")
-    axes[r, 0].set_ylabel(name.split(" ")[0], fontsize=7)
-  fig.suptitle(f"Generated inputs ({args.objective}{'' if args.layer is None else ' ' + args.layer}, "
-               f"{args.style})", fontsize=8)
+    axes[r, 0].set_ylabel(common.model_label(name), fontsize=7)
+  what = ("class logit" if args.objective == "logit"
+          else f"{args.objective} of {args.layer or 'the middle layer'}")
+  fig.suptitle(f"Inputs generated to maximise each target's {what} ({args.style}); "
+               "titles: target and final activation", fontsize=8)
   results["figures"] = [common.savefig(fig, args.out, "generation.png")]
   results["seconds"] = timer()
   common.save_json(args.out, "generation.json", results)

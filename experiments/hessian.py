@@ -70,19 +70,23 @@ def plot(models: dict, out: str, k: int) -> list[str]:
   """Density of the batch-wise top eigenvalues (one panel per model) and the top one per batch."""
   plt = common.plt()
   n = len(models)
-  fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+  fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.0), squeeze=False, layout="constrained")
   fig2, ax2 = plt.subplots(figsize=(4.5, 3.2))
   for ax, (name, r) in zip(axes[0], models.items()):
     spec = np.asarray(r["eigenvalues"], float)
     ax.plot(r["density_grid"], r["density"])
     ax.plot(spec.ravel(), np.zeros(spec.size), "|", ms=10, color="k")
     ax.axvline(0.0, color="grey", lw=0.6, ls="--")
-    ax.set_title(f"{name}: {int((spec < 0).sum())}/{spec.size} negative", fontsize=8)
+    ax.set_title(f"{common.model_label(name)}:\n{int((spec < 0).sum())}/{spec.size} "
+                 "eigenvalues negative", fontsize=8)
     ax.set_xlabel("Hessian eigenvalue")
-    ax2.plot(np.arange(len(spec)), spec[:, 0], "o-", label=name)
+    ax2.plot(np.arange(1, len(spec) + 1), spec[:, 0], "o-", label=common.model_label(name))
   axes[0, 0].set_ylabel(f"density of top-{k} per batch")
+  fig.suptitle(f"Top-{k} Hessian eigenvalues of the training loss, per batch", fontsize=9)
   ax2.set_xlabel("batch")
+  common.integer_ticks(ax2.xaxis)
   ax2.set_ylabel("largest-magnitude eigenvalue")
+  ax2.set_title("Largest-magnitude Hessian eigenvalue per batch", fontsize=8)
   ax2.legend(fontsize=7)
   return [common.savefig(fig, out, "hessian_spectra.png"), common.savefig(fig2, out, "hessian_top.png")]
 

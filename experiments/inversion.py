@@ -66,11 +66,11 @@ def main(argv=None) -> dict:
   ncols = 1 + max(len(o["layers"]) for _, o in recons.values())
   figs = []
   for pi, ph in enumerate(photo_names):
-    fig, axes = plt.subplots(len(recons), ncols, figsize=(1.1 * ncols, 1.25 * len(recons)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(recons), ncols, figsize=(1.1 * ncols, 1.25 * len(recons) + 0.4),
+                             squeeze=False, layout="constrained")
     for r, (name, (imgs, out)) in enumerate(recons.items()):
       common.show_image(axes[r, 0], imgs[pi], "target")
-      axes[r, 0].set_ylabel(name.split(" ")[0], fontsize=7)
+      axes[r, 0].set_ylabel(common.model_label(name), fontsize=7)
       for c in range(1, ncols):
         ax = axes[r, c]
         if c - 1 < len(out["layers"]):
@@ -78,20 +78,24 @@ def main(argv=None) -> dict:
                             f"{out['layers'][c - 1]}\n{out['psnr'][pi, c - 1]:.1f} dB")
         else:
           ax.axis("off")
-    fig.suptitle(f"Layer inversion ({ph}); untrained unless named with a checkpoint", fontsize=8)
+    fig.suptitle(f"Layer inversion: images reconstructed from each layer's representation "
+                 f"of {ph} (PSNR vs target)", fontsize=8)
     figs.append(common.savefig(fig, args.out, f"inversion_{ph}.png"))
 
-  fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+  fig, axes = plt.subplots(1, 3, figsize=(11, 3), layout="constrained")
   for name, (_, out) in recons.items():
     depth = np.linspace(0, 1, len(out["layers"]))
-    axes[0].plot(depth, out["psnr"].mean(0), "o-", label=name)
+    axes[0].plot(depth, out["psnr"].mean(0), "o-", label=common.model_label(name))
     axes[1].plot(depth, out["ssim"].mean(0), "o-", label=name)
     axes[2].semilogy(depth, out["ratio"].mean(0), "o-", label=name)
   axes[2].axhline(1.0, color="k", lw=0.8, ls="--")
-  for ax, t in zip(axes, ["PSNR (dB) vs target", "SSIM vs target",
-                          "||O(a)-O(a_g)|| / ||O(a)-O(a+n)||"]):
+  for ax, t, y in zip(axes, ["Reconstruction PSNR", "Reconstruction SSIM",
+                             "Representation distance: reconstruction / noise"],
+                      ["PSNR vs target (dB)", "SSIM vs target",
+                       "||O(a)-O(a_g)|| / ||O(a)-O(a+n)||"]):
     ax.set_title(t, fontsize=9)
     ax.set_xlabel("normalised depth")
+    ax.set_ylabel(y, fontsize=8)
   axes[0].legend(fontsize=7)
   figs.append(common.savefig(fig, args.out, "inversion_judges.png"))
   results["figures"] = figs

@@ -119,3 +119,51 @@ def test_sharded_inputs_give_same_heatmap():
   assert len(xs.sharding.device_set) == jax.device_count()
   got = cka_lib.MinibatchCKA().update([xs], [ys]).result()
   np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def _cka_float64(xs, ys, batch_size):
+  """Minibatch CKA in float64: U-centred Grams, unbiased HSIC summed over batches."""
+  def u_centre(k):
+    n = k.shape[0]
+    k = k - np.diag(np.diag(k))
+    means = k.sum(0) / (n - 2)
+    means -= means.sum() / (2 * (n - 1))
+    k = k - means[None, :] - means[:, None]
+    return k - np.diag(np.diag(k))
+  n = xs[0].shape[0]
+  hxy = np.zeros((len(xs), len(ys)))
+  hxx, hyy = np.zeros(len(xs)), np.zeros(len(ys))
+  for start in range(0, n, batch_size):
+    grams = lambda ls: [u_centre(a @ a.T) for a in
+                        (np.float64(l[start:start + batch_size]) for l in ls)]
+    kx, ky = grams(xs), grams(ys)
+    hxy += [[np.vdot(a, b) for b in ky] for a in kx]
+    hxx += [np.vdot(a, a) for a in kx]
+    hyy += [np.vdot(b, b) for b in ky]
+  return hxy / np.sqrt(np.outer(hxx, hyy))
+
+
+def test_minibatch_matches_float64_on_features_with_large_offsets():
+  # Residual streams and position embeddings share a large per-feature offset
+  # across examples; float32 sums of raw Gram entries lose it all.
+  rng = np.random.default_rng(0)
+  n, d = 256, 4096
+  z = rng.normal(size=(n, d)).astype(np.float32)
+  offset = lambda: rng.uniform(5, 30, d).astype(np.float32)
+  xs = [z + offset(),
+        0.6 * z + 0.8 * rng.normal(size=(n, d)).astype(np.float32) + offset(),
+        rng.normal(size=(n, d)).astype(np.float32) + offset()]
+  ys = [xs[0], np.tanh(z[:, :512]) + offset()[:512]]
+  ref = _cka_float64(xs, ys, batch_size=128)
+  heat = cka_lib.minibatch_cka([jnp.asarray(x) for x in xs],
+                               [jnp.asarray(y) for y in ys], batch_size=128)
+  assert heat.dtype == np.float64
+  np.testing.assert_allclose(heat, ref, atol=1e-4)
+  assert heat[0, 0] == pytest.approx(1.0, abs=1e-5)
+  assert 0.2 < heat[1, 0] < 0.8 and abs(heat[2, 0]) < 0.02
+  # whole-array CKA sees the same offsets
+  for debiased in (False, True):
+    assert float(cka_lib.cka(jnp.asarray(xs[0]), jnp.asarray(xs[1]),
+                             debiased=debiased)) == pytest.approx(
+        float(cka_lib.cka(jnp.asarray(z), jnp.asarray(xs[1] - xs[1].mean(0)),
+                          debiased=debiased)), abs=1e-4)

@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import PIL.Image
 
 from experiments import attention, cka, fourier, generation, hessian, inversion
 
@@ -12,6 +13,8 @@ def _run(mod, tmp_path, *argv):
   res = mod.main(["--out", out, "--img-size", "32", *argv])
   for f in res["figures"]:
     assert os.path.getsize(f) > 1000 and f.endswith(".png")
+    with PIL.Image.open(f) as im:
+      assert min(im.info["dpi"]) >= 149.9, (f, im.info["dpi"])   # readable resolution
   jsons = [f for f in os.listdir(out) if f.endswith(".json")]
   assert len(jsons) == 1
   with open(os.path.join(out, jsons[0])) as f:

@@ -9,9 +9,10 @@ Two estimators:
   (``sigma^2 = threshold^2 * median squared distance``). ``debiased=True``
   replaces the biased HSIC (double centring) by the U-statistic (zero diagonal,
   Szekely-Rizzo "U-centring").
-* :class:`MinibatchCKA` -- Nguyen et al. 2021: per minibatch, linear Gram matrices
-  of the flattened activations, the unbiased HSIC_1 estimator of each pair of
-  layers, summed over batches; ``CKA = sum HSIC_xy / sqrt(sum HSIC_xx sum HSIC_yy)``.
+* :class:`MinibatchCKA` -- Nguyen et al. 2021: per minibatch, U-centred linear
+  Gram matrices of the flattened activations, the unbiased HSIC of each pair of
+  layers, summed over batches (in float64, on the host);
+  ``CKA = sum HSIC_xy / sqrt(sum HSIC_xx sum HSIC_yy)``.
   Memory is O(layers x batch^2), so layer-by-layer heatmaps over tens of
   thousands of examples fit. Over a single batch it equals the debiased CKA.
 """
@@ -36,6 +37,18 @@ def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], -1)
 
 
+def _centre_features(x: jax.Array) -> jax.Array:
+  """(n, ...) features, flattened, minus their mean over the examples.
+
+  Centred and U-centred Grams, and pairwise distances, do not change when
+  every example is shifted by the same vector; removing the shared offset
+  first keeps float32 Gram entries at the scale of the variation rather than
+  of the offset (residual streams and position embeddings carry large ones).
+  """
+  x = _flatten(x)
+  return x - jnp.mean(x, axis=0, keepdims=True)
+
+
 def gram_linear(x: jax.Array) -> jax.Array:
   """Linear kernel Gram matrix ``X X^T`` of (n, ...) features (flattened)."""
   x = _flatten(x)
@@ -43,7 +56,7 @@ def gram_linear(x: jax.Array) -> jax.Array:
 
 
 def _sq_distances(x: jax.Array) -> jax.Array:
-  x = _flatten(x)
+  x = _centre_features(x)
   dot = x @ x.T
   sq = jnp.diagonal(dot)
   return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * dot, 0.0)
@@ -110,7 +123,7 @@ def cka(x: jax.Array, y: jax.Array, kernel: str = "linear", debiased: bool = Fal
   if x.shape[0] != y.shape[0]:
     raise ValueError(f"x and y must hold the same examples: {x.shape[0]} vs {y.shape[0]}")
   if kernel == "linear":
-    k, l = gram_linear(x), gram_linear(y)
+    k, l = gram_linear(_centre_features(x)), gram_linear(_centre_features(y))
   elif kernel == "rbf":
     k, l = gram_rbf(x, threshold), gram_rbf(y, threshold)
   else:
@@ -123,57 +136,40 @@ def cka(x: jax.Array, y: jax.Array, kernel: str = "linear", debiased: bool = Fal
 # ----------------------------------------------------------------------------
 
 
-def _grams(layers: Sequence[jax.Array]) -> jax.Array:
-  """(num_layers, n, n) linear Grams with zeroed diagonals."""
-  grams = jnp.stack([gram_linear(x) for x in layers])
-  n = grams.shape[-1]
-  return grams * (1.0 - jnp.eye(n, dtype=grams.dtype))
+def _u_centred_grams(layers: Sequence[jax.Array]) -> jax.Array:
+  """(num_layers, n, n) U-centred linear Grams of (n, ...) layer outputs."""
+  return jnp.stack([center_gram(gram_linear(_centre_features(x)), unbiased=True)
+                    for x in layers])
 
 
-def hsic1(k: jax.Array, l: jax.Array) -> jax.Array:
-  """Unbiased HSIC_1 (Song et al. 2012) of every pair of stacked Grams.
+def hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
+  """Unbiased HSIC of every pair of stacked U-centred Grams.
 
-  k: (a, n, n), l: (b, n, n) with zero diagonals -> (a, b).
-  ``[tr(KL) + 1'K1 1'L1 / ((n-1)(n-2)) - 2/(n-2) 1'KL1] / (n (n-3))``.
+  k: (a, n, n), l: (b, n, n) from :func:`layer_grams` -> (a, b):
+  ``<U(K), U(L)> / (n (n - 3))``, the same estimator as Song et al.'s HSIC_1.
+  Written with the centred Grams rather than Song et al.'s sums of raw Gram
+  entries, whose terms cancel to a few digits in float32 when the features
+  share a large offset.
   """
   n = k.shape[-1]
-  if n < 4:
-    raise ValueError(f"minibatch CKA needs batches of at least 4 examples, got {n}")
-  trace = jnp.einsum("aij,bij->ab", k, l)
-  ks, ls = k.sum(axis=2), l.sum(axis=2)  # (a, n), (b, n): row sums
-  tot = jnp.outer(ks.sum(1), ls.sum(1)) / ((n - 1) * (n - 2))
-  cross = 2.0 / (n - 2) * (ks @ ls.T)
-  return (trace + tot - cross) / (n * (n - 3))
+  return jnp.einsum("aij,bij->ab", k, l) / (n * (n - 3))
 
 
 @jax.jit
 def layer_grams(layers: Sequence[jax.Array]) -> jax.Array:
-  """(num_layers, n, n) zero-diagonal linear Grams of a list of (n, ...) layer outputs.
+  """(num_layers, n, n) U-centred linear Grams of a list of (n, ...) layer outputs.
 
   Compute once per model and batch, then feed :meth:`MinibatchCKA.update_grams`
-  for every pair of models the batch takes part in.
+  for every pair of models the batch takes part in. Batches need at least 4
+  examples.
   """
-  return _grams([jnp.asarray(x) for x in layers])
+  return _u_centred_grams([jnp.asarray(x) for x in layers])
 
 
 @jax.jit
 def _hsic_from_grams(kx, ky):
-  return hsic1(kx, ky), jnp.diagonal(hsic1(kx, kx)), jnp.diagonal(hsic1(ky, ky))
-
-
-@jax.jit
-def _hsic_update(xs, ys):
-  kx = _grams(xs)
-  ky = _grams(ys)
-  return hsic1(kx, ky), jnp.diagonal(hsic1(kx, kx)), jnp.diagonal(hsic1(ky, ky))
-
-
-@jax.jit
-def _hsic_update_self(xs):
-  kx = _grams(xs)
-  h = hsic1(kx, kx)
-  d = jnp.diagonal(h)
-  return h, d, d
+  return (hsic_unbiased(kx, ky), jnp.diagonal(hsic_unbiased(kx, kx)),
+          jnp.diagonal(hsic_unbiased(ky, ky)))
 
 
 class MinibatchCKA:
@@ -187,8 +183,10 @@ class MinibatchCKA:
           # or acc.update(layers_a(batch)) for a model against itself
       heatmap = acc.result()                              # (len(xs), len(ys)) numpy
 
-  The per-batch work is one jitted function (Grams and all HSIC pairs); inputs
-  may be sharded over a 'data' mesh axis -- XLA partitions the Gram products.
+  Per batch, one jitted function computes the U-centred Grams and every
+  layer pair's HSIC in float32 (inputs may be sharded over a 'data' mesh
+  axis: XLA partitions the Gram products); the sums over batches, and the
+  ratio, are taken on the host in float64.
   """
 
   def __init__(self):
@@ -198,24 +196,22 @@ class MinibatchCKA:
     self.num_batches = 0
 
   def update(self, xs: Sequence[jax.Array], ys: Sequence[jax.Array] | None = None):
-    xs = [jnp.asarray(x) for x in xs]
+    kx = layer_grams(list(xs))
     if ys is None:
-      h, dx, dy = _hsic_update_self(xs)
-    else:
-      ys = [jnp.asarray(y) for y in ys]
-      if xs[0].shape[0] != ys[0].shape[0]:
-        raise ValueError("x and y layers must be computed on the same batch")
-      h, dx, dy = _hsic_update(xs, ys)
-    return self._accumulate(h, dx, dy)
+      return self.update_grams(kx)
+    if xs[0].shape[0] != ys[0].shape[0]:
+      raise ValueError("x and y layers must be computed on the same batch")
+    return self.update_grams(kx, layer_grams(list(ys)))
 
   def update_grams(self, kx: jax.Array, ky: jax.Array | None = None):
     """Like :meth:`update` with precomputed :func:`layer_grams` (num_layers, n, n)."""
     ky = kx if ky is None else ky
     if kx.shape[-1] != ky.shape[-1]:
       raise ValueError("x and y Grams must come from the same batch")
-    return self._accumulate(*_hsic_from_grams(kx, ky))
-
-  def _accumulate(self, h, dx, dy):
+    if kx.shape[-1] < 4:
+      raise ValueError("minibatch CKA needs batches of at least 4 examples, "
+                       f"got {kx.shape[-1]}")
+    h, dx, dy = (np.asarray(a, np.float64) for a in _hsic_from_grams(kx, ky))
     if self.hsic_xy is None:
       self.hsic_xy, self.hsic_xx, self.hsic_yy = h, dx, dy
     else:
@@ -228,10 +224,10 @@ class MinibatchCKA:
     return self
 
   def result(self) -> np.ndarray:
+    """(x layers, y layers) float64 heatmap."""
     if self.hsic_xy is None:
       raise ValueError("MinibatchCKA.result() called before any update()")
-    den = jnp.sqrt(jnp.outer(self.hsic_xx, self.hsic_yy))
-    return np.asarray(self.hsic_xy / den)
+    return self.hsic_xy / np.sqrt(np.outer(self.hsic_xx, self.hsic_yy))
 
 
 def minibatch_cka(xs: Sequence[jax.Array], ys: Sequence[jax.Array] | None = None,

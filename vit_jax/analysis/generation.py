@@ -285,13 +285,6 @@ def _activation(graphdef, family: str, num_prefix_tokens: int, objective: "Objec
   return fn
 
 
-def activation_fn(model, objective: Objective):
-  """``(fn, state)``: ``fn(state, images, targets) -> (B,)`` activations of image b for target b."""
-  info = _layers.model_info(model)
-  return _activation(nnx.graphdef(model), info.family, info.num_prefix_tokens, objective), \
-      nnx.state(model)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "family", "num_prefix_tokens", "objective"))
 def _eval_activation(state, images, targets, *, graphdef, family, num_prefix_tokens, objective):
   return _activation(graphdef, family, num_prefix_tokens, objective)(state, images, targets)

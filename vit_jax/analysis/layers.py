@@ -94,16 +94,6 @@ def pure_forward(model):
   return fn, state
 
 
-def logits_fn(model):
-  """``(fn, params, rest)`` with ``fn(params, rest, images) -> logits`` for differentiating params."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-  def fn(params, rest, images):
-    return nnx.merge(graphdef, params, rest)(images)
-
-  return fn, params, rest
-
-
 # ----------------------------------------------------------------------------
 # Named layers
 # ----------------------------------------------------------------------------
@@ -223,11 +213,6 @@ def shard_batch(x):
   if ndev > 1 and x.shape[0] % ndev == 0:
     return jax.device_put(x, data_sharding(x.ndim))
   return x
-
-
-def stack_layers(layers: dict[str, jax.Array] | Sequence[jax.Array]) -> list[jax.Array]:
-  vals = list(layers.values()) if isinstance(layers, dict) else list(layers)
-  return [v.reshape(v.shape[0], -1) for v in vals]
 
 
 def randomize_head(model, seed: int = 0, scale: float | None = None):

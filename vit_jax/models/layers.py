@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jaxlib import version as jaxlib_version
 from flax import nnx
 
+from vit_jax.models import cpu_kernels
+
 Array = jax.Array
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -67,29 +69,6 @@ def drop_path(x: Array, rate: Array | float, key: Array | None) -> Array:
   return jnp.where(keep, x / keep_prob.astype(x.dtype), jnp.zeros_like(x))
 
 
-def _cpu_fusion_barrier(x: Array) -> Array:
-  # A conditional on a runtime value: XLA cannot fuse across it (the CPU
-  # backend drops optimization_barrier before fusion), and JAX transposes it
-  # into a conditional on the gradient. Both branches return x exactly.
-  pred = jnp.isfinite(x.reshape(-1)[0])
-  return jax.lax.cond(pred, lambda y: y, lambda y: y * 1.0, x)
-
-
-def residual_barrier(x: Array) -> Array:
-  """Identity on a residual stream at a block boundary; on CPU it stops XLA
-  from fusing across the boundary, forward and backward.
-
-  Without it XLA's CPU fusion merges the elementwise LayerNorm-backward /
-  residual-add chain of all later blocks into every consumer of the stream's
-  gradient (each weight gradient's transposed operand) and recomputes it
-  once per consumer: work quadratic in depth, ~40% of a ViT-B/16 train step
-  on a 2-core CPU (benchmarks/RESULTS.md). Other backends get x unchanged.
-  Works under jit, grad, jvp/hessian, vmap, scan and remat.
-  """
-  return jax.lax.platform_dependent(x, cpu=_cpu_fusion_barrier,
-                                    default=lambda y: y)
-
-
 def image_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
   return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
@@ -129,32 +108,6 @@ def split_key(key: Array | None, num: int) -> list[Array | None]:
   return list(jax.random.split(key, num))
 
 
-def matmul_rows(x: Array, w: Array, contract: int = 1) -> Array:
-  """x (..., *K) @ w (*K, *N) in x's dtype, as one 2-D matmul over x's rows.
-
-  K is w's first `contract` dimensions. Same function as
-  jnp.tensordot(x, w.astype(x.dtype), contract), in two 2-D views that XLA's
-  CPU backend runs without copies: autodiff takes the kernel gradient as a
-  plain (rows, K)^T (rows, N) matmul, where on the 3-D (batch, tokens,
-  features) activations it first writes a transposed copy of the gradient
-  operand (an extra pass over every MLP activation: ~10% of ViT-B/16's train
-  step on CPU; benchmarks/RESULTS.md), and on a 3-D kernel a transposed copy
-  of the kernel and its gradient.
-  """
-  k = math.prod(w.shape[:contract])
-  y = _rows_dot(x.reshape(-1, k), w)
-  return y.reshape(*x.shape[:x.ndim - contract], *w.shape[contract:])
-
-
-@functools.partial(jax.checkpoint, prevent_cse=False)
-def _rows_dot(rows: Array, w: Array) -> Array:
-  # The kernel's 2-D view (and cast) is recomputed for the backward pass
-  # rather than kept: kept, it is a new array per layer that a scanned stack
-  # stores every step (a copy of every attention kernel; of every kernel in
-  # bf16), where the parameter itself needs no storing.
-  return jnp.dot(rows, w.reshape(rows.shape[-1], -1).astype(rows.dtype))
-
-
 class Dense(nnx.Module):
   """y = x @ kernel + bias, kernel (in, out)."""
 
@@ -169,7 +122,7 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = matmul_rows(x.astype(self.dtype), self.kernel[...])
+    y = cpu_kernels.matmul_rows(x.astype(self.dtype), self.kernel[...])
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -213,9 +166,13 @@ def layer_norm(x: Array, scale: Array, bias: Array, epsilon: float,
   normalised activations recomputed where the tangent map reads them, so the
   backward pass keeps only x (in its own, often 16-bit, dtype) and the per-row
   mean and 1/std; autodiff of the float32 forward would keep float32 copies of
-  the centred activations instead (2x the bytes of bfloat16 ones). A JVP
-  rule, unlike a custom VJP, also serves forward mode: Hessian-vector
-  products (vit_jax.analysis.hessian) are forward-over-reverse.
+  the centred activations instead (2x the bytes of bfloat16 ones).
+  (jax.checkpoint of the plain function, and of GELU's, keeps x alone and
+  recomputes the rest: a scanned ViT-B/16 train step then needs the same
+  memory in float32, and in bfloat16 55 MiB less without remat but 148 MiB
+  more with 'dots' (batch 32).) A JVP rule, unlike a custom VJP, also serves
+  forward mode: Hessian-vector products (vit_jax.analysis.hessian) are
+  forward-over-reverse.
   """
   xhat, _, _ = _ln_stats(x, epsilon)
   return _ln_affine(xhat, scale, bias, dtype)
@@ -253,7 +210,8 @@ def gelu_tanh(x: Array) -> Array:
   Its derivative is written out, so the backward pass keeps one array (the
   derivative, in x's dtype). Autodiff keeps five (x, tanh and its factors),
   and a scanned stack stores each of them for every layer (ViT-H/14 at batch
-  8: 5.4 GB more).
+  8: 5.4 GB more). jax.checkpoint of jax.nn.gelu keeps one array too (x),
+  but recomputes tanh in the backward pass.
   """
   return jax.nn.gelu(x, approximate=True)
 
@@ -333,7 +291,7 @@ class Conv(nnx.Module):
   def __call__(self, x: Array) -> Array:
     w = self.standardized_kernel().astype(self.dtype)
     if self._is_patchify(w):
-      y = _patchify_dot(x.astype(self.dtype), w)
+      y = cpu_kernels.patchify_dot(x.astype(self.dtype), w)
     else:
       y = jax.lax.conv_general_dilated(
           x.astype(self.dtype), w, window_strides=self.strides,
@@ -347,22 +305,6 @@ class Conv(nnx.Module):
     kernel = tuple(w.shape[:2])
     return (isinstance(self.padding, str) and self.padding.upper() == "VALID"
             and self.strides == kernel)
-
-
-def _patchify_dot(x: Array, w: Array) -> Array:
-  """The stride == kernel VALID convolution as reshape + one matmul.
-
-  Same function as `conv_general_dilated` (rows/columns past the last whole
-  patch are dropped, as VALID does), but XLA's CPU backend runs the matmul
-  and, above all, its kernel gradient several times faster than the strided
-  convolution's (measured ~5x for ViT-B/16's embedding; benchmarks/RESULTS.md).
-  """
-  kh, kw, c, _ = w.shape
-  n, h, wd, _ = x.shape
-  gh, gw = h // kh, wd // kw
-  x = x[:, :gh * kh, :gw * kw]
-  x = x.reshape(n, gh, kh, gw, kw, c).transpose(0, 1, 3, 2, 4, 5)
-  return matmul_rows(x, w, contract=3)
 
 
 class GroupNorm(nnx.Module):
@@ -411,7 +353,6 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "save_nothing": jax.checkpoint_policies.nothing_saveable,
     "save_everything": jax.checkpoint_policies.everything_saveable,
 }
 

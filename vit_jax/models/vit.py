@@ -19,11 +19,11 @@ import math
 from typing import Any
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vit_jax.models import attention
 from vit_jax.models import layers
 from vit_jax.models import resnet
 
@@ -31,7 +31,6 @@ Array = jax.Array
 
 CLASSIFIERS = ("token", "gap", "map", "unpooled", "token_unpooled")
 POSEMBS = ("learn", "sincos2d")
-ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +71,9 @@ class ViTConfig:
     if self.posemb == "sincos2d" and self.hidden_size % 4:
       raise ValueError(f"posemb='sincos2d' needs hidden_size divisible by 4, "
                        f"not {self.hidden_size}")
-    if self.attention_impl not in ATTENTION_IMPLS:
+    if self.attention_impl not in attention.IMPLEMENTATIONS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
-                       f"{ATTENTION_IMPLS} (None picks the fastest exact path "
+                       f"{attention.IMPLEMENTATIONS} (None picks the fastest exact path "
                        "for the platform)")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
@@ -103,153 +102,6 @@ class ViTConfig:
     return 1 if self.classifier in ("token", "token_unpooled") else 0
 
 
-class MultiHeadDotProductAttention(nnx.Module):
-  """Multi-head attention with the published parameter shapes.
-
-  query/key/value kernels are (D, heads, D/heads), out kernel (heads, D/heads, D).
-  """
-
-  def __init__(self, features: int, num_heads: int, *, rngs: nnx.Rngs,
-               dropout_rate: float = 0.0, attention_impl: str | None = None,
-               dtype=jnp.float32, param_dtype=jnp.float32):
-    head_dim = features // num_heads
-
-    def dense_general(shape, axes, bias_shape, bias_axes, flat):
-      # Xavier-uniform on the 2-D view, as flax's DenseGeneral does.
-      def init(key, s, dtype):
-        return layers.xavier_uniform(key, flat, dtype).reshape(s)
-      m = nnx.Dict(
-          kernel=layers.param(rngs, init, shape, axes, param_dtype),
-          bias=layers.param(rngs, layers.zeros, bias_shape, bias_axes,
-                            param_dtype))
-      return m
-
-    qkv = lambda: dense_general((features, num_heads, head_dim),
-                                ("embed", "heads", "kv"), (num_heads, head_dim),
-                                ("heads", "kv"), (features, features))
-    self.query, self.key, self.value = qkv(), qkv(), qkv()
-    self.out = dense_general((num_heads, head_dim, features),
-                             ("heads", "kv", "embed"), (features,), ("embed",),
-                             (features, features))
-    self.num_heads = num_heads
-    self.dropout_rate = dropout_rate
-    self.attention_impl = attention_impl
-    self.dtype = dtype
-
-  def _project(self, p, rows: Array, lead: tuple[int, ...]) -> Array:
-    k = p["kernel"][...]
-    y = layers.matmul_rows(rows, k)
-    return y.reshape(*lead, *k.shape[1:]) + p["bias"][...].astype(self.dtype)
-
-  def _qkv(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
-    # One 2-D view of each input, shared by the projections that read it:
-    # their kernel gradients then read one saved array, not one copy each (a
-    # scanned stack stores every array its backward pass reads, per layer).
-    rows_q = x_q.reshape(-1, x_q.shape[-1])
-    rows_kv = rows_q if x_kv is x_q else x_kv.reshape(-1, x_kv.shape[-1])
-    lead_q, lead_kv = x_q.shape[:-1], x_kv.shape[:-1]
-    return (self._project(self.query, rows_q, lead_q),
-            self._project(self.key, rows_kv, lead_kv),
-            self._project(self.value, rows_kv, lead_kv))
-
-  def __call__(self, inputs_q: Array, inputs_kv: Array, *,
-               key: Array | None = None, return_weights: bool = False):
-    x_q = inputs_q.astype(self.dtype)
-    x_kv = x_q if inputs_kv is inputs_q else inputs_kv.astype(self.dtype)
-    use_dropout = key is not None and self.dropout_rate > 0
-    weights = None
-    if return_weights or use_dropout:
-      # Explicit softmax(QK^T / sqrt(d)) V: needed to return the weights or to
-      # apply dropout to them; same function as the fused path.
-      q, k, v = self._qkv(x_q, x_kv)
-      scale = 1.0 / math.sqrt(q.shape[-1])
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-      probs = layers.dropout(weights, self.dropout_rate, key)
-      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-    elif self.attention_impl is None:
-      # Fastest exact path per platform (benchmarks/RESULTS.md): on CPU the
-      # head-major einsums below (~2x jax.nn.dot_product_attention's XLA
-      # lowering); on NVIDIA GPUs cuDNN's fused flash attention in bf16/fp16
-      # (~2.3x XLA for ViT-B/16 forward + backward on an H100).
-      # (The choice is made when tracing: a program traced where the default
-      # backend is an NVIDIA GPU uses cuDNN; pass attention_impl='xla' to
-      # place it elsewhere. Tracing one branch only keeps lowering fast.)
-      if _cudnn_usable(self.dtype, self.query["kernel"].shape[-1]):
-        ctx = attention_cudnn(x_q, x_kv, self._qkv)
-      else:
-        ctx = jax.lax.platform_dependent(
-            *self._qkv(x_q, x_kv), cpu=_attention_head_major,
-            default=jax.nn.dot_product_attention)
-    elif self.attention_impl == "cudnn":
-      ctx = attention_cudnn(x_q, x_kv, self._qkv)
-    else:
-      ctx = jax.nn.dot_product_attention(*self._qkv(x_q, x_kv),
-                                         implementation=self.attention_impl)
-    out = layers.matmul_rows(ctx, self.out["kernel"][...], contract=2)
-    out = out + self.out["bias"][...].astype(self.dtype)
-    return out, weights
-
-
-def _cudnn_usable(dtype, head_dim: int) -> bool:
-  """Whether cuDNN's flash attention applies: a CUDA backend is present
-  (tracing the cuDNN branch needs one), a 16-bit dtype, and a head dim that
-  is a multiple of 8 and at most 128 (256 on Hopper; 128 is safe everywhere)."""
-  return (jax.default_backend() == "gpu"
-          and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
-          and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-          and head_dim % 8 == 0 and head_dim <= 128)
-
-
-def attention_cudnn(x_q: Array, x_kv: Array, project, *,
-                    implementation: str = "cudnn") -> Array:
-  """Attention through cuDNN's fused kernel (jax.nn.dot_product_attention)
-  for token inputs (B, N, D) of any length; `project(x_q, x_kv)` gives the
-  (B, N, heads, head_dim) queries, keys and values.
-
-  cuDNN's flash attention rejects odd sequence lengths in training (ViT's
-  197 = 14x14 patches + class token), so an odd-length input gets one zero
-  token appended *before* the projections (one pad per input rather than
-  one each for q, k and v, forward and backward) and the sequence-length
-  arguments mask it: padded keys get no weight, padded queries are dropped.
-  Same function; `implementation` lets the padding be checked against XLA
-  on any backend.
-  """
-  nq, nk = x_q.shape[1], x_kv.shape[1]
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0)))
-  x_q_padded = pad(x_q)
-  x_kv_padded = x_q_padded if x_kv is x_q else pad(x_kv)
-  q, k, v = project(x_q_padded, x_kv_padded)
-  if (q.shape[1], k.shape[1]) == (nq, nk):
-    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-  batch = q.shape[0]
-  ctx = jax.nn.dot_product_attention(
-      q, k, v, query_seq_lengths=jnp.full((batch,), nq, jnp.int32),
-      key_value_seq_lengths=jnp.full((batch,), nk, jnp.int32),
-      implementation=implementation)
-  return ctx[:, :nq]
-
-
-def _attention_head_major(q: Array, k: Array, v: Array) -> Array:
-  """softmax(q k^T / sqrt(d)) v for (B, N, H, D) inputs, computed with the
-  heads moved before the tokens so every matmul is a plain batched (B*H)
-  matmul. The softmax (in float32, as in jax.nn.dot_product_attention) is
-  normalised after the second matmul: exp(logits - max) @ v / sum, dividing
-  (N, D) rows instead of the (N, N) probabilities; the max is a constant
-  shift (softmax does not depend on it), so no gradient flows through it.
-  On CPU this halves the forward time of ViT-B/16's attention."""
-  q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))   # (B, H, N, D)
-  scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k,
-                      preferred_element_type=jnp.float32)
-  shift = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  unnormalized = jnp.exp(logits - shift)
-  ctx = jnp.einsum("bhqk,bhkd->bhqd", unnormalized.astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-  ctx = ctx / jnp.sum(unnormalized, axis=-1, keepdims=True)
-  return jnp.swapaxes(ctx.astype(v.dtype), 1, 2)
-
-
 class EncoderBlock(nnx.Module):
   """Pre-LN transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
 
@@ -257,26 +109,19 @@ class EncoderBlock(nnx.Module):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     d = cfg.hidden_size
     self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.MultiHeadDotProductAttention_1 = MultiHeadDotProductAttention(
+    self.MultiHeadDotProductAttention_1 = attention.MultiHeadDotProductAttention(
         d, cfg.num_heads, rngs=rngs, dropout_rate=cfg.attention_dropout_rate,
         attention_impl=cfg.attention_impl, **kw)
     self.LayerNorm_2 = layers.LayerNorm(d, rngs=rngs, **kw)
     self.MlpBlock_3 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs,
                                       dropout_rate=cfg.dropout_rate, **kw)
     self.dropout_rate = cfg.dropout_rate
-    # Under scan XLA cannot fuse across layers anyway (one loop body), so the
-    # CPU residual barriers are only needed unrolled; without them the scanned
-    # program compiles faster.
-    self.residual_barriers = not cfg.scan
 
   def __call__(self, x: Array, *, key: Array | None, drop_rate,
                capture: bool = False, out_tokens: int | None = None):
     """`out_tokens`: compute the output for the first `out_tokens` tokens only
     (they still attend to all tokens); the rest are not computed."""
-    barrier = layers.residual_barrier if self.residual_barriers else (
-        lambda y: y)
     k_attn, k_drop, k_mlp, k_path1, k_path2 = layers.split_key(key, 5)
-    x = barrier(x)
     y = self.LayerNorm_0(x)
     y_q = y
     if out_tokens is not None:
@@ -284,7 +129,7 @@ class EncoderBlock(nnx.Module):
     y, weights = self.MultiHeadDotProductAttention_1(
         y_q, y, key=k_attn, return_weights=capture)
     attn_branch = layers.dropout(y, self.dropout_rate, k_drop)
-    x = barrier(x + layers.drop_path(attn_branch, drop_rate, k_path1))
+    x = x + layers.drop_path(attn_branch, drop_rate, k_path1)
     mlp_branch = self.MlpBlock_3(self.LayerNorm_2(x), key=k_mlp)
     x = x + layers.drop_path(mlp_branch, drop_rate, k_path2)
     aux = {}
@@ -394,7 +239,7 @@ class MAPHead(nnx.Module):
     d = cfg.hidden_size
     self.probe = layers.param(rngs, layers.xavier_uniform, (1, 1, d),
                               (None, None, "embed"), cfg.param_dtype)
-    self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(
+    self.MultiHeadDotProductAttention_0 = attention.MultiHeadDotProductAttention(
         d, cfg.num_heads, rngs=rngs, attention_impl=cfg.attention_impl, **kw)
     self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, **kw)
     self.MlpBlock_0 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs, **kw)
