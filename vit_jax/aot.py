@@ -33,15 +33,31 @@ from ml_collections import config_flags
 
 from vit_jax import cli
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Run config, as for vit_jax.main, e.g. configs/pretrain.py:b16,imagenet21k.",
-    lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v3:4x4.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of such slices (multi-slice, DCN).")
-_JSON = flags.DEFINE_string("json", None, "Also write the report as JSON to this path.")
-_EVAL = flags.DEFINE_boolean("eval", True, "Also compile the eval step.")
-_SEARCH = flags.DEFINE_integer(
-    "max_candidates", 8, "When the job does not fit: compile at most this many other settings.")
+
+
+def _define_flags() -> dict:
+  """The command line's flags (defined when run as a program, so that importing this module
+  next to vit_jax.main, which has its own --config, is possible)."""
+  return dict(
+      config=config_flags.DEFINE_config_file(
+          "config", None,
+          "Run config, as for vit_jax.main, e.g. configs/pretrain.py:b16,imagenet21k.",
+          lock_config=True),
+      topology=flags.DEFINE_string(
+          "topology", None, "TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v3:4x4."),
+      num_slices=flags.DEFINE_integer("num_slices", 1, "Number of such slices (multi-slice, DCN)."),
+      json=flags.DEFINE_string("json", None, "Also write the report as JSON to this path."),
+      eval=flags.DEFINE_boolean("eval", True, "Also compile the eval step."),
+      max_candidates=flags.DEFINE_integer(
+          "max_candidates", 8,
+          "When the job does not fit: compile at most this many other settings."),
+      hbm_gib=flags.DEFINE_float(
+          "hbm_gib", None, "HBM per chip the job must fit in (default: the chip's capacity; "
+          "less leaves headroom, e.g. for other programs on the chip)."),
+  )
+
+
+_FLAGS: dict = {}
 
 GiB = 2 ** 30
 
@@ -94,8 +110,11 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
   except ImportError as e:  # pragma: no cover
     raise cli.UsageError(f"jax.experimental.topologies is unavailable ({e}).") from e
   try:
+    # v4 chips run as one device each (megacore), as on a v4 TPU VM; libtpu's default
+    # description has a device per TensorCore.
+    extra = {"chip_config_name": "megacore"} if gen == "v4" else {}
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.lower(),
-                                        num_slices=num_slices)
+                                        num_slices=num_slices, **extra)
   except Exception as e:  # noqa: BLE001 - libtpu missing, or a shape the generation lacks
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "libtpu" in msg.lower() or "tpu" not in msg.lower() and "platform" in msg.lower():
@@ -215,9 +234,10 @@ class Report:
   compile_s: float
   error: str | None = None
   remedy: dict | None = None   # a setting that fits (when this one does not)
+  compiled: Any = dataclasses.field(default=None, repr=False)  # the compiled train step
 
   def to_json(self) -> dict:
-    return dataclasses.asdict(self)
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "compiled"}
 
 
 def _model_field(config, name):
@@ -230,11 +250,12 @@ def _model_field(config, name):
 
 
 def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, with_eval: bool = True,
-                name: str = "") -> Report:
+                name: str = "", hbm_bytes: int | None = None) -> Report:
   """Compiles vit_jax.main's train (and eval) step of `config` for the slice.
 
   `config` is as vit_jax.main receives it (resolved here as train does).
   A ValueError from the config (mesh, batch sizes) becomes a cli.UsageError.
+  `hbm_bytes`: what the job must fit in per chip (default: the chip's HBM).
   """
   import jax
   from vit_jax import train
@@ -248,11 +269,8 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
   mesh = s.mesh
   n = mesh.devices.size
   gen = generation(topology)
-  capacity = HBM_BYTES[gen]
-  params_b = _tree_bytes_per_device(steps.abstract_state["params"], steps.shardings["params"])
-  opt_b = _tree_bytes_per_device(
-      {k: v for k, v in steps.abstract_state.items() if k != "params"},
-      {k: v for k, v in steps.shardings.items() if k != "params"})
+  capacity = int(hbm_bytes or HBM_BYTES[gen])
+  state_shardings = steps.shardings
   flops_per_image = train.model_flops_per_image(config)
   peak = train.peak_flops(config, devices[0])
 
@@ -263,6 +281,7 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
                                         config, mesh)
     mem = memory_bytes(compiled)
     colls = collectives(compiled.as_text())
+    state_shardings = compiled.input_shardings[0][0]  # as the compiled program takes the state
     if with_eval:
       ev = train.compile_eval_step(steps.eval_step, steps.abstract_state, steps.shardings, config,
                                    mesh)
@@ -270,8 +289,12 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
   except Exception as e:  # noqa: BLE001
     if not _is_oom(e):
       raise
-    error = str(e).strip().splitlines()[0][:500]
+    error, compiled = str(e).strip().splitlines()[0][:500], None
   compile_s = time.perf_counter() - t0
+  params_b = _tree_bytes_per_device(steps.abstract_state["params"], state_shardings["params"])
+  opt_b = _tree_bytes_per_device(
+      {k: v for k, v in steps.abstract_state.items() if k != "params"},
+      {k: v for k, v in state_shardings.items() if k != "params"})
   if mem is not None:
     total = max(mem["total"], eval_total or 0)
     temp = mem["temp"]
@@ -288,7 +311,8 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
       memory=mem, param_bytes_per_chip=params_b, optimizer_bytes_per_chip=opt_b,
       temp_bytes_per_chip=int(temp), eval_bytes_per_chip=eval_total,
       flops_per_image=flops_per_image, flops_per_step=flops_per_image * config.batch_size,
-      peak_flops_per_chip=peak, collectives=colls, compile_s=compile_s, error=error)
+      peak_flops_per_chip=peak, collectives=colls, compile_s=compile_s, error=error,
+      compiled=compiled)
 
 
 # --------------------------------------------------------------------------
@@ -333,7 +357,8 @@ def candidates(config, num_devices: int) -> list[dict]:
   return [{k: v for k, v in c.items() if not (k == "mesh.fsdp" and v == fsdp)} for c in out]
 
 
-def find_remedy(config, topology, num_slices, devices, max_candidates: int, log=print) -> dict | None:
+def find_remedy(config, topology, num_slices, devices, max_candidates: int, log=print,
+                hbm_bytes: int | None = None) -> dict | None:
   """Compiles candidates() in order; the first that fits, with its report, or None."""
   import jax
   from vit_jax import sharding
@@ -345,7 +370,7 @@ def find_remedy(config, topology, num_slices, devices, max_candidates: int, log=
     except ValueError:
       continue
     try:
-      r = compile_job(c, topology, num_slices, devices=devices, with_eval=False)
+      r = compile_job(c, topology, num_slices, devices=devices, with_eval=False, hbm_bytes=hbm_bytes)
     except cli.UsageError:
       continue
     log(f"  tried {_flags(change)}: {r.bytes_per_chip / GiB:.2f} GiB per chip, "
@@ -388,7 +413,7 @@ def format_report(r: Report) -> str:
   ]
   if r.peak_flops_per_chip:
     t = r.flops_per_step / (r.peak_flops_per_chip * r.num_devices)
-    lines.append(f"                  {t * 1e3:.1f} ms per step at 100% MFU "
+    lines.append(f"                  {t * 1e3:.3g} ms per step at 100% MFU "
                  f"({r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip)")
   if r.collectives:
     lines.append("  collectives     (in the program text; a loop body counts once)")
@@ -405,36 +430,43 @@ def format_report(r: Report) -> str:
 
 
 def main(argv):
+  f = {k: v.value for k, v in _FLAGS.items()}
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if _CONFIG.value is None or not _TOPOLOGY.value:
+  if f["config"] is None or not f["topology"]:
     raise cli.UsageError("--config and --topology are required, e.g. "
                          "--config=configs/pretrain.py:b16,imagenet21k --topology=v5e:4x4.")
-  devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+  if f["hbm_gib"] is not None and f["hbm_gib"] <= 0:
+    raise cli.UsageError(f"--hbm_gib={f['hbm_gib']}: must be positive.")
+  hbm = int(f["hbm_gib"] * GiB) if f["hbm_gib"] else None
+  devices = topology_devices(f["topology"], f["num_slices"])
   name = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
-  report = compile_job(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, devices=devices,
-                       with_eval=_EVAL.value, name=name)
+  report = compile_job(f["config"], f["topology"], f["num_slices"], devices=devices,
+                       with_eval=f["eval"], name=name, hbm_bytes=hbm)
   print(format_report(report), flush=True)
-  if not report.fits and _SEARCH.value > 0:
+  if not report.fits and f["max_candidates"] > 0:
     print("Does not fit; compiling other settings:", flush=True)
-    report.remedy = find_remedy(_CONFIG.value, _TOPOLOGY.value, _NUM_SLICES.value, devices,
-                                _SEARCH.value, log=lambda m: print(m, flush=True))
+    report.remedy = find_remedy(f["config"], f["topology"], f["num_slices"], devices,
+                                f["max_candidates"], log=lambda m: print(m, flush=True),
+                                hbm_bytes=hbm)
     if report.remedy:
       print(f"Fits with: {report.remedy['flags']} ({_gib(report.remedy['bytes_per_chip'])} per chip)")
     else:
-      print(f"No setting among the first {_SEARCH.value} candidates fits; use a larger slice.")
-  if _JSON.value:
-    d = os.path.dirname(_JSON.value)
+      print(f"No setting among the first {f['max_candidates']} candidates fits; "
+            "use a larger slice.")
+  if f["json"]:
+    d = os.path.dirname(f["json"])
     if d:
       os.makedirs(d, exist_ok=True)
-    with open(_JSON.value, "w") as f:
-      json.dump(report.to_json(), f, indent=2)
+    with open(f["json"], "w") as fh:
+      json.dump(report.to_json(), fh, indent=2)
   return 0 if report.fits else 1
 
 
 def run():
   topology = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--topology=")), None)
   quiet_libtpu(topology)
+  _FLAGS.update(_define_flags())
   cli.run(main)
 
 
