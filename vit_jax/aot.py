@@ -276,6 +276,10 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
 
   t0 = time.perf_counter()
   error, mem, colls, eval_total = None, None, {}, None
+  # A program compiled without a TPU client cannot be read back from JAX's persistent
+  # compilation cache: keep these out of it.
+  cache_enabled = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
   try:
     compiled = train.compile_train_step(steps.train_step, steps.abstract_state, steps.shardings,
                                         config, mesh)
@@ -290,6 +294,8 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
     if not _is_oom(e):
       raise
     error, compiled = str(e).strip().splitlines()[0][:500], None
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_enabled)
   compile_s = time.perf_counter() - t0
   params_b = _tree_bytes_per_device(steps.abstract_state["params"], state_shardings["params"])
   opt_b = _tree_bytes_per_device(
