@@ -3,6 +3,7 @@
     python -m benchmarks.tpu_fit                 # compile every job not yet in the JSON
     python -m benchmarks.tpu_fit --only pretrain-b16-v5e:16x16 --timeout 1800
     python -m benchmarks.tpu_fit --table         # print the README table from the JSON
+    python -m benchmarks.tpu_fit --readme        # write it into README.md
 
 Each job is one `python -m vit_jax.aot` run (train step only, no remedy search)
 in its own process; its report is added to benchmarks/results/tpu_fit.json as
@@ -88,7 +89,6 @@ def table(results: dict) -> str:
     r = results["jobs"].get(name)
     if not r or "bytes_per_chip" not in r:
       continue
-    label = name.rsplit("-v", 1)[0] if topology.split(":")[0] in name else name
     extra = ", ".join(f"{k}={v}" for k, v in overrides.items())
     mesh = f"{r['mesh']['data']} x {r['mesh']['fsdp']}"
     rows.append(
@@ -96,8 +96,20 @@ def table(results: dict) -> str:
         f"({r['num_devices']} devices) | {mesh} | {r['per_chip_batch']:g} | "
         f"{r['scan']}, {r['remat_policy']} | {r['bytes_per_chip'] / 2**30:.1f} of "
         f"{r['hbm_bytes_per_chip'] / 2**30:.0f} | {'yes' if r['fits'] else 'no'} |")
-    del label
   return "\n".join(rows)
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BEGIN, END = "<!-- tpu_fit table -->", "<!-- /tpu_fit table -->"
+
+
+def write_readme(markdown: str) -> None:
+  with open(README) as f:
+    text = f.read()
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  with open(README, "w") as f:
+    f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
 
 
 def main():
@@ -106,10 +118,15 @@ def main():
   parser.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
   parser.add_argument("--redo", action="store_true", help="compile jobs already in the JSON too")
   parser.add_argument("--table", action="store_true", help="print the README table and exit")
+  parser.add_argument("--readme", action="store_true",
+                      help="write the table into README.md (between its tpu_fit markers) and exit")
   args = parser.parse_args()
   results = load()
   if args.table:
     print(table(results))
+    return
+  if args.readme:
+    write_readme(table(results))
     return
   only = set(filter(None, args.only.split(",")))
   for name, config, topology, overrides in JOBS:
