@@ -207,7 +207,9 @@ def _is_oom(e: Exception) -> bool:
 # --------------------------------------------------------------------------
 @dataclasses.dataclass
 class Report:
-  """One compiled job. Bytes are per device (chip)."""
+  """One compiled job. Bytes are per device (chip). `bytes_per_chip` is the larger
+  of the train step's total and the eval step's (with the optimizer state, which
+  stays in HBM while it runs)."""
   config_name: str
   topology: str
   num_slices: int
@@ -301,6 +303,8 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
   opt_b = _tree_bytes_per_device(
       {k: v for k, v in steps.abstract_state.items() if k != "params"},
       {k: v for k, v in state_shardings.items() if k != "params"})
+  if eval_total is not None:   # the optimizer state stays in HBM while the eval step runs
+    eval_total += opt_b
   if mem is not None:
     total = max(mem["total"], eval_total or 0)
     temp = mem["temp"]
