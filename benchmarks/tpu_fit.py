@@ -44,6 +44,16 @@ JOBS = [
     ("pretrain-l16-v4:4x4x4-remat-dots", PRETRAIN.format("l16"), "v4:4x4x4",
      {"model.remat_policy": "dots"}),
     ("pretrain-h14-v5p:4x4x4-fsdp8", PRETRAIN.format("h14"), "v5p:4x4x4", {"mesh.fsdp": 8}),
+    # Layouts of one job (ViT-B/16, 64 images per chip), for the configs' defaults.
+    ("layout-b16-v5e:2x2-scan-none", PRETRAIN.format("b16"), "v5e:2x2", {"batch_size": 256}),
+    ("layout-b16-v5e:2x2-scan-full", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.remat_policy": "full"}),
+    ("layout-b16-v5e:2x2-scan-dots", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.remat_policy": "dots"}),
+    ("layout-b16-v5e:2x2-unrolled-none", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.scan": False}),
+    ("finetune-l16-384-v3-8-remat-full", FINETUNE.format("l16"), "v3:2x2",
+     {"model.remat_policy": "full"}),
 ]
 
 

@@ -157,4 +157,7 @@ def test_collectives_are_read_from_hlo_text():
 def test_out_of_memory_message_gives_the_bytes_needed():
   msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
          "hbm. Used 18.41G of 15.75G hbm. Exceeded hbm capacity by 2.66G.")
-  assert aot.oom_bytes(msg) == int(18.41 * 2 ** 30)
+  assert aot.oom_bytes(msg) == (int(18.41 * 2 ** 30), "total")
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (30.26G) exceeds available HBM (15.48G).")
+  assert aot.oom_bytes(msg) == (int(30.26 * 2 ** 30), "temp")

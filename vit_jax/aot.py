@@ -187,14 +187,19 @@ def memory_bytes(compiled) -> dict:
   return out
 
 
-_OOM = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+([\d.]+)([KMGT]?)\s+hbm", re.IGNORECASE)
+_OOM_TOTAL = re.compile(r"Used\s+([\d.]+)([KMGT]?)\s+of\s+[\d.]+[KMGT]?\s+hbm", re.IGNORECASE)
+_OOM_TEMP = re.compile(r"required for HLO temporaries\s*\(([\d.]+)([KMGT]?)\)", re.IGNORECASE)
 _UNIT = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
-def oom_bytes(message: str) -> int | None:
-  """The bytes a program needed, from the TPU compiler's out-of-memory error."""
-  m = _OOM.search(message)
-  return int(float(m.group(1)) * _UNIT[m.group(2).upper()]) if m else None
+def oom_bytes(message: str) -> tuple[int, str] | None:
+  """(bytes, 'total' or 'temp') a program needed, from the TPU compiler's
+  out-of-memory error ("Used 18.4G of 15.75G hbm" or "... HLO temporaries (30.26G) ...")."""
+  for pattern, kind in ((_OOM_TOTAL, "total"), (_OOM_TEMP, "temp")):
+    m = pattern.search(message)
+    if m:
+      return int(float(m.group(1)) * _UNIT[m.group(2).upper()]), kind
+  return None
 
 
 def _is_oom(e: Exception) -> bool:
@@ -308,9 +313,12 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
   if mem is not None:
     total = max(mem["total"], eval_total or 0)
     temp = mem["temp"]
-  else:
-    total = oom_bytes(error or "") or capacity + 1
-    temp = max(total - params_b - opt_b, 0)
+  else:   # did not compile: what the compiler said it needed
+    needed, kind = oom_bytes(error or "") or (capacity + 1, "total")
+    if kind == "temp":
+      temp, total = needed, needed + params_b + opt_b
+    else:
+      temp, total = max(needed - params_b - opt_b, 0), needed
   mesh_axes = dict(zip(mesh.axis_names, (int(x) for x in mesh.devices.shape)))
   return Report(
       config_name=name, topology=topology, num_slices=num_slices, num_devices=n,
