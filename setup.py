@@ -48,6 +48,16 @@ EXTRAS_REQUIRE = {
         "jupyter",
         "ipykernel>=6.29,<8",
     ],
+    # The TPU compiler (libtpu) at the version each jax release was built with: runs
+    # on TPU VMs, and on any machine compiles for a TPU slice (python -m vit_jax.aot).
+    # Compiled with: jax 0.10.2 + libtpu 0.0.42.1 (Python 3.11), jax 0.12.0.1 +
+    # libtpu 0.0.50.1 (Python 3.12).
+    "tpu": [
+        "jax==0.10.2; python_version<'3.12'",
+        "libtpu==0.0.42.1; python_version<'3.12'",
+        "jax==0.12.0.1; python_version>='3.12'",
+        "libtpu==0.0.50.1; python_version>='3.12'",
+    ],
     # Benchmarks against timm (PyTorch) on CPU; not needed for the library.
     "bench": [
         "torch>=2.9,<2.15",

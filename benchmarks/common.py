@@ -2,8 +2,8 @@
 
 The train step is the one a user runs: forward + backward + SGD-momentum
 (optax) update, jitted in functional style (nnx.split / nnx.merge) with the
-state donated. FLOPs come from the compiled program's cost analysis (with an
-analytic count for ViTs as a cross-check); peak memory from its memory
+state donated. FLOPs are the analytic model count (vit_jax.flops, the same that
+training logs as MFU); peak memory comes from the compiled program's memory
 analysis. Nothing here is a test; everything returns plain dicts.
 """
 
@@ -22,42 +22,19 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vit_jax import flops
 from vit_jax import models
 
-# Dense peak FLOP/s per chip (no sparsity), from the vendors' data sheets.
-# Keys are matched as substrings of `device.device_kind` (lower case).
-PEAK_FLOPS = {
-    # NVIDIA (SXM parts; PCIe/NVL parts are slightly lower)
-    "h200": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12,
-             "tf32": 494e12},
-    "h100": {"bfloat16": 989e12, "float16": 989e12, "float32": 67e12,
-             "tf32": 494e12},
-    "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 19.5e12,
-             "tf32": 156e12},
-    # Google TPU (per chip)
-    "tpu v6": {"bfloat16": 918e12, "float32": 918e12 / 4},   # Trillium
-    "tpu v5p": {"bfloat16": 459e12, "float32": 459e12 / 4},
-    "tpu v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},  # v5e
-    "tpu v5e": {"bfloat16": 197e12, "float32": 197e12 / 4},
-    "tpu v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
-    "tpu v3": {"bfloat16": 123e12, "float32": 123e12 / 4},
-}
-
-
 def device_peak_flops(dtype: str, device=None) -> tuple[float | None, str]:
-  """(peak FLOP/s, how it was obtained) for the device, or (None, reason)."""
+  """(peak FLOP/s, how it was obtained) for the device, or (None, reason);
+  the data sheets are vit_jax.flops.PEAK_FLOPS."""
   device = device or jax.devices()[0]
-  kind = device.device_kind.lower()
   if device.platform == "cpu":
     return None, "cpu: measure with matmul_peak()"
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if key in kind:
-      table = PEAK_FLOPS[key]
-      # float32 matmuls on NVIDIA run as TF32 under JAX's default precision.
-      if dtype == "float32" and device.platform == "gpu":
-        return table["tf32"], f"{key} tf32 data sheet"
-      return table.get(dtype, table["bfloat16"]), f"{key} {dtype} data sheet"
-  return None, f"unknown device kind {device.device_kind!r}"
+  peak = flops.peak_flops(device.device_kind, dtype)
+  if peak is None:
+    return None, f"unknown device kind {device.device_kind!r}"
+  return peak, f"{device.device_kind} {dtype} data sheet"
 
 
 def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 7,
@@ -212,27 +189,10 @@ def memory(compiled) -> dict | None:
   return out
 
 
-def vit_forward_flops(cfg) -> float | None:
-  """Analytic forward FLOPs per image of a plain ViT (2 per multiply-add):
-  patch embedding, per-block QKV/out projections, attention, MLP, head.
-
-  What the logits need: with the token classifier the last block's output is
-  needed for the class token only (keys and values still for every token),
-  which is what an unrolled ViT computes (vit.ViT.__call__)."""
-  if getattr(cfg, "family", None) != "vit" or cfg.resnet_layers is not None:
-    return None
-  gh, gw = cfg.patch_grid
-  n = gh * gw + cfg.num_prefix_tokens
-  d, m, p = cfg.hidden_size, cfg.mlp_dim, cfg.patch_size
-  embed = 2 * gh * gw * (p * p * 3) * d
-  def block(queries):   # queries: tokens whose output is computed
-    return (2 * n * 2 * d * d + 2 * queries * (2 * d * d + 2 * d * m)
-            + 2 * 2 * queries * n * d)
-  last = 1 if cfg.classifier == "token" else n
-  blocks = (cfg.num_layers - 1) * block(n) + block(last)
-  head = 2 * d * (cfg.representation_size or 0)
-  head += 2 * (cfg.representation_size or d) * cfg.num_classes
-  return float(embed + blocks + head)
+def forward_flops(s: "Setup") -> float:
+  """Model forward FLOPs per image (vit_jax.flops: the unrolled model's matmuls)."""
+  return flops.forward_flops(s.name, num_classes=s.num_classes, img_size=s.img_size,
+                             overrides=s.overrides())
 
 
 # ---------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def time_compile(name: str, scan: bool, batch: int, img_size: int,
   args = (state, *common.batch_arrays(s, abstract=True))
   compiled, t = common.compile_timed(train_step, *args)
   t["memory"] = common.memory(compiled)
-  t["fwd_flops_per_image"] = common.vit_forward_flops(model.config)
+  t["fwd_flops_per_image"] = common.forward_flops(s)
   del compiled
   jax.clear_caches()
   return t

@@ -12,14 +12,13 @@ One row per (model, batch, dtype, scan, remat, attention):
                 a CPU the peak is the rate of a large float32 matmul measured
                 in this process (so MFU there reads "fraction of what this CPU's
                 matmul reaches"); on GPU/TPU the data-sheet dense peak
-                (benchmarks.common.PEAK_FLOPS)
+                (vit_jax.flops.PEAK_FLOPS)
   infer img/s   jitted forward in eval mode
   compile s     lower + compile of the train step
   peak MiB      compiled train step's memory analysis: temp + arguments +
                 outputs - donated aliases
-Forward FLOPs are the analytic count for plain ViTs (matmuls, incl.
-attention), else the compiled forward's cost analysis (unrolled programs;
-XLA counts a scanned loop body once). --input_pipeline adds the 224 px JPEG
+Forward FLOPs are the analytic count of vit_jax.flops (the matmuls and
+convolutions of the unrolled model, as train/mfu counts them). --input_pipeline adds the 224 px JPEG
 training pipeline's images/s (benchmarks.input_pipeline). The process is set
 up as `python -m vit_jax.main` sets up its own (reuse_cpu_step_memory) unless
 --no_reuse_cpu_memory.
@@ -48,7 +47,6 @@ def bench_one(s: common.Setup, steps: int, peak: float | None,
          "dtype": s.dtype, "scan": s.scan, "remat": s.remat,
          "attention": s.attention or "default"}
   model = common.make_model(s)
-  cfg = model.config
   train_step, infer, state, _ = common.make_fns(model, s)
   del model
   row["params"] = int(sum(x.size for x in jax.tree.leaves(state[0])))
@@ -61,16 +59,14 @@ def bench_one(s: common.Setup, steps: int, peak: float | None,
   row["compile_infer_s"] = t["lower_compile_s"]
   row["memory_infer"] = common.memory(infer_c)
 
-  analytic = common.vit_forward_flops(cfg)
+  fwd = common.forward_flops(s)
   compiled_fwd = common.cost_flops(infer_c)
-  row["fwd_flops_analytic"] = analytic
+  row["fwd_flops_analytic"] = fwd
+  # XLA's count, for comparison only (it counts a scanned stack once).
   row["fwd_flops_cost_analysis"] = (compiled_fwd / s.batch if compiled_fwd
                                     else None)
-  fwd = analytic if analytic else (None if s.scan else row[
-      "fwd_flops_cost_analysis"])
   row["fwd_flops_per_image"] = fwd
-  row["flops_source"] = ("analytic" if analytic else
-                         "cost_analysis" if fwd else "unknown")
+  row["flops_source"] = "analytic"
 
   holder = {"state": state}
 

@@ -9,6 +9,7 @@ from benchmarks import common
 from benchmarks import compile_time
 from benchmarks import memory
 from benchmarks import run
+from vit_jax import flops
 from vit_jax import models
 
 
@@ -28,10 +29,11 @@ def test_run_writes_json_with_expected_fields(tmp_path):
     assert row[key] is not None, key
   assert row["train_images_per_s"] > 0 and row["infer_images_per_s"] > 0
   assert 0 < row["train_mfu"] < 5   # a fraction of a measured peak
-  # peak = temp + arguments + outputs - donated aliases, all non-negative.
+  # The donated state (parameters, SGD momentum) is an argument aliased to an output.
   mem = row["memory_train"]
-  assert mem["peak"] == mem["temp"] + mem["argument"] + mem["output"] - mem["alias"]
-  assert mem["argument"] > 0 and mem["alias"] > 0  # the state is donated
+  state_bytes = 2 * 4 * row["params"]
+  assert mem["alias"] >= state_bytes and mem["argument"] >= state_bytes
+  assert mem["peak"] >= mem["argument"] + mem["temp"] and mem["temp"] > 0
 
 
 def test_analytic_flops_match_cost_analysis():
@@ -43,7 +45,7 @@ def test_analytic_flops_match_cost_analysis():
   images, _, _ = common.batch_arrays(s)
   compiled, _ = common.compile_timed(infer, state[0], state[1], images)
   measured = common.cost_flops(compiled) / s.batch
-  analytic = common.vit_forward_flops(model.config)
+  analytic = common.forward_flops(s)
   assert analytic == pytest.approx(measured, rel=0.35)
 
 
@@ -58,8 +60,7 @@ def test_analytic_flops_match_cost_analysis_at_scale(classifier):
   images, _, _ = common.batch_arrays(s)
   compiled, _ = common.compile_timed(infer, state[0], state[1], images)
   measured = common.cost_flops(compiled) / s.batch
-  assert common.vit_forward_flops(model.config) == pytest.approx(measured,
-                                                                 rel=0.02)
+  assert flops.vit_forward_flops(model.config) == pytest.approx(measured, rel=0.02)
 
 
 def test_scan_and_unrolled_losses_agree():
@@ -85,9 +86,14 @@ def test_largest_batch_search(fits):
                               peak_fn=peak) == 0
 
 
-def test_peak_table_knows_accelerators():
-  for kind in ("h100", "h200", "a100", "tpu v4", "tpu v5e"):
-    assert common.PEAK_FLOPS[kind]["bfloat16"] > 1e14
+def test_peak_lookup_by_the_device_kinds_jax_reports():
+  """Longest key first: 'TPU v5 lite' (v5e) is not taken for 'TPU v5' (v5p)."""
+  assert flops.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert flops.peak_flops("TPU v5", "bfloat16") == 459e12
+  assert flops.peak_flops("TPU v6 lite", "bfloat16") == 918e12
+  assert flops.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989e12
+  assert flops.peak_flops("TPU v4", "float32") < flops.peak_flops("TPU v4", "bfloat16")
+  assert flops.peak_flops("cpu", "float32") is None
 
 
 def test_largest_batch_linear_fit():

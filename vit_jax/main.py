@@ -163,6 +163,32 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     jax.distributed.initialize()
 
 
+def _accelerator_present() -> bool:
+  """Whether a TPU or GPU plugin is installed and its device is on this host."""
+  import glob
+  from importlib import metadata
+  dists = {(d.metadata["Name"] or "").lower().replace("_", "-") for d in metadata.distributions()}
+  def installed(*prefixes):
+    return any(name.startswith(prefixes) for name in dists)
+  tpu = installed("libtpu") and bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+  cuda = installed("jax-cuda") and bool(glob.glob("/dev/nvidia[0-9]*"))
+  rocm = installed("jax-rocm") and os.path.exists("/dev/kfd")
+  return tpu or cuda or rocm
+
+
+def cpu_is_default_backend(platforms: str | None = None) -> bool:
+  """Whether JAX's default backend will be the CPU, decided without starting JAX's
+  clients: the first of `platforms` (default: JAX_PLATFORMS / jax_platforms) when set,
+  else whether no accelerator (a TPU or GPU plugin with its device) is present."""
+  if platforms is None:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if "jax" in sys.modules:
+      platforms = sys.modules["jax"].config.jax_platforms or platforms
+  if platforms:
+    return platforms.split(",")[0].strip().lower() == "cpu"
+  return not _accelerator_present()
+
+
 def reuse_cpu_step_memory() -> bool:
   """Lets XLA's CPU runtime reuse each step's temporary memory (Linux with glibc).
 
@@ -175,12 +201,15 @@ def reuse_cpu_step_memory() -> bool:
   pipeline keeps its own threads). Same results. Full effect with one CPU device per
   process (the default); with several (--num_cpu_devices), steps run on other threads and
   fewer of their pages are reused. Call before JAX starts its CPU client; returns whether
-  it applied (False off glibc, or when the client already exists).
+  it applied (False off glibc, when the client already exists, or when the default
+  backend is a TPU or GPU: their hosts keep malloc's defaults and async dispatch).
   """
   import ctypes
   import ctypes.util
   import platform
   if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  if not cpu_is_default_backend():
     return False
   import jax
   from jax._src import xla_bridge

@@ -37,20 +37,12 @@ from jax.sharding import PartitionSpec as P
 from vit_jax import checkpoint
 from vit_jax import cli
 from vit_jax import evaluate as eval_lib
+from vit_jax import flops as flops_lib
 from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import train_state
 
 log = logging.getLogger(__name__)
-
-# Peak dense bf16 FLOP/s per device, for MFU. Override with config.peak_flops.
-PEAK_FLOPS = {
-    "TPU v2": 45e12, "TPU v3": 123e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12, "NVIDIA L4": 121e12,
-    "NVIDIA B200": 2250e12,
-}
-
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or Inf."""
@@ -122,8 +114,8 @@ def with_data_num_classes(config: ml_collections.ConfigDict, data) -> ml_collect
   return config
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
-  """Creates the mesh, checks the batch sizes, writes the resolved config (process 0)."""
+def make_setup(config: ml_collections.ConfigDict, devices=None, workdir: str | None = None) -> Setup:
+  """Creates the mesh and checks the batch sizes (no side effects; devices may be abstract)."""
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_size(config.batch_size, mesh, "config.batch_size")
   accum = int(config.get("grad_accum_steps", 1) or 1)
@@ -133,14 +125,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setu
         f"of {config.batch_size / accum:g}, which must be a whole multiple of the "
         f"{sharding.num_batch_shards(mesh)} batch shards of the mesh.")
   sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-  is_main = jax.process_index() == 0
-  if is_main:
+  rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
+  overrides = tuple(tuple(r) for r in config.get("sharding_overrides", ()))
+  return Setup(mesh=mesh, workdir=workdir, is_main=jax.process_index() == 0, rules=rules,
+               overrides=overrides)
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  """make_setup, then writes the resolved config to workdir (process 0)."""
+  s = make_setup(config, devices, workdir)
+  if s.is_main:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  rules = tuple(tuple(r) for r in config.get("sharding_rules", sharding.DEFAULT_RULES))
-  overrides = tuple(tuple(r) for r in config.get("sharding_overrides", ()))
-  return Setup(mesh=mesh, workdir=workdir, is_main=is_main, rules=rules, overrides=overrides)
+  return s
 
 
 # ==========================================================================
@@ -379,35 +377,97 @@ def make_train_step(config, spec: ModelSpec, tx, schedule, shardings, mesh) -> C
                  out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def compile_train_step(train_step, abstract_state, shardings, config, mesh, image_shape, num_classes):
-  """AOT-compiles the train step once; returns (compiled, flops per step per device or None)."""
+def abstract_batch(config, mesh, batch_size: int, *, eval_mask: bool = False) -> dict:
+  """ShapeDtypeStructs of a global batch as the input pipeline delivers it, batch-sharded."""
   bs = sharding.batch_sharding(mesh)
-  ab_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
-  ab_batch = {"image": jax.ShapeDtypeStruct((config.batch_size,) + tuple(image_shape), jnp.float32,
-                                            sharding=bs),
-              "labels": jax.ShapeDtypeStruct((config.batch_size, num_classes), jnp.float32, sharding=bs)}
-  compiled = train_step.lower(ab_state, ab_batch).compile()
-  flops = None
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0]
-    flops = float(cost.get("flops", 0.0)) or None
-  except Exception:  # some backends do not report costs
-    pass
-  return compiled, flops
+  n = int(batch_size)
+  batch = {"image": jax.ShapeDtypeStruct((n, config.img_size, config.img_size, 3), jnp.float32,
+                                         sharding=bs),
+           "labels": jax.ShapeDtypeStruct((n, config.num_classes), jnp.float32, sharding=bs)}
+  if eval_mask:
+    batch["mask"] = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=bs)
+  return batch
 
 
-def peak_flops(config) -> float | None:
-  """Peak FLOP/s of one device (config.peak_flops or a lookup of the device kind)."""
+def abstract_sharded(abstract_tree, shardings):
+  """ShapeDtypeStructs that carry their shardings (what lower() needs, no memory)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def compile_train_step(train_step, abstract_state, shardings, config, mesh):
+  """AOT-compiles the train step for the config's global batch (abstract inputs only)."""
+  return train_step.lower(abstract_sharded(abstract_state, shardings),
+                          abstract_batch(config, mesh, config.batch_size)).compile()
+
+
+def compile_eval_step(eval_step, abstract_state, shardings, config, mesh):
+  """AOT-compiles the eval step for the config's global eval batch."""
+  return eval_step.lower(abstract_sharded(abstract_state["params"], shardings["params"]),
+                         abstract_batch(config, mesh, config.eval_batch_size, eval_mask=True)).compile()
+
+
+def model_flops_per_image(config) -> float:
+  """Analytic model FLOPs of one training image: 3 x forward (vit_jax.flops)."""
+  return flops_lib.train_flops_per_image(config.model_name, num_classes=config.num_classes,
+                                         img_size=config.img_size,
+                                         overrides=model_overrides(config))
+
+
+def compute_dtype(config) -> str:
+  return str((config.get("model") or {}).get("dtype") or "float32")
+
+
+def peak_flops(config, device=None) -> float | None:
+  """Peak FLOP/s of one device for the compute dtype: config.peak_flops, else the
+  data sheet of the device kind (None on CPUs)."""
   if config.get("peak_flops"):
     return float(config.peak_flops)
-  kind = jax.devices()[0].device_kind
-  for name, value in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-    if kind.startswith(name) or name in kind:
-      return value
-  return None
+  device = device or jax.devices()[0]
+  if device.platform == "cpu":
+    return None
+  return flops_lib.peak_flops(device.device_kind, compute_dtype(config))
+
+
+@dataclasses.dataclass
+class Steps:
+  """Everything vit_jax.main compiles, built from the config and the mesh alone."""
+  spec: ModelSpec
+  schedule: Callable
+  tx: optax.GradientTransformation
+  abstract_state: dict
+  shardings: dict
+  train_step: Callable     # jitted, not yet compiled
+  eval_step: Callable
+  feature_step: Callable | None
+  real_step: Callable | None = None  # ImageNet ReaL labels (config.real_eval)
+
+
+def build_steps(config, s: Setup) -> Steps:
+  """Model, optimizer, state shardings and the jitted train / eval / feature steps."""
+  mesh = s.mesh
+  spec = abstract_model(config)
+  schedule = optim.schedule_from_config(config)
+  tx = optim.make_optimizer(config, schedule)
+  abstract_state, shardings = state_shardings(config, spec, tx, s)
+  train_step = make_train_step(config, spec, tx, schedule, shardings, mesh)
+  apply = make_apply(spec)
+  eval_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
+                                      param_shardings=shardings["params"],
+                                      multi_label=bool(config.get("multi_label", False)))
+  feature_step = None
+  if config.get("fewshot") and config.fewshot.get("every"):
+    feature_step = eval_lib.make_feature_step(
+        lambda p, x: apply(p, x, return_intermediates=True)[1]["pre_logits"].astype(jnp.float32),
+        mesh=mesh, param_shardings=shardings["params"])
+  real_step = None
+  if config.get("real_eval"):
+    real_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
+                                        param_shardings=shardings["params"],
+                                        multi_label=bool(config.get("multi_label", False)),
+                                        label_sets=True)
+  return Steps(spec, schedule, tx, abstract_state, shardings, train_step, eval_step, feature_step,
+               real_step)
 
 
 # ==========================================================================
@@ -590,43 +650,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
   mesh = s.mesh
   check_data(config, data)
 
-  # 2. Model, optimizer, state: created / restored straight into their shardings
-  spec = abstract_model(config)
-  schedule = optim.schedule_from_config(config)
-  tx = optim.make_optimizer(config, schedule)
-  abstract_state, shardings = state_shardings(config, spec, tx, s)
+  # 2.-4. Model, optimizer, state shardings, train / eval steps (vit_jax.aot compiles the same)
+  steps = build_steps(config, s)
+  abstract_state, shardings = steps.abstract_state, steps.shardings
+  eval_step, feature_step, real_step = steps.eval_step, steps.feature_step, steps.real_step
+  # State created / restored straight into its shardings
   ckpt = make_checkpointer(workdir, config)
   state, meta = ckpt.restore(abstract_state, shardings)
   if state is None:
-    state = create_train_state(config, spec, tx, shardings)
+    state = create_train_state(config, steps.spec, steps.tx, shardings)
     start_step = 0
   else:
     start_step = int(meta["data_position"])
     log.info("Resumed from %s at step %d", ckpt.directory, start_step)
 
-  # 3. Train step, 4. eval steps ------------------------------------------------
-  train_step = make_train_step(config, spec, tx, schedule, shardings, mesh)
-  image_shape = (config.img_size, config.img_size, 3)
-  flops = None
+  train_step = steps.train_step
   if start_step < int(config.total_steps):  # (a finished run restarted has nothing to compile)
-    train_step, flops = compile_train_step(train_step, abstract_state, shardings, config, mesh,
-                                           image_shape, config.num_classes)
-  peak = peak_flops(config)
-  apply = make_apply(spec)
-  eval_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
-                                      param_shardings=shardings["params"],
-                                      multi_label=bool(config.get("multi_label", False)))
-  real_step = None
-  if config.get("real_eval"):
-    real_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
-                                        param_shardings=shardings["params"],
-                                        multi_label=bool(config.get("multi_label", False)),
-                                        label_sets=True)
-  feature_step = None
-  if config.get("fewshot") and config.fewshot.get("every"):
-    feature_step = eval_lib.make_feature_step(
-        lambda p, x: apply(p, x, return_intermediates=True)[1]["pre_logits"].astype(jnp.float32),
-        mesh=mesh, param_shardings=shardings["params"])
+    train_step = compile_train_step(train_step, abstract_state, shardings, config, mesh)
+  # MFU: model FLOPs (analytic, the same for any layout or remat) over the peak of all devices.
+  peak = peak_flops(config, mesh.devices.flat[0])
+  flops_per_step = model_flops_per_image(config) * config.batch_size if peak else None
 
   # 6. Metrics -----------------------------------------------------------------
   writer = MetricWriter(workdir, s.is_main)
@@ -680,8 +723,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, data=
           row = {f"train/{k}": v for k, v in m.items()}
           row["train/step_time"] = dt / steps_since
           row["train/images_per_sec"] = steps_since * config.batch_size / dt
-          if flops and peak:
-            row["train/mfu"] = flops * steps_since / dt / peak
+          if flops_per_step:
+            row["train/mfu"] = flops_per_step * steps_since / dt / (peak * mesh.devices.size)
           writer.write(step, row)
           if bar is not None:
             bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{row['train/images_per_sec']:.0f}")

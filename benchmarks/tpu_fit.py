@@ -1,0 +1,165 @@
+"""Published-size jobs compiled for TPU slices: HBM per chip and whether they fit.
+
+    python -m benchmarks.tpu_fit                 # compile every job not yet in the JSON
+    python -m benchmarks.tpu_fit --only pretrain-b16-v5e:16x16 --timeout 1800
+    python -m benchmarks.tpu_fit --table         # print the README table from the JSON
+    python -m benchmarks.tpu_fit --readme        # write it into README.md
+
+Each job is one `python -m vit_jax.aot` run (train step only, no remedy search)
+in its own process; its report is added to benchmarks/results/tpu_fit.json as
+soon as it finishes, so an interrupted run keeps what it compiled. Runs on a
+CPU-only machine with libtpu installed (pip install -e '.[tpu]').
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "tpu_fit.json")
+
+PRETRAIN = "configs/pretrain.py:{},imagenet21k"
+FINETUNE = "configs/finetune.py:{},cifar100"
+VTAB = "configs/vtab.py:{},{}"
+
+# (job name, config, topology, extra --config.* overrides), most informative first.
+JOBS = [
+    ("finetune-b16-384-v3-8", FINETUNE.format("b16"), "v3:2x2", {}),
+    ("pretrain-b16-v5e:16x16", PRETRAIN.format("b16"), "v5e:16x16", {}),
+    ("pretrain-l16-v4:4x4x4", PRETRAIN.format("l16"), "v4:4x4x4", {}),
+    ("pretrain-h14-v5p:4x4x4", PRETRAIN.format("h14"), "v5p:4x4x4", {}),
+    ("vtab-b16-cifar100-v3-8", VTAB.format("b16", "cifar100"), "v3:2x2", {}),
+    ("finetune-l16-384-v3-8", FINETUNE.format("l16"), "v3:2x2", {}),
+    ("pretrain-b16-v4:2x2x2", PRETRAIN.format("b16"), "v4:2x2x2", {}),
+    ("pretrain-b16-v5p:2x2x2", PRETRAIN.format("b16"), "v5p:2x2x2", {}),
+    ("pretrain-l16-v5e:16x16", PRETRAIN.format("l16"), "v5e:16x16", {}),
+    ("pretrain-h14-v4:4x4x8", PRETRAIN.format("h14"), "v4:4x4x8", {}),
+    ("pretrain-b16-v5e:16x16-unrolled", PRETRAIN.format("b16"), "v5e:16x16", {"model.scan": False}),
+    ("pretrain-l16-v5p:2x2x4", PRETRAIN.format("l16"), "v5p:2x2x4", {}),
+    ("pretrain-h14-v5e:16x16", PRETRAIN.format("h14"), "v5e:16x16", {}),
+    ("pretrain-l16-v4:4x4x4-remat-dots", PRETRAIN.format("l16"), "v4:4x4x4",
+     {"model.remat_policy": "dots"}),
+    ("pretrain-h14-v5p:4x4x4-fsdp8", PRETRAIN.format("h14"), "v5p:4x4x4", {"mesh.fsdp": 8}),
+    # Layouts of one job (ViT-B/16, 64 images per chip), for the configs' defaults.
+    ("layout-b16-v5e:2x2-scan-none", PRETRAIN.format("b16"), "v5e:2x2", {"batch_size": 256}),
+    ("layout-b16-v5e:2x2-scan-full", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.remat_policy": "full"}),
+    ("layout-b16-v5e:2x2-scan-dots", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.remat_policy": "dots"}),
+    ("layout-b16-v5e:2x2-unrolled-none", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.scan": False}),
+    ("layout-b16-v5e:2x2-scan-full-fsdp4", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.remat_policy": "full", "mesh.fsdp": 4}),
+    ("layout-b16-v5e:2x2-scan-none-fsdp4", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "mesh.fsdp": 4}),
+    ("layout-b16-v5e:2x2-unrolled-none-fsdp4", PRETRAIN.format("b16"), "v5e:2x2",
+     {"batch_size": 256, "model.scan": False, "mesh.fsdp": 4}),
+    ("finetune-l16-384-v3-8-remat-full", FINETUNE.format("l16"), "v3:2x2",
+     {"model.remat_policy": "full"}),
+]
+
+
+def load() -> dict:
+  if os.path.exists(RESULTS):
+    with open(RESULTS) as f:
+      return json.load(f)
+  return {"jobs": {}}
+
+
+def save(results: dict) -> None:
+  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+  tmp = RESULTS + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(tmp, RESULTS)   # never a half-written file
+
+
+def run_job(name, config, topology, overrides, timeout) -> dict:
+  with tempfile.TemporaryDirectory() as d:
+    out = os.path.join(d, "report.json")
+    cmd = [sys.executable, "-m", "vit_jax.aot", f"--config={config}", f"--topology={topology}",
+           "--eval=false", "--max_candidates=0", f"--json={out}"]
+    cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    t = time.time()
+    try:
+      p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+      return {"error": f"compile did not finish in {timeout} s", "command": " ".join(cmd[1:])}
+    if not os.path.exists(out):
+      return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:500], "command": " ".join(cmd[1:])}
+    with open(out) as f:
+      report = json.load(f)
+    report.update(command="python " + " ".join(cmd[1:-1]), wall_s=time.time() - t,
+                  config_overrides=overrides)
+    return report
+
+
+def table(results: dict) -> str:
+  rows = ["| job | slice | mesh (data x fsdp) | batch per chip | scan, remat | GiB per chip | fits |",
+          "|---|---|---|---|---|---|---|"]
+  for name, config, topology, overrides in JOBS:
+    r = results["jobs"].get(name)
+    if not r or "bytes_per_chip" not in r:
+      continue
+    extra = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    mesh = f"{r['mesh']['data']} x {r['mesh']['fsdp']}"
+    rows.append(
+        f"| {config.split('/')[-1]}{' (' + extra + ')' if extra else ''} | {topology} "
+        f"({r['num_devices']} devices) | {mesh} | {r['per_chip_batch']:g} | "
+        f"{r['scan']}, {r['remat_policy']} | {r['bytes_per_chip'] / 2**30:.1f} of "
+        f"{r['hbm_bytes_per_chip'] / 2**30:.0f} | {'yes' if r['fits'] else 'no'} |")
+  return "\n".join(rows)
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+BEGIN, END = "<!-- tpu_fit table -->", "<!-- /tpu_fit table -->"
+
+
+def write_readme(markdown: str) -> None:
+  with open(README) as f:
+    text = f.read()
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  with open(README, "w") as f:
+    f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--only", default="", help="comma-separated job names")
+  parser.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
+  parser.add_argument("--redo", action="store_true", help="compile jobs already in the JSON too")
+  parser.add_argument("--table", action="store_true", help="print the README table and exit")
+  parser.add_argument("--readme", action="store_true",
+                      help="write the table into README.md (between its tpu_fit markers) and exit")
+  args = parser.parse_args()
+  results = load()
+  if args.table:
+    print(table(results))
+    return
+  if args.readme:
+    write_readme(table(results))
+    return
+  only = set(filter(None, args.only.split(",")))
+  for name, config, topology, overrides in JOBS:
+    if (only and name not in only) or (name in results["jobs"] and not args.redo and not only):
+      continue
+    print(f"{name}: compiling {config} for {topology} {overrides or ''}", flush=True)
+    report = run_job(name, config, topology, overrides, args.timeout)
+    results = load()   # another run may have added jobs meanwhile
+    results["jobs"][name] = report
+    save(results)
+    if "bytes_per_chip" in report:
+      print(f"  {report['bytes_per_chip'] / 2**30:.2f} GiB per chip of "
+            f"{report['hbm_bytes_per_chip'] / 2**30:.0f}, fits={report['fits']}, "
+            f"{report['compile_s']:.0f} s", flush=True)
+    else:
+      print(f"  failed: {report['error']}", flush=True)
+
+
+if __name__ == "__main__":
+  main()

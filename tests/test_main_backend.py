@@ -1,0 +1,63 @@
+"""vit_jax.main tunes the host's malloc and dispatch for CPU training only."""
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from vit_jax import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A fresh process: records every mallopt call, then asks main to set the host up.
+_SCRIPT = r"""
+import ctypes, json
+calls = []
+class _Libc:
+  def mallopt(self, *args):
+    calls.append(args)
+    return 1
+ctypes.CDLL = lambda *a, **k: _Libc()
+from vit_jax import main
+applied = main.reuse_cpu_step_memory()
+import jax
+print(json.dumps({"applied": applied, "mallopt": calls,
+                  "async": jax.config._read("jax_cpu_enable_async_dispatch")}))
+"""
+
+
+def _run(platforms):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS=platforms)
+  p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env,
+                     cwd=REPO, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the CPU set-up configures glibc's malloc")
+def test_cpu_hosts_reuse_step_memory_accelerator_hosts_are_left_alone():
+  cpu = _run("cpu")
+  assert cpu["applied"] and len(cpu["mallopt"]) == 2 and cpu["async"] is False
+  for accelerator in ("tpu", "cuda,cpu"):
+    out = _run(accelerator)   # (the backend is never started: nothing needs the device)
+    assert out == {"applied": False, "mallopt": [], "async": True}, accelerator
+
+
+def test_default_backend_without_jax_platforms_follows_the_devices(monkeypatch):
+  assert main.cpu_is_default_backend("tpu") is False
+  assert main.cpu_is_default_backend("cpu,tpu") is True
+  monkeypatch.setattr(main, "_accelerator_present", lambda: True)
+  assert main.cpu_is_default_backend("") is False
+  monkeypatch.setattr(main, "_accelerator_present", lambda: False)
+  assert main.cpu_is_default_backend("") is True
+
+
+@pytest.mark.skipif(any(os.path.exists(p) for p in ("/dev/accel0", "/dev/nvidia0", "/dev/kfd")),
+                    reason="an accelerator is attached to this host")
+def test_a_tpu_plugin_without_a_tpu_is_a_cpu_host():
+  # The tpu extra installs libtpu on CPU-only machines too (to compile for TPU slices).
+  assert main._accelerator_present() is False
