@@ -58,8 +58,8 @@ JOBS = [
      {"batch_size": 256, "mesh.fsdp": 4}),
     ("layout-b16-v5e:2x2-unrolled-none-fsdp4", PRETRAIN.format("b16"), "v5e:2x2",
      {"batch_size": 256, "model.scan": False, "mesh.fsdp": 4}),
-    ("finetune-l16-384-v3-8-remat-full", FINETUNE.format("l16"), "v3:2x2",
-     {"model.remat_policy": "full"}),
+    ("finetune-l16-384-v3-8-no-remat", FINETUNE.format("l16"), "v3:2x2",
+     {"model.remat_policy": "none"}),
 ]
 
 

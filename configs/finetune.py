@@ -56,6 +56,8 @@ DATASETS = {
     'oxford_iiit_pet': (37, 500, 100, 'train[:90%]', 'train[90%:]', 'test'),
     'oxford_flowers102': (102, 500, 100, 'train[:90%]', 'train[90%:]', 'test'),
 }
+# Models whose 384 px fine-tuning does not fit a v3-8 core without recomputation.
+LARGE_MODELS = ('ViT-L_16', 'ViT-H_14', 'R50+ViT-L_32')
 # The published lr grids (ViT Table 4); vit_jax.sweep trains each and keeps the best on val.
 LR_SWEEP = (0.001, 0.003, 0.01, 0.03)
 LR_SWEEP_IMAGENET = (0.003, 0.01, 0.03, 0.06)
@@ -99,6 +101,9 @@ def get_config(arg='b16,cifar100'):
   c.img_size = 384  # fine-tuning resolution; the position embedding is resized to it
   c.head_zero_init = True  # the new head starts at zero
   c.model.dropout_rate = common.finetune_dropout(model)  # as published per model
+  # L/16 at 384 px, batch 512 on v3-8 needs 32.5 GiB per 16 GiB core without remat and 10.6
+  # with 'full' (python -m vit_jax.aot; README table); B/16 fits without (14.6 of 16).
+  c.model.remat_policy = 'full' if model in LARGE_MODELS else 'none'  # recompute to fit v3-8
   c.pretrained = None  # published .npz (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or a workdir
 
   c.dataset = name  # dataset string of vit_jax.data
