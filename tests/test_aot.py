@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vit_jax import aot, flops, models, train
-from vit_jax.main import load_config
+import configs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
@@ -19,7 +19,7 @@ pytest.importorskip("libtpu", reason="compiling for TPU needs libtpu: pip instal
 
 def tiny_config(model_name=None, **changes):
   """configs/digits.py (a 2-layer ViT at 32 px), or another test model at its own sizes."""
-  c = load_config(DIGITS)
+  c = configs.load(DIGITS)
   if model_name:
     for k in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "dropout_rate"):
       c.model[k] = None

@@ -28,8 +28,8 @@ CONFIGS = os.path.join(test_train.REPO, "configs")
 def test_unknown_config_key_says_did_you_mean():
   argv = ["main", f"--config={CONFIGS}/digits.py", "--workdir=/tmp/x", "--config.optim.lrr=0.1"]
   with pytest.raises(cli.UsageError, match=r"--config\.optim\.lrr .*Did you mean optim\.lr\b"):
-    main.check_overrides(argv)
-  config = main.check_overrides(argv[:-1] + ["--config.optim.lr=0.1"])  # valid keys pass
+    preflight.check_overrides(argv)
+  config = preflight.check_overrides(argv[:-1] + ["--config.optim.lr=0.1"])  # valid keys pass
   assert config.model_name == "ViT-test"
 
 
@@ -76,7 +76,7 @@ def test_configs_load_with_commented_common_fields(spec):
   own, bare = _commented_assignments(os.path.join(CONFIGS, path))
   assert own and not bare, bare
   base, _ = _commented_assignments(os.path.join(CONFIGS, "common.py"))
-  leaves = [k for k in main.config_keys(c) if not hasattr(_field(c, k), "items")]
+  leaves = [k for k in preflight.config_keys(c) if not hasattr(_field(c, k), "items")]
   assert "optim.lr" in leaves and [k for k in leaves if k not in own | base] == []
 
 

@@ -32,6 +32,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import cli
+from vit_jax import preflight
 
 
 
@@ -487,46 +488,8 @@ def main(argv):
   return 0 if report.fits else 1
 
 
-def _config_keys(config, prefix="") -> list[str]:
-  out = []
-  for k, v in config.items():
-    out.append(prefix + k)
-    if hasattr(v, "items") and not isinstance(v, (str, bytes)):
-      out.extend(_config_keys(v, prefix + k + "."))
-  return out
-
-
-def check_config_flags(argv: list[str]) -> None:
-  """UsageError for a --config that does not load or an unknown --config.<key>,
-  before absl parses the flags (where these would be tracebacks)."""
-  import glob
-  import importlib.util
-  spec = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
-  if spec is None:
-    return
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    known = glob.glob(os.path.join(os.path.dirname(path) or ".", "*.py"))
-    raise cli.UsageError(f"--config: no file {path!r}.{cli.did_you_mean(path, known)}")
-  try:
-    module_spec = importlib.util.spec_from_file_location("_vit_aot_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-  except Exception as e:  # noqa: BLE001 - the config's own message says what was wrong
-    raise cli.UsageError(f"--config={spec}: {e}") from e
-  valid = _config_keys(config)
-  for a in argv[1:]:
-    if a.startswith("--config."):
-      key = a[len("--config."):].split("=", 1)[0]
-      if key not in valid:
-        raise cli.UsageError(f"Unknown config key --config.{key} for {spec}."
-                             f"{cli.did_you_mean(key, valid)}")
-
-
 def _parse_flags(argv):
-  check_config_flags(argv)
-  return flags.FLAGS(argv)
+  return preflight.parse_flags(argv)
 
 
 def run():

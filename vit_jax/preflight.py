@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from typing import Any, Callable
 
 import numpy as np
 
+import configs
 from vit_jax import cli
 
 # Datasets that vit_jax registers with tfds itself (vit_jax.data.pipeline.OFFLINE_BUILDERS;
@@ -35,6 +37,97 @@ VTAB_TASKS = (
     "smallnorb/label_elevation")
 # Dataset strings that name a local folder / file rather than a tfds dataset.
 PATH_DATASETS = ("imagefolder:", "manifest:")
+
+
+# --------------------------------------------------------------------------
+# Command lines with --config: a missing config file, an unknown --config.* key
+# or a malformed value fails in one line, before JAX and TensorFlow start
+# --------------------------------------------------------------------------
+def config_keys(config, prefix="") -> list[str]:
+  """Every dotted field name of a ConfigDict (nested dicts included)."""
+  out = []
+  for k, v in config.items():
+    name = f"{prefix}{k}"
+    out.append(name)
+    if hasattr(v, "items") and not isinstance(v, (str, bytes)):
+      out.extend(config_keys(v, name + "."))
+  return out
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  spec = None
+  for a in argv[1:]:
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+  return spec
+
+
+def check_overrides(argv: list[str]):
+  """Loads --config (as config_flags will) and checks every --config.<key> names a field.
+
+  Returns the config (None without --config); raises cli.UsageError for a config file that
+  does not exist, config arguments it refuses (ValueError) and unknown keys ("did you mean").
+  """
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  path = spec.partition(":")[0]
+  try:
+    config = configs.load(spec)
+  except FileNotFoundError as e:
+    raise cli.UsageError(f"--config: {e}") from None
+  except ValueError as e:  # the config's own check of its arguments
+    # config_flags' parser re-raises it with the traceback in the message; show the config's own.
+    cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
+    message = str(cause).strip().splitlines()[-1].removeprefix("ValueError: ")
+    raise cli.UsageError(f"--config={spec}: {message}") from None
+  valid = config_keys(config)
+  for a in argv[1:]:
+    if a.startswith("--config."):
+      key = a[len("--config."):].split("=", 1)[0]
+      if key not in valid:
+        raise cli.UsageError(f"unknown config key --config.{key} for {spec}."
+                             f"{cli.did_you_mean(key, valid) or ' See the fields of ' + path + '.'}")
+  return config
+
+
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          tuple: "a tuple, e.g. '(1, 2)'"}
+
+
+def _malformed(error, config) -> str:
+  """'--config.batch_size=abc: batch_size must be an integer.' from config_flags' error."""
+  match = re.match(r"flag --config\.([\w.]+)=(.*?): ", str(error), re.S)
+  if not match or config is None:
+    return str(error)
+  key, value = match.groups()
+  parent, _, leaf = key.rpartition(".")
+  try:
+    node = config
+    for part in filter(None, parent.split(".")):
+      node = node[part]
+    kind = _KINDS[node.get_type(leaf)]
+  except (KeyError, AttributeError, TypeError):  # a field type without a plain description
+    return str(error)
+  return f"--config.{key}={value}: {key} must be {kind}."
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flags.FLAGS(argv) for a command line with --config (vit_jax.main, vit_jax.aot).
+
+  The config is loaded and its --config.* keys checked first; --config then goes to
+  config_flags as the file configs.path resolves; a malformed value is one line.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  config = check_overrides(argv)
+  # --config names a checkout's path or a shipped config; config_flags reads the file it resolves to.
+  argv = [("--config=" + configs.path(a[len("--config="):].partition(":")[0])
+           + "".join(a[len("--config="):].partition(":")[1:])) if a.startswith("--config=") else a
+          for a in argv]
+  try:
+    return flags.FLAGS(argv)
+  except flags.IllegalFlagValueError as e:
+    raise cli.UsageError(_malformed(e, config)) from None
 
 
 # --------------------------------------------------------------------------
