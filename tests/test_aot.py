@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import aot, flops, models, train
 import configs
+from vit_jax import aot, flops, models, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
@@ -88,6 +88,21 @@ def test_fsdp4_cuts_per_chip_parameter_bytes_4x(big_head_jobs):
   # Sharded parameters are gathered for the forward pass and gradients reduce-scattered.
   assert "all-gather" in four.collectives or "reduce-scatter" in four.collectives
   assert "all-reduce" in one.collectives   # plain data parallelism: gradients all-reduced
+
+
+def test_scanned_stack_keeps_activations_batch_sharded_under_fsdp(v5e):
+  # 512 images of 65 tokens per chip: activations dominate the temporaries. Sharding the
+  # weights over fsdp=4 instead of replicating them (fsdp=1, data=4) keeps each chip's
+  # batch, so it must not grow them; a scan carry split like the weights holds the
+  # whole batch on every chip (2.6x here).
+  jobs = {f: aot.compile_job(tiny_config("ViT-test", img_size=64, batch_size=2048,
+                                         **{"model.scan": True, "mesh.fsdp": f}),
+                             "v5e:2x2", devices=v5e, with_eval=False) for f in (1, 4)}
+  one, four = jobs[1], jobs[4]
+  assert one.per_chip_batch == four.per_chip_batch == 512 and four.mesh["fsdp"] == 4
+  assert one.fits and four.fits
+  assert four.temp_bytes_per_chip <= 1.1 * one.temp_bytes_per_chip
+  assert four.bytes_per_chip <= 1.1 * one.bytes_per_chip
 
 
 @pytest.mark.parametrize("model_name,topology", [("Mixer-test", "v4:2x2x1"), ("R+ViT-test", "v5e:2x2")])

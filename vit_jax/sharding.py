@@ -16,10 +16,18 @@ A dimension is only sharded when its size is divisible by the mesh axis size,
 and a mesh axis is used at most once per parameter; otherwise that dimension
 stays replicated. So every rule set is valid for every model and mesh.
 
-The batch dimension of activations is sharded over ``('data', 'fsdp')``.
+The batch dimension of activations is sharded over ``('data', 'fsdp')``. The
+models stay mesh-agnostic: the train and eval steps trace them inside
+``batch_sharded_activations(mesh)``, and the layer stacks pin the activations
+between blocks with ``constrain_batch`` (a no-op outside that context, e.g. on
+CPU or in a notebook). Without it XLA may shard a scanned stack's carry like the
+``fsdp``-sharded weights instead of over the batch, and hold the whole batch on
+every chip.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -185,6 +193,32 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of a batch: leading dim over ('data', 'fsdp')."""
   return NamedSharding(mesh, P(BATCH_AXES))
+
+
+# The mesh whose batch axes activations are constrained to while a step is traced.
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded_activations(mesh: Mesh | None):
+  """While tracing under it, `constrain_batch` shards activations over `mesh`'s batch axes."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def constrain_batch(x):
+  """`x` (leading dim = batch) constrained to the batch sharding of the current step's mesh.
+
+  Unchanged outside `batch_sharded_activations`, or when the batch does not split evenly.
+  """
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None or x.shape[0] % num_batch_shards(mesh):
+    return x
+  return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
 
 
 def num_batch_shards(mesh: Mesh) -> int:

@@ -193,13 +193,18 @@ def params_to_model(spec: ModelSpec, params) -> nnx.Module:
   return nnx.merge(spec.graphdef, state, spec.rest, copy=True)
 
 
-def make_apply(spec: ModelSpec) -> Callable:
-  """apply(params, images, train=False, rng=None, return_intermediates=False)."""
+def make_apply(spec: ModelSpec, mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """apply(params, images, train=False, rng=None, return_intermediates=False).
+
+  With `mesh`, the model's activations are kept batch-sharded over its batch axes
+  (sharding.batch_sharded_activations) when traced.
+  """
   def apply(params, images, train=False, rng=None, return_intermediates=False):
     model = params_to_model(spec, params)
-    if return_intermediates:
-      return model(images, train=train, rng=rng, return_intermediates=True)
-    return model(images, train=train, rng=rng)
+    with sharding.batch_sharded_activations(mesh):
+      if return_intermediates:
+        return model(images, train=train, rng=rng, return_intermediates=True)
+      return model(images, train=train, rng=rng)
   return apply
 
 
@@ -325,7 +330,7 @@ def make_train_step(config, spec: ModelSpec, tx, schedule, shardings, mesh) -> C
   micro-batches (each device keeps its own examples) and averages the
   gradients. Dropout keys are folded from (rng, step, micro-batch).
   """
-  apply = make_apply(spec)
+  apply = make_apply(spec, mesh)
   accum = int(config.get("grad_accum_steps", 1) or 1)
   multi_label = bool(config.get("multi_label", False))
   smoothing = float(config.get("label_smoothing", 0.0) or 0.0)
@@ -451,7 +456,7 @@ def build_steps(config, s: Setup) -> Steps:
   tx = optim.make_optimizer(config, schedule)
   abstract_state, shardings = state_shardings(config, spec, tx, s)
   train_step = make_train_step(config, spec, tx, schedule, shardings, mesh)
-  apply = make_apply(spec)
+  apply = make_apply(spec, mesh)
   eval_step = eval_lib.make_eval_step(lambda p, x: apply(p, x), mesh=mesh,
                                       param_shardings=shardings["params"],
                                       multi_label=bool(config.get("multi_label", False)))

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxlib import version as jaxlib_version
 from flax import nnx
 
+from vit_jax import sharding
 from vit_jax.models import cpu_kernels
 
 Array = jax.Array
@@ -438,8 +439,11 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
   use_drop = any(r > 0 for r in drop_rates)
 
   def apply(graphdef, state, carry, key, rate, kwargs):
+    # Activations between blocks stay split over the batch (see vit_jax.sharding): a
+    # scanned carry would otherwise follow the fsdp-sharded weights.
     block = nnx.merge(graphdef, state)
-    return block(carry, key=key, drop_rate=rate, **kwargs)
+    carry, aux = block(sharding.constrain_batch(carry), key=key, drop_rate=rate, **kwargs)
+    return sharding.constrain_batch(carry), aux
 
   maybe_remat = functools.partial(remat, policy=remat_policy, scanned=scan)
 
