@@ -1,4 +1,4 @@
-"""GPU probes behind benchmarks/RESULTS.md section 6 (run on an NVIDIA GPU).
+"""GPU probes behind benchmarks/RESULTS.md section 7 (run on an NVIDIA GPU).
 
     python benchmarks/gpu_probe.py attention      # XLA vs cuDNN attention
     python benchmarks/gpu_probe.py trace DIR default|xla|cudnn
