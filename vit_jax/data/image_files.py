@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from typing import Any, Callable, Iterable, Iterator
 
 from etils import epath
@@ -39,6 +40,12 @@ _UNREADABLE_PREFIX = "unreadable"
 
 class UnreadableImageError(ValueError):
   """A file that PIL cannot read as an image."""
+
+
+def config_name(source: str, fingerprint: str, default: str) -> str:
+  """'<source name>_<fingerprint>': a builder-config name (letters, digits, '_') per content."""
+  slug = re.sub(r"[^A-Za-z0-9_]+", "_", source).strip("_")[:48] or default
+  return f"{slug}_{fingerprint}"
 
 
 def is_image_name(name: str) -> bool:

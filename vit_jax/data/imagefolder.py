@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 
 import tensorflow_datasets as tfds
 
@@ -129,9 +128,8 @@ class ImageFolderConfig(tfds.core.BuilderConfig):
   """One image folder: its path, class names and file list (from scan())."""
 
   def __init__(self, *, root: str, classes, items, fingerprint: str):
-    slug = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(
-        os.path.normpath(root))).strip("_")[:48] or "root"
-    super().__init__(name=f"{slug}_{fingerprint}",
+    super().__init__(name=image_files.config_name(
+                         os.path.basename(os.path.normpath(root)), fingerprint, "root"),
                      description=f"Images of {root}")
     self.root = root
     self.classes = list(classes)

@@ -164,8 +164,7 @@ class ManifestConfig(tfds.core.BuilderConfig):
 
   def __init__(self, *, path: str, classes, splits, fingerprint: str):
     stem = os.path.splitext(os.path.basename(path))[0]
-    slug = re.sub(r"[^A-Za-z0-9_]+", "_", stem).strip("_")[:48] or "manifest"
-    super().__init__(name=f"{slug}_{fingerprint}",
+    super().__init__(name=image_files.config_name(stem, fingerprint, "manifest"),
                      description=f"Images listed in {path}")
     self.path = path
     self.classes = list(classes)
