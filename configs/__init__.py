@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Mapping
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,3 +54,18 @@ def load(spec: str, *, lock: bool = False):
   file, sep, arg = spec.partition(':')
   parser = config_flags.ConfigFileFlagParser(name='config', lock_config=lock)
   return parser.parse(path(file) + sep + arg)
+
+
+def override(config, overrides: Mapping[str, object]) -> None:
+  """Sets dotted keys ('optim.lr') of config; an unknown key is a cli.UsageError with close matches."""
+  from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  for key, value in dict(overrides).items():
+    *parents, last = key.split(".")
+    target = config
+    for i, p in enumerate(parents + [last]):
+      if p not in target:
+        known = [k for k in target.keys()]
+        raise cli.UsageError(f"Unknown config key {key!r}.{cli.did_you_mean(p, known)}")
+      if i < len(parents):
+        target = target[p]
+    target[last] = value

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import configs
-from vit_jax import checkpoint, models, sweep
+from vit_jax import checkpoint, models, preflight, sweep
 from vit_jax import vtab as vtab_driver
 
 import test_train  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -122,18 +122,18 @@ def test_bad_overrides_and_models_are_usage_errors():
   from vit_jax import cli
   c = configs.load("vtab.py:b16,dtd")
   with pytest.raises(cli.UsageError, match=r"Unknown config key 'optim.lrr'. Did you mean lr"):
-    sweep.apply_overrides(c, {"optim.lrr": 0.1})
+    configs.override(c, {"optim.lrr": 0.1})
   with pytest.raises(cli.UsageError, match=r"must look like key=value"):
     sweep.parse_overrides(["total_steps"])
   c.model_name = "ViT-B_17"
-  with pytest.raises(cli.UsageError, match=r"Unknown model 'ViT-B_17'. Did you mean ViT-B_16"):
-    vtab_driver.check_model(c)
+  with pytest.raises(cli.UsageError, match=r"config.model_name='ViT-B_17' is not a model. Did you mean ViT-B_16"):
+    preflight.check_model_name(c.model_name)
 
 
 def test_finetuning_sweep_then_repeats(tmp_path):
   """vit_jax.sweep: each lr of lr_sweep scored on val_split, the best one run --runs times."""
   c = configs.load("finetune.py:test,cifar10")
-  sweep.apply_overrides(c, {**TINY, "lr_sweep": (1e-4, 3e-2)})
+  configs.override(c, {**TINY, "lr_sweep": (1e-4, 3e-2)})
   res = sweep.sweep_and_repeat(c, str(tmp_path), runs=2, final_train_split="train",
                                data=test_train.InMemoryData(n=32, num_classes=4))
   assert set(res["val"]) == {1e-4, 3e-2} and res["lr"] == max(res["val"], key=lambda lr: (res["val"][lr], -lr))

@@ -345,13 +345,9 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
 # --------------------------------------------------------------------------
 def _with(config, **changes):
   import ml_collections
+  import configs
   c = ml_collections.ConfigDict(config.to_dict())
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  configs.override(c, changes)
   return c
 
 

@@ -173,21 +173,6 @@ def _copy(config):
   return ml_collections.ConfigDict(config.to_dict())
 
 
-def apply_overrides(config, overrides: Mapping[str, object]) -> None:
-  """Sets dotted keys ('optim.lr') of config; raises KeyError naming an unknown key."""
-  from vit_jax import cli  # pylint: disable=g-import-not-at-top
-  for key, value in dict(overrides).items():
-    *parents, last = key.split(".")
-    target = config
-    for i, p in enumerate(parents + [last]):
-      if p not in target:
-        known = [k for k in target.keys()]
-        raise cli.UsageError(f"Unknown config key {key!r}.{cli.did_you_mean(p, known)}")
-      if i < len(parents):
-        target = target[p]
-    target[last] = value
-
-
 def parse_overrides(items: Iterable[str]) -> dict:
   """['a.b=1', 'c=x'] -> {'a.b': 1, 'c': 'x'} (Python literals, else strings)."""
   from vit_jax import cli  # pylint: disable=g-import-not-at-top
@@ -257,7 +242,7 @@ def main(argv):
     config = configs.load(f.config)
   except FileNotFoundError as e:
     raise cli.UsageError(str(e)) from None
-  apply_overrides(config, parse_overrides(f.set))
+  configs.override(config, parse_overrides(f.set))
   preflight.check_config(config)
   sweep_and_repeat(config, f.workdir, runs=f.runs, sweep=f.sweep,
                    final_train_split=f.final_train_split)

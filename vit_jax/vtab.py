@@ -32,7 +32,7 @@ def task_config(model: str, task: str, *, protocol: str = "vit", lr: float | Non
   c = configs.load(f"vtab.py:{model},{task},{protocol}")
   if pretrained:
     c.pretrained = pretrained
-  sweep_lib.apply_overrides(c, overrides)
+  configs.override(c, overrides)
   if lr is not None:
     c.optim.lr = lr
   return c
@@ -50,15 +50,6 @@ def check_tasks(tasks: Iterable[str]) -> list[str]:
                            f" The 19 tasks: {', '.join(vtab_tasks.TASKS)}.")
     out.append(name)
   return out
-
-
-def check_model(config) -> None:
-  """A UsageError when config.model_name is not a model of vit_jax.models."""
-  from vit_jax import cli, models  # pylint: disable=g-import-not-at-top
-  name = config.model_name
-  if name not in models.names():
-    raise cli.UsageError(f"Unknown model {name!r}.{cli.did_you_mean(name, models.names())}"
-                         f" Models: {', '.join(models.names())}.")
 
 
 def run_vtab(model: str, workdir: str, *, tasks: Iterable[str] | None = None,
@@ -141,7 +132,8 @@ def main(argv):
     raise cli.UsageError(f"--runs={f.runs}: the number of runs must be 1 or more.")
   tasks = check_tasks(f.tasks) if f.tasks else None
   overrides = sweep_lib.parse_overrides(f.set)
-  check_model(task_config(f.model, tasks[0] if tasks else "cifar100", overrides=overrides))
+  preflight.check_model_name(
+      task_config(f.model, tasks[0] if tasks else "cifar100", overrides=overrides).model_name)
   preflight.check_pretrained(f.pretrained, "--pretrained")
   res = run_vtab(f.model, f.workdir, tasks=tasks, pretrained=f.pretrained, protocol=f.protocol,
                  runs=f.runs, overrides=overrides)
