@@ -1,6 +1,7 @@
 """vit_jax.aot: vit_jax.main's steps compiled by the TPU compiler for abstract slices (libtpu)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -91,18 +92,19 @@ def test_fsdp4_cuts_per_chip_parameter_bytes_4x(big_head_jobs):
 
 
 def test_scanned_stack_keeps_activations_batch_sharded_under_fsdp(v5e):
-  # 512 images of 65 tokens per chip: activations dominate the temporaries. Sharding the
-  # weights over fsdp=4 instead of replicating them (fsdp=1, data=4) keeps each chip's
-  # batch, so it must not grow them; a scan carry split like the weights holds the
-  # whole batch on every chip (2.6x here).
+  # 512 images of 65 tokens per chip. Sharding the weights over fsdp=4 instead of
+  # replicating them (fsdp=1, data=4) keeps each chip's batch: no array of the global
+  # batch (2048) in the partitioned program. A scan carry split like the weights holds
+  # the whole batch on every chip (1,100 such arrays here, 6.9x fsdp=1's temporaries).
   jobs = {f: aot.compile_job(tiny_config("ViT-test", img_size=64, batch_size=2048,
                                          **{"model.scan": True, "mesh.fsdp": f}),
                              "v5e:2x2", devices=v5e, with_eval=False) for f in (1, 4)}
   one, four = jobs[1], jobs[4]
   assert one.per_chip_batch == four.per_chip_batch == 512 and four.mesh["fsdp"] == 4
   assert one.fits and four.fits
-  assert four.temp_bytes_per_chip <= 1.1 * one.temp_bytes_per_chip
-  assert four.bytes_per_chip <= 1.1 * one.bytes_per_chip
+  assert not re.search(r"\[2048,", four.compiled.as_text())
+  # What fsdp adds is the weights' gathers and the loop's buffers (1.5x here).
+  assert four.temp_bytes_per_chip <= 1.6 * one.temp_bytes_per_chip
 
 
 @pytest.mark.parametrize("model_name,topology", [("Mixer-test", "v4:2x2x1"), ("R+ViT-test", "v5e:2x2")])

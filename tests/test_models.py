@@ -397,6 +397,50 @@ def test_cpu_head_major_attention_equals_xla_attention(nq, dtype):
       assert np.abs(f32(a) - f32(b)).max() <= 12 * 2.0**-8 * np.abs(f32(b)).max()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_attention_keeps_probabilities_in_the_compute_dtype(dtype):
+  # attention_xla (TPU, GPU without cuDNN) is jax.nn.dot_product_attention's
+  # XLA computation (the same forward values), except that its backward pass
+  # keeps the probabilities once, in the compute dtype: no float32 copy.
+  from vit_jax.models import attention
+  k = jax.random.split(jax.random.key(7), 4)
+  q = (jax.random.normal(k[0], (2, 9, 3, 8)) * 4).astype(dtype)
+  kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
+  g = jax.random.normal(k[3], (2, 9, 3, 8)).astype(dtype)
+  xla = lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")
+  out, vjp = jax.vjp(attention.attention_xla, q, *kv)
+  ref, vjp_ref = jax.vjp(xla, q, *kv)
+  f32 = lambda a: np.asarray(a, np.float32)
+  assert out.dtype == dtype   # forward: the same values up to the matmuls' rounding
+  np.testing.assert_allclose(f32(out), f32(ref), rtol=1e-6 if dtype == jnp.float32 else 2.0**-8,
+                             atol=1e-6)
+  for a, b in zip(vjp(g), vjp_ref(g)):
+    # bfloat16: the softmax backward reads the rounded probabilities (those
+    # the forward pass multiplied v with); within 4 rounding steps of scale.
+    tol = 1e-6 if dtype == jnp.float32 else 4 * 2.0**-8
+    assert np.abs(f32(a) - f32(b)).max() <= tol * np.abs(f32(b)).max()
+  probs = [(d, s) for d, s in saved_shapes(attention.attention_xla, q, *kv,
+                                           with_dtypes=True) if s == (2, 3, 9, 9)]
+  assert probs == [(jnp.dtype(dtype).name.replace("bfloat16", "bf16")
+                    .replace("float32", "f32"), (2, 3, 9, 9))]
+  # Forward-over-reverse (Hessian-vector products) goes through it.
+  loss = lambda f: lambda t: jnp.sum(jnp.sin(f(t, *(f32(x) for x in kv))))
+  hvp = lambda f: jax.jvp(jax.grad(loss(f)), (f32(q),), (jnp.ones(q.shape),))[1]
+  np.testing.assert_allclose(hvp(attention.attention_xla), hvp(xla), rtol=1e-4, atol=1e-5)
+
+
+def test_patch_embedding_is_a_convolution_on_tpu_and_a_matmul_on_cpu():
+  # The reshape + matmul form is faster on CPU; on TPU its padded tiles take
+  # 4x the image's memory, so programs lowered for TPU convolve.
+  model = models.create("ViT-test", num_classes=3, img_size=32)
+  graphdef, state = nnx.split(model)
+  traced = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).trace(
+      state, jnp.zeros((2, 32, 32, 3)))
+  lowered = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cpu")}
+  assert "stablehlo.convolution" in lowered["tpu"]
+  assert "stablehlo.convolution" not in lowered["cpu"]
+
+
 def test_layer_norm_gradient_matches_float64_finite_differences():
   # layers.layer_norm writes its backward pass out; it must be the gradient
   # of the LayerNorm function, and forward-over-reverse (Hessian-vector
@@ -455,16 +499,18 @@ def test_layer_norm_gradient_matches_float64_finite_differences():
     assert [s for s in shapes if s not in ((4, 7, 1), (32,))] == [x.shape]
 
 
-def saved_shapes(f, *args, computed_only: bool = False):
+def saved_shapes(f, *args, computed_only: bool = False, with_dtypes: bool = False):
   """Shapes of the arrays f's backward pass keeps (parsed from JAX's public
   print_saved_residuals); with computed_only, those that are not f's own
-  arguments (a scanned stack stores those per layer; arguments it passes on)."""
+  arguments (a scanned stack stores those per layer; arguments it passes on);
+  with_dtypes, as (dtype name, shape) pairs."""
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     print_saved_residuals(f, *args)
-  return [tuple(int(d) for d in m.group(1).split(",") if d)
-          for m in re.finditer(r"^\w+\[([\d,]*)\](.*)$", out.getvalue(), re.M)
-          if not (computed_only and "from the argument" in m.group(2))]
+  saved = [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
+           for m in re.finditer(r"^(\w+)\[([\d,]*)\](.*)$", out.getvalue(), re.M)
+           if not (computed_only and "from the argument" in m.group(3))]
+  return saved if with_dtypes else [shape for _, shape in saved]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

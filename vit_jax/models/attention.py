@@ -3,7 +3,9 @@
 `MultiHeadDotProductAttention` holds the published parameters and picks an
 implementation of softmax(q k^T / sqrt(d)) v when traced:
 
-* XLA: `jax.nn.dot_product_attention` (GPU, TPU; `attention_impl='xla'`);
+* XLA (TPU, GPU; `attention_impl='xla'`): `attention_xla`, the computation
+  of `jax.nn.dot_product_attention`'s XLA path with a backward pass that keeps
+  the probabilities in the compute dtype (half the memory in bfloat16);
 * cuDNN's fused flash attention on NVIDIA GPUs in bfloat16 / float16
   (`attention_cudnn`, which pads odd sequence lengths);
 * on CPU, `attention_head_major`: plain batched matmuls over (batch, heads).
@@ -13,6 +15,7 @@ All compute the same function (tests/test_models.py compares them).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -107,15 +110,60 @@ class MultiHeadDotProductAttention(nnx.Module):
       else:
         ctx = jax.lax.platform_dependent(
             *self._qkv(x_q, x_kv), cpu=attention_head_major,
-            default=jax.nn.dot_product_attention)
+            default=attention_xla)
     elif self.attention_impl == "cudnn":
       ctx = attention_cudnn(x_q, x_kv, self._qkv)
     else:
-      ctx = jax.nn.dot_product_attention(*self._qkv(x_q, x_kv),
-                                         implementation=self.attention_impl)
+      ctx = attention_xla(*self._qkv(x_q, x_kv))
     out = cpu_kernels.matmul_rows(ctx, self.out["kernel"][...], contract=2)
     out = out + self.out["bias"][...].astype(self.dtype)
     return out, weights
+
+
+def attention_xla(q: Array, k: Array, v: Array) -> Array:
+  """softmax(q k^T / sqrt(d)) v for (B, N, H, D) inputs as
+  jax.nn.dot_product_attention(implementation='xla') computes it (logits and
+  softmax in float32, probabilities cast to v's dtype for the second matmul;
+  the same forward values), except for what the backward pass keeps: the
+  probabilities in v's dtype, which the second matmul's backward keeps anyway,
+  instead of a float32 copy of them for the softmax's. In bfloat16 that
+  halves the largest array each layer saves (ViT-B/16 at 64 images per chip:
+  150 -> 75 MiB per layer; benchmarks/RESULTS.md).
+  """
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16
+               else None)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+  logits = logits * jnp.asarray(scale, logits.dtype)
+  probs = softmax_as(logits, v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def softmax_as(logits: Array, dtype) -> Array:
+  """softmax(logits) over the last axis in float32, returned in `dtype`.
+
+  Differentiable both ways (forward-over-reverse Hessian-vector products
+  included); its reverse pass saves only the `dtype` result.
+  """
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+@softmax_as.defjvp
+def _softmax_as_jvp(dtype, primals, tangents):
+  (logits,), (tangent,) = primals, tangents
+  probs = softmax_as(logits, dtype)
+  return probs, _softmax_tangent(probs, tangent).astype(dtype)
+
+
+# Rematerialised, so that reverse mode keeps its input `probs` (in the compute
+# dtype) rather than the float32 values computed from it.
+@jax.checkpoint
+def _softmax_tangent(probs: Array, tangent: Array) -> Array:
+  p = probs.astype(jnp.float32)
+  t = tangent.astype(jnp.float32)
+  return p * (t - jnp.sum(p * t, axis=-1, keepdims=True))
 
 
 def cudnn_usable(dtype, head_dim: int) -> bool:
