@@ -158,8 +158,10 @@ def _softmax_as_jvp(dtype, primals, tangents):
 
 
 # Rematerialised, so that reverse mode keeps its input `probs` (in the compute
-# dtype) rather than the float32 values computed from it.
-@jax.checkpoint
+# dtype) rather than the float32 values computed from it. Without CSE
+# barriers: under a remat policy they cost a scanned ViT-B/16 step (64 images
+# per chip, v5e) 0.15 GiB with 'full' and 0.45 GiB with 'dots_no_batch'.
+@functools.partial(jax.checkpoint, prevent_cse=False)
 def _softmax_tangent(probs: Array, tangent: Array) -> Array:
   p = probs.astype(jnp.float32)
   t = tangent.astype(jnp.float32)

@@ -1,0 +1,114 @@
+"""Per-chip HBM of the ViT-B/16 pre-training step, against big_vision's, layout by layout.
+
+    python -m benchmarks.hbm_vs_big_vision            # compile ours, update the JSON, print
+    python -m benchmarks.hbm_vs_big_vision --table    # print the table from the JSON
+
+The job: configs/pretrain.py:b16,imagenet21k (21,843 classes, sigmoid loss, bf16
+matmuls, Adam with a bf16 first moment, global-norm clipping) at batch 256 on a
+v5e:2x2 slice, i.e. 64 images per chip, data parallel; the train step only,
+compiled for the TPU by libtpu on a CPU (vit_jax.aot.compile_job, the step
+vit_jax.main runs). HBM per chip is the compiled program's memory analysis:
+arguments + outputs - donated + temporaries + code.
+
+The big_vision side is recorded in results/hbm_vs_big_vision.json as numbers
+with its commit: its train.py update step (value_and_grad of the sigmoid loss,
+its optax chain from configs/vit_i21k.py, the l2 measurements, the state
+donated, out-shardings as in train.py) for its vit.Model B/16 with
+dtype_mm='bfloat16', the same batch, slice and libtpu, compiled the same way.
+Its i21k config pools with GAP; the class-token rows set pool_type='tok' (the
+AugReg checkpoints' head, and ours).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "hbm_vs_big_vision.json")
+CONFIG = "configs/pretrain.py:b16,imagenet21k"
+TOPOLOGY = "v5e:2x2"
+BATCH = 256
+
+# (layout, our model settings, big_vision's model settings for the same layout)
+LAYOUTS = [
+    ("unrolled, class token", {"scan": False},
+     "scan=False, pool_type='tok'"),
+    ("unrolled, GAP", {"scan": False, "classifier": "gap"},
+     "scan=False, pool_type='gap' (its vit_i21k.py)"),
+    ("scanned, full remat", {"scan": True, "remat_policy": "full"},
+     "scan=True, remat_policy='nothing_saveable' (its default), pool_type='tok'"),
+    ("scanned, dots without batch dims saved", {"scan": True, "remat_policy": "dots_no_batch"},
+     "scan=True, remat_policy='dots_with_no_batch_dims_saveable', pool_type='tok'"),
+    ("scanned, no remat", {"scan": True, "remat_policy": "none"},
+     "scan=True, remat_policy='everything_saveable', pool_type='tok'"),
+]
+
+
+def load() -> dict:
+  with open(RESULTS) as f:
+    return json.load(f)
+
+
+def compile_ours(model: dict) -> dict:
+  import configs
+  from vit_jax import aot
+  config = configs.load(CONFIG)
+  with config.unlocked():
+    config.batch_size = BATCH
+    config.model.update(model)
+  aot.quiet_libtpu(TOPOLOGY)
+  r = aot.compile_job(config, TOPOLOGY, with_eval=False)
+  return {"bytes_per_chip": r.bytes_per_chip, "memory": r.memory,
+          "compile_s": round(r.compile_s, 1)}
+
+
+def versions() -> dict:
+  from importlib import metadata
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+  return {"commit": commit or None, **{p: metadata.version(p) for p in ("jax", "libtpu", "flax")},
+          "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+
+
+def table(results: dict) -> str:
+  bv = results["big_vision"]
+  rows = [f"| layout (ViT-B/16, 64 images per chip, v5e) | vit_jax GiB per chip | "
+          f"big_vision @{bv['commit'][:7]} GiB per chip | vit_jax / big_vision |",
+          "|---|---|---|---|"]
+  for layout, _, _ in LAYOUTS:
+    ours = results["vit_jax"]["layouts"].get(layout, {}).get("bytes_per_chip")
+    theirs = bv["layouts"].get(layout, {}).get("bytes_per_chip")
+    if ours is None:
+      continue
+    fmt = lambda b: f"{b / 2**30:.2f}" if b else "-"
+    ratio = f"{ours / theirs:.2f}" if theirs else "-"
+    rows.append(f"| {layout} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+  return "\n".join(rows)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--table", action="store_true", help="print the table from the JSON")
+  parser.add_argument("--only", default="", help="comma-separated layouts to compile")
+  args = parser.parse_args()
+  results = load()
+  if not args.table:
+    only = set(filter(None, args.only.split(",")))
+    ours = results.setdefault("vit_jax", {"layouts": {}})
+    for layout, model, _ in LAYOUTS:
+      if only and layout not in only:
+        continue
+      print(f"compiling {layout} ...", flush=True)
+      ours["layouts"][layout] = {"model": model, **compile_ours(model)}
+      ours.update(versions())
+      tmp = RESULTS + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=True)
+      os.replace(tmp, RESULTS)
+  print(table(results))
+
+
+if __name__ == "__main__":
+  main()
