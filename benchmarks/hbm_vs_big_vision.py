@@ -20,11 +20,12 @@ AugReg checkpoints' head, and ours).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
+
+from vit_jax import cli
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "hbm_vs_big_vision.json")
 CONFIG = "configs/pretrain.py:b16,imagenet21k"
@@ -88,14 +89,18 @@ def table(results: dict) -> str:
   return "\n".join(rows)
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--table", action="store_true", help="print the table from the JSON")
-  parser.add_argument("--only", default="", help="comma-separated layouts to compile")
-  args = parser.parse_args()
+  parser.add_argument("--only", default="", help="layouts to compile, separated by ';'")
+  args = parser.parse_args(argv)
+  only = {name.strip() for name in args.only.split(";") if name.strip()}
+  names = [layout for layout, _, _ in LAYOUTS]
+  for name in sorted(only - set(names)):
+    raise cli.UsageError(f"--only: unknown layout {name!r}.{cli.did_you_mean(name, names)} "
+                         f"Layouts: {'; '.join(names)}")
   results = load()
   if not args.table:
-    only = set(filter(None, args.only.split(",")))
     ours = results.setdefault("vit_jax", {"layouts": {}})
     for layout, model, _ in LAYOUTS:
       if only and layout not in only:
@@ -111,4 +116,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.call(main)

@@ -131,6 +131,11 @@ def test_benchmark_cli_unknown_model():
                      "ViT-Q_16", "Did you mean", "Valid names")
 
 
+def test_benchmark_cli_unknown_layout():
+  assert_usage_error(_run(["-m", "benchmarks.hbm_vs_big_vision", "--only", "scanned, ful remat"]),
+                     "unknown layout 'scanned, ful remat'", "Did you mean scanned, full remat")
+
+
 @pytest.mark.parametrize("module,argv,hint", [
     ("generation", ["--targets", "1,x"], "comma-separated integers"),
     ("hessian", ["--img-size", "-3"], "positive integer"),
