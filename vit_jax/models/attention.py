@@ -124,20 +124,39 @@ def attention_xla(q: Array, k: Array, v: Array) -> Array:
   """softmax(q k^T / sqrt(d)) v for (B, N, H, D) inputs as
   jax.nn.dot_product_attention(implementation='xla') computes it (logits and
   softmax in float32, probabilities cast to v's dtype for the second matmul;
-  the same forward values), except for what the backward pass keeps: the
-  probabilities in v's dtype, which the second matmul's backward keeps anyway,
-  instead of a float32 copy of them for the softmax's. In bfloat16 that
-  halves the largest array each layer saves (ViT-B/16 at 64 images per chip:
-  150 -> 75 MiB per layer; benchmarks/RESULTS.md).
+  the same forward values), with a backward pass in the inputs' dtype: it
+  keeps the probabilities in v's dtype, which the second matmul's backward
+  keeps anyway, instead of a float32 copy of them for the softmax's (in
+  bfloat16 that halves the largest array each layer saves: ViT-B/16 at 64
+  images per chip, 150 -> 75 MiB per layer; benchmarks/RESULTS.md), and
+  differentiates the softmax and the logits in that dtype. In float32 it is
+  plain autodiff of the same function.
   """
-  scale = 1.0 / math.sqrt(q.shape[-1])
+  logits = attention_logits(q, k, 1.0 / math.sqrt(q.shape[-1]))
+  probs = softmax_as(logits, v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def attention_logits(q: Array, k: Array, scale: float) -> Array:
+  """scale * q k^T for (B, N, H, D) inputs, as (B, H, Nq, Nk) in float32."""
   precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16
                else None)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
                       preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-  logits = logits * jnp.asarray(scale, logits.dtype)
-  probs = softmax_as(logits, v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return logits * jnp.asarray(scale, logits.dtype)
+
+
+@attention_logits.defjvp
+def _attention_logits_jvp(scale, primals, tangents):
+  # The tangent is computed in the inputs' dtype: reverse mode then multiplies
+  # the logits' cotangent by q and k in that dtype (as the MXU would anyway),
+  # and a remat policy that saves dots saves those 16-bit products, not the
+  # float32 logits (scanned ViT-B/16 with 'dots': 7.1 -> 5.2 GiB per chip).
+  (q, k), (dq, dk) = primals, tangents
+  dlogits = (jnp.einsum("bqhd,bkhd->bhqk", dq, k) + jnp.einsum("bqhd,bkhd->bhqk", q, dk))
+  return (attention_logits(q, k, scale),
+          (dlogits * jnp.asarray(scale, q.dtype)).astype(jnp.promote_types(q.dtype, jnp.float32)))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -158,14 +177,16 @@ def _softmax_as_jvp(dtype, primals, tangents):
 
 
 # Rematerialised, so that reverse mode keeps its input `probs` (in the compute
-# dtype) rather than the float32 values computed from it. Without CSE
-# barriers: under a remat policy they cost a scanned ViT-B/16 step (64 images
-# per chip, v5e) 0.15 GiB with 'full' and 0.45 GiB with 'dots_no_batch'.
+# dtype) rather than values computed from it. Without CSE barriers: under a
+# remat policy they cost a scanned ViT-B/16 step (64 images per chip, v5e)
+# 0.15 GiB with 'full' and 0.45 GiB with 'dots_no_batch'. In the compute dtype
+# with float32 row sums, as flax's bfloat16 softmax: no float32 (B, H, N, N)
+# array in the backward pass ('dots_no_batch': 5.03 -> 4.88 GiB).
 @functools.partial(jax.checkpoint, prevent_cse=False)
 def _softmax_tangent(probs: Array, tangent: Array) -> Array:
-  p = probs.astype(jnp.float32)
-  t = tangent.astype(jnp.float32)
-  return p * (t - jnp.sum(p * t, axis=-1, keepdims=True))
+  t = tangent.astype(probs.dtype)
+  row = jnp.sum(probs * t, axis=-1, keepdims=True, dtype=jnp.float32)
+  return probs * (t - row.astype(probs.dtype))
 
 
 def cudnn_usable(dtype, head_dim: int) -> bool:
