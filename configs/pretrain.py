@@ -182,8 +182,7 @@ def get_config(arg=None):
   # Layout from TPU compiles (python -m vit_jax.aot; README "Before you launch on a TPU"):
   # at batch 4096 B/16 needs 3.0 GiB/chip on v5e-256, L/16 19.1 of 32 on v4-64, H/14 42.6 of
   # 95 on v5p-64, so no recompute is spent by default. When a job does not fit, 'full' remat
-  # cuts most (B/16 at 64 per chip: 7.1 -> 2.7 GiB; 'dots' keeps the float32 attention
-  # logits and needs 7.2).
+  # cuts most (B/16 at 64 per chip: 7.1 -> 2.7 GiB; 'dots' to 5.2).
   c.model.scan = True  # one compiled block for all layers
   c.model.remat_policy = 'none'  # 'full' when aot says the job does not fit
 
