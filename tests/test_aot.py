@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -105,6 +106,17 @@ def test_scanned_stack_keeps_activations_batch_sharded_under_fsdp(v5e):
   assert not re.search(r"\[2048,", four.compiled.as_text())
   # What fsdp adds is the weights' gathers and the loop's buffers (1.5x here).
   assert four.temp_bytes_per_chip <= 1.6 * one.temp_bytes_per_chip
+
+
+def test_unrolled_remat_compiled_for_tpu_does_not_warn_about_the_cpu_compiler(v5e):
+  # The warning that remat saves no memory concerns programs for XLA's CPU backend
+  # (jaxlib < 0.11.1); a TPU program traced on a CPU host must not print it.
+  c = tiny_config(**{"model.scan": False, "model.remat_policy": "full"})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    r = aot.compile_job(c, "v5e:2x2", devices=v5e, with_eval=False)
+  assert r.fits and r.remat_policy == "full"
+  assert not [w for w in caught if "saves no memory" in str(w.message)]
 
 
 @pytest.mark.parametrize("model_name,topology", [("Mixer-test", "v4:2x2x1"), ("R+ViT-test", "v5e:2x2")])
