@@ -28,12 +28,7 @@ def tiny_config(model_name=None, **changes):
     c.model_name = model_name
   c.batch_size = 16
   c.eval_batch_size = 16
-  for key, value in changes.items():
-    node = c
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  configs.override(c, changes)
   return c
 
 

@@ -82,12 +82,7 @@ def tiny_config(**kw):
   c.progress_bar = False
   c.optim.lr = 3e-3
   c.peak_flops = 1e12  # MFU is reported against this peak
-  for k, v in kw.items():
-    target = c
-    *parents, last = k.split(".")
-    for p in parents:
-      target = target[p]
-    target[last] = v
+  configs.override(c, kw)
   return c
 
 
