@@ -228,16 +228,22 @@ def sweep_and_repeat(config, workdir: str, *, runs: int = 1, sweep: bool = True,
   return result
 
 
+def check_command_line(argv, runs: int) -> None:
+  """The checks the sweep and VTAB commands share: no stray arguments, at least one run."""
+  from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if runs < 1:
+    raise cli.UsageError(f"--runs={runs}: the number of runs must be 1 or more.")
+
+
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from vit_jax import cli  # pylint: disable=g-import-not-at-top
   from vit_jax import preflight  # pylint: disable=g-import-not-at-top
   import configs  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  if f.runs < 1:
-    raise cli.UsageError(f"--runs={f.runs}: the number of runs must be 1 or more.")
+  check_command_line(argv, f.runs)
   try:
     config = configs.load(f.config)
   except FileNotFoundError as e:

@@ -123,13 +123,9 @@ def write_table(results: Mapping[str, Mapping], workdir: str, header: Mapping = 
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from vit_jax import cli  # pylint: disable=g-import-not-at-top
   from vit_jax import preflight  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise cli.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   f = flags.FLAGS
-  if f.runs < 1:
-    raise cli.UsageError(f"--runs={f.runs}: the number of runs must be 1 or more.")
+  sweep_lib.check_command_line(argv, f.runs)
   tasks = check_tasks(f.tasks) if f.tasks else None
   overrides = sweep_lib.parse_overrides(f.set)
   preflight.check_model_name(
