@@ -298,10 +298,8 @@ class Conv(nnx.Module):
       # The reshape + matmul form is CPU's; on TPU its (..., 16, 3)-shaped
       # views are tiled with padding (ViT-B/16 at 64 images: a 192 MiB buffer
       # where the image is 49 MiB), and the convolution is native.
-      # Batch-sharded output: with fsdp-sharded kernels the partitioner would
-      # otherwise split the convolution by features and gather the images.
-      y = sharding.constrain_batch(jax.lax.platform_dependent(
-          x.astype(self.dtype), w, cpu=cpu_kernels.patchify_dot, default=conv))
+      y = jax.lax.platform_dependent(x.astype(self.dtype), w,
+                                     cpu=cpu_kernels.patchify_dot, default=conv)
     else:
       y = conv(x.astype(self.dtype), w)
     if self.bias is not None:
