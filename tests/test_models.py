@@ -429,16 +429,46 @@ def test_xla_attention_keeps_probabilities_in_the_compute_dtype(dtype):
   np.testing.assert_allclose(hvp(attention.attention_xla), hvp(xla), rtol=1e-4, atol=1e-5)
 
 
-def test_patch_embedding_is_a_convolution_on_tpu_and_a_matmul_on_cpu():
-  # The reshape + matmul form is faster on CPU; on TPU its padded tiles take
-  # 4x the image's memory, so programs lowered for TPU convolve.
-  model = models.create("ViT-test", num_classes=3, img_size=32)
-  graphdef, state = nnx.split(model)
-  traced = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).trace(
-      state, jnp.zeros((2, 32, 32, 3)))
-  lowered = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("tpu", "cpu")}
-  assert "stablehlo.convolution" in lowered["tpu"]
-  assert "stablehlo.convolution" not in lowered["cpu"]
+@pytest.mark.parametrize("name", ["ViT-test", "Mixer-test", "R+ViT-test"])
+def test_models_traced_for_tpu_compute_the_same_function(name):
+  # Traced for a TPU (layers.compiling_for, as vit_jax.aot does on a CPU
+  # host) the layers take the forms that suit it: the patch embedding a
+  # convolution (its reshape + matmul form is faster on CPU, but on TPU its
+  # padded tiles take 4x the image's memory), Dense layers dot_generals on
+  # the 3-D activations, attention attention_xla. Both forms run here: the
+  # same logits and gradients.
+  model = models.create(name, num_classes=3, img_size=32)
+  graphdef, params = nnx.split(model)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params)(x)
+    return jnp.sum(jnp.sin(logits)), logits
+
+  def run():
+    lowered = jax.jit(lambda p: loss(p)[1]).trace(params).lower().as_text()
+    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return lowered, logits, grads
+
+  cpu_text, cpu_logits, cpu_grads = run()
+  with layers.compiling_for("tpu"):
+    tpu_text, tpu_logits, tpu_grads = run()
+  if name == "ViT-test":
+    assert "stablehlo.convolution" in tpu_text
+    assert "stablehlo.convolution" not in cpu_text
+  assert cpu_text != tpu_text
+  np.testing.assert_allclose(tpu_logits, cpu_logits, rtol=1e-5, atol=1e-6)
+  for path, a in jax.tree_util.tree_leaves_with_path(tpu_grads):
+    b = dict(jax.tree_util.tree_leaves_with_path(cpu_grads))[path]
+    scale = np.abs(np.asarray(b)).max() + 1e-12
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale, path
+
+
+def test_compiling_for_rejects_an_unknown_platform():
+  with pytest.raises(ValueError, match="not one of cpu, tpu, gpu"):
+    with layers.compiling_for("tpu-v5e"):
+      pass
+  assert layers.target_platform() == jax.default_backend()
 
 
 def test_layer_norm_gradient_matches_float64_finite_differences():
@@ -560,5 +590,28 @@ def test_block_backward_saves_each_activation_once(dtype):
   assert saved.count((10, 768)) + saved.count((2, 5, 768)) == 2, saved
   # No copy of a parameter (an attention kernel reshaped to 2-D, a kernel
   # cast to bfloat16): the backward pass reads the parameters themselves.
+  param_sizes = {p.size for p in jax.tree.leaves(params)}
+  assert not [s for s in saved if math.prod(s) in param_sizes], saved
+
+
+def test_block_traced_for_tpu_keeps_activations_in_their_own_shape():
+  # On TPU a (batch, tokens) -> rows reshape is a copy (tokens not a multiple
+  # of the 8-row tile), which a backward pass reading row views would keep
+  # per layer. Traced for a TPU, the block's matmuls read the 3-D
+  # activations: its backward pass keeps no row view and no parameter copy.
+  model = models.create("ViT-Ti_16", num_classes=10, img_size=32, dtype=jnp.bfloat16)
+  block = model.Transformer.encoderblock[0]
+  graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 192))
+
+  def f(params, x):
+    return nnx.merge(graphdef, params, rest)(x, drop_rate=0.0, key=None)[0]
+
+  with layers.compiling_for("tpu"):
+    saved = saved_shapes(f, params, x, computed_only=True)
+  assert not [s for s in saved if s[:1] == (10,)], saved
+  # LayerNorm_0's output (one array for the query, key and value kernel
+  # gradients), the residual sum LayerNorm_2 normalises, and its output.
+  assert saved.count((2, 5, 192)) == 3, saved
   param_sizes = {p.size for p in jax.tree.leaves(params)}
   assert not [s for s in saved if math.prod(s) in param_sizes], saved

@@ -26,7 +26,6 @@ import os
 import re
 import sys
 import time
-import warnings
 from typing import Any
 
 from absl import flags
@@ -266,11 +265,9 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
   A ValueError from the config (mesh, batch sizes) becomes a cli.UsageError.
   `hbm_bytes`: what the job must fit in per chip (default: the chip's HBM).
   """
-  with warnings.catch_warnings():
-    # Traced on a CPU host, an unrolled remat'd model warns that XLA's CPU compiler
-    # keeps every activation; this program is compiled for the TPU, where remat works.
-    warnings.filterwarnings("ignore", message=r"remat_policy=.* saves no memory here",
-                            category=UserWarning)
+  from vit_jax.models import layers
+  # Traced on a CPU host, the models take TPU forms (layers.target_platform).
+  with layers.compiling_for("tpu"):
     return _compile_job(config, topology, num_slices, devices=devices, with_eval=with_eval,
                         name=name, hbm_bytes=hbm_bytes)
 

@@ -72,6 +72,19 @@ class MultiHeadDotProductAttention(nnx.Module):
     return y.reshape(*lead, *k.shape[1:]) + p["bias"][...].astype(self.dtype)
 
   def _qkv(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
+    """The (B, N, heads, head_dim) queries, keys and values, computed as
+    layers.dense_dot computes a Dense (2-D row views on CPU only)."""
+    if layers.target_platform() == "cpu":
+      return self._qkv_rows(x_q, x_kv)
+    return self._qkv_tensordot(x_q, x_kv)
+
+  def _qkv_tensordot(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
+    project = lambda p, x: (layers.tensordot(x, p["kernel"][...])
+                            + p["bias"][...].astype(self.dtype))
+    return (project(self.query, x_q), project(self.key, x_kv),
+            project(self.value, x_kv))
+
+  def _qkv_rows(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
     # One 2-D view of each input, shared by the projections that read it:
     # their kernel gradients then read one saved array, not one copy each (a
     # scanned stack stores every array its backward pass reads, per layer).
@@ -102,20 +115,18 @@ class MultiHeadDotProductAttention(nnx.Module):
       # head-major einsums below (~2x jax.nn.dot_product_attention's XLA
       # lowering); on NVIDIA GPUs cuDNN's fused flash attention in bf16/fp16
       # (~2.3x XLA for ViT-B/16 forward + backward on an H100).
-      # (The choice is made when tracing: a program traced where the default
-      # backend is an NVIDIA GPU uses cuDNN; pass attention_impl='xla' to
-      # place it elsewhere. Tracing one branch only keeps lowering fast.)
+      # (The choice is made when tracing, for layers.target_platform().)
       if cudnn_usable(self.dtype, self.query["kernel"].shape[-1]):
         ctx = attention_cudnn(x_q, x_kv, self._qkv)
+      elif layers.target_platform() == "cpu":
+        ctx = attention_head_major(*self._qkv(x_q, x_kv))
       else:
-        ctx = jax.lax.platform_dependent(
-            *self._qkv(x_q, x_kv), cpu=attention_head_major,
-            default=attention_xla)
+        ctx = attention_xla(*self._qkv(x_q, x_kv))
     elif self.attention_impl == "cudnn":
       ctx = attention_cudnn(x_q, x_kv, self._qkv)
     else:
       ctx = attention_xla(*self._qkv(x_q, x_kv))
-    out = cpu_kernels.matmul_rows(ctx, self.out["kernel"][...], contract=2)
+    out = layers.dense_dot(ctx, self.out["kernel"][...], contract=2)
     out = out + self.out["bias"][...].astype(self.dtype)
     return out, weights
 
@@ -190,10 +201,11 @@ def _softmax_tangent(probs: Array, tangent: Array) -> Array:
 
 
 def cudnn_usable(dtype, head_dim: int) -> bool:
-  """Whether cuDNN's flash attention applies: a CUDA backend is present
-  (tracing the cuDNN branch needs one), a 16-bit dtype, and a head dim that
-  is a multiple of 8 and at most 128 (256 on Hopper; 128 is safe everywhere)."""
-  return (jax.default_backend() == "gpu"
+  """Whether cuDNN's flash attention applies: the program is for a GPU and a
+  CUDA backend is present (tracing the cuDNN branch needs one), a 16-bit
+  dtype, and a head dim that is a multiple of 8 and at most 128 (256 on
+  Hopper; 128 is safe everywhere)."""
+  return (layers.target_platform() == "gpu" and jax.default_backend() == "gpu"
           and "cuda" in jax.extend.backend.get_backend().platform_version.lower()
           and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
           and head_dim % 8 == 0 and head_dim <= 128)

@@ -13,6 +13,8 @@ and the training loop can fold keys from the step number.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import warnings
@@ -38,6 +40,39 @@ xavier_uniform = jax.nn.initializers.xavier_uniform()
 lecun_normal = jax.nn.initializers.lecun_normal()
 zeros = jax.nn.initializers.zeros
 ones = jax.nn.initializers.ones
+
+
+_TARGET_PLATFORM = contextvars.ContextVar("vit_jax_target_platform", default=None)
+
+
+def target_platform() -> str:
+  """The platform programs traced now will run on: 'cpu', 'tpu' or 'gpu'.
+
+  Layers pick their computation's form (the same function) for it when traced:
+  reshape-heavy forms XLA's CPU backend runs fastest, native convolutions and
+  dot_generals elsewhere. Choosing when tracing, not with
+  jax.lax.platform_dependent, keeps one form's backward residuals: a
+  platform_dependent cond carries both forms' (the other's zero-filled), and
+  a scanned stack stores them all per layer (the Dense layers' two forms so
+  joined: a scanned ViT-B/16 train step's temporaries at batch 8 on CPU,
+  1.24 -> 1.57 GiB).
+  """
+  return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+  """Within it, models are traced for `platform` rather than for JAX's
+  default backend (vit_jax.aot compiles TPU programs on a CPU host). Trace
+  inside it a function jax.jit has not traced before: jit's cache does not
+  know of it."""
+  if platform not in ("cpu", "tpu", "gpu"):
+    raise ValueError(f"platform {platform!r} is not one of cpu, tpu, gpu")
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes,
@@ -109,6 +144,30 @@ def split_key(key: Array | None, num: int) -> list[Array | None]:
   return list(jax.random.split(key, num))
 
 
+def dense_dot(x: Array, w: Array, contract: int = 1) -> Array:
+  """x (..., *K) @ w (*K, *N) in x's dtype, K being w's first `contract` dims.
+
+  For a CPU as one 2-D matmul over x's rows (cpu_kernels.matmul_rows);
+  elsewhere as one dot_general on x's own shape. On TPU the (batch, tokens) ->
+  rows view is a copy whenever the token count is not a multiple of the 8-row
+  tile (197, 196), and the backward pass keeps that copy, per layer, where
+  from x itself it re-derives a LayerNorm output inside the kernel-gradient
+  matmul (unrolled ViT-B/16, 64 images per chip on v5e: 4.76 -> 4.43 GiB;
+  benchmarks/RESULTS.md).
+  """
+  if target_platform() == "cpu":
+    return cpu_kernels.matmul_rows(x, w, contract)
+  return tensordot(x, w, contract)
+
+
+def tensordot(x: Array, w: Array, contract: int = 1) -> Array:
+  """jnp.tensordot(x, w.astype(x.dtype), contract), with the kernel's cast
+  recomputed for the backward pass rather than kept (see
+  cpu_kernels.matmul_rows)."""
+  dot = lambda x, w: jnp.tensordot(x, w.astype(x.dtype), contract)
+  return jax.checkpoint(dot, prevent_cse=False)(x, w)
+
+
 class Dense(nnx.Module):
   """y = x @ kernel + bias, kernel (in, out)."""
 
@@ -123,7 +182,7 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = cpu_kernels.matmul_rows(x.astype(self.dtype), self.kernel[...])
+    y = dense_dot(x.astype(self.dtype), self.kernel[...])
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -294,12 +353,11 @@ class Conv(nnx.Module):
     conv = functools.partial(
         jax.lax.conv_general_dilated, window_strides=self.strides,
         padding=self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    if self._is_patchify(w):
+    if self._is_patchify(w) and target_platform() == "cpu":
       # The reshape + matmul form is CPU's; on TPU its (..., 16, 3)-shaped
       # views are tiled with padding (ViT-B/16 at 64 images: a 192 MiB buffer
       # where the image is 49 MiB), and the convolution is native.
-      y = jax.lax.platform_dependent(x.astype(self.dtype), w,
-                                     cpu=cpu_kernels.patchify_dot, default=conv)
+      y = cpu_kernels.patchify_dot(x.astype(self.dtype), w)
     else:
       y = conv(x.astype(self.dtype), w)
     if self.bias is not None:
@@ -392,7 +450,7 @@ def remat(fn: Callable, policy: str, scanned: bool = False) -> Callable:
     return checkpointed
 
   def warn_on_cpu(*args, **kwargs):
-    if jax.default_backend() == "cpu":
+    if target_platform() == "cpu":
       warnings.warn(
           f"remat_policy={policy!r} saves no memory here: with jaxlib "
           f"{jaxlib_version.__version__} (< 0.11.1), XLA's CPU compiler "
