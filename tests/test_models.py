@@ -615,3 +615,18 @@ def test_block_traced_for_tpu_keeps_activations_in_their_own_shape():
   assert saved.count((2, 5, 192)) == 3, saved
   param_sizes = {p.size for p in jax.tree.leaves(params)}
   assert not [s for s in saved if math.prod(s) in param_sizes], saved
+
+
+def test_scanned_stack_traced_for_tpu_keeps_row_views():
+  # A scan stores what its backward pass reads as stacked loop outputs, where
+  # the row views store densely what the 3-D form stores padded on TPU
+  # (layers.dense_dot): traced for a TPU, a scanned model's matmuls still
+  # read rows (batch 2 x 17 tokens = 34), an unrolled one's do not.
+  x = jnp.zeros((2, 32, 32, 3))
+  with layers.compiling_for("tpu"):
+    for scan in (True, False):
+      model = models.create("ViT-test", num_classes=3, img_size=32, scan=scan)
+      graphdef, params = nnx.split(model)
+      saved = saved_shapes(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)), params)
+      rows = [s for s in saved if 34 in s[:2]]
+      assert bool(rows) == scan, (scan, saved)

@@ -88,7 +88,7 @@ def jaxpr_flops(jaxpr) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
     total += _eqn_flops(eqn)
-    if eqn.primitive.name == "cond":  # one branch runs (platform_dependent: per backend)
+    if eqn.primitive.name == "cond":  # one branch runs
       total += max(jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
       continue
     times = eqn.params["length"] if eqn.primitive.name == "scan" else 1

@@ -73,8 +73,8 @@ class MultiHeadDotProductAttention(nnx.Module):
 
   def _qkv(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
     """The (B, N, heads, head_dim) queries, keys and values, computed as
-    layers.dense_dot computes a Dense (2-D row views on CPU only)."""
-    if layers.target_platform() == "cpu":
+    layers.dense_dot computes a Dense (on 2-D row views or not)."""
+    if layers.matmuls_on_rows():
       return self._qkv_rows(x_q, x_kv)
     return self._qkv_tensordot(x_q, x_kv)
 

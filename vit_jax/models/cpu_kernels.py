@@ -4,7 +4,8 @@ Each computes the same function as the plain jnp / lax operation it replaces
 (tests/test_models.py compares them) and runs on every backend; the forms are
 chosen for CPU, where XLA otherwise inserts transposed copies or runs a
 strided convolution. (The CPU attention kernel lives with the other attention
-implementations, in attention.py.)
+implementations, in attention.py.) matmul_rows also serves scanned layer
+stacks on every platform (layers.dense_dot says why).
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ ones = jax.nn.initializers.ones
 
 
 _TARGET_PLATFORM = contextvars.ContextVar("vit_jax_target_platform", default=None)
+_IN_SCANNED_STACK = contextvars.ContextVar("vit_jax_in_scanned_stack", default=False)
 
 
 def target_platform() -> str:
@@ -144,18 +145,30 @@ def split_key(key: Array | None, num: int) -> list[Array | None]:
   return list(jax.random.split(key, num))
 
 
+def matmuls_on_rows() -> bool:
+  """Whether token matmuls are traced on 2-D row views of the activations
+  (cpu_kernels.matmul_rows): for a CPU, and inside a scanned layer stack on
+  any platform. See dense_dot."""
+  return target_platform() == "cpu" or _IN_SCANNED_STACK.get()
+
+
 def dense_dot(x: Array, w: Array, contract: int = 1) -> Array:
   """x (..., *K) @ w (*K, *N) in x's dtype, K being w's first `contract` dims.
 
-  For a CPU as one 2-D matmul over x's rows (cpu_kernels.matmul_rows);
-  elsewhere as one dot_general on x's own shape. On TPU the (batch, tokens) ->
-  rows view is a copy whenever the token count is not a multiple of the 8-row
-  tile (197, 196), and the backward pass keeps that copy, per layer, where
-  from x itself it re-derives a LayerNorm output inside the kernel-gradient
-  matmul (unrolled ViT-B/16, 64 images per chip on v5e: 4.76 -> 4.43 GiB;
-  benchmarks/RESULTS.md).
+  Where matmuls_on_rows(), one 2-D matmul over x's rows
+  (cpu_kernels.matmul_rows); elsewhere one dot_general on x's own shape.
+  On TPU the (batch, tokens) -> rows view is a copy whenever the token count
+  is not a multiple of the 8-row tile (197, 196). Unrolled, the backward pass
+  keeps that copy per layer, where from x itself it re-derives a LayerNorm
+  output inside the kernel-gradient matmul (ViT-B/16, 64 images per chip on
+  v5e: 4.76 -> 4.43 GiB with dot_generals). A scan stores what the backward
+  pass reads as stacked loop outputs, in layouts XLA picks for the loop: the
+  3-D form's (B, N, heads, head_dim) attention context token-minor, 197
+  tokens padded to 256, where its row view is dense (scanned B/16 without
+  remat: 7.17 GiB with dot_generals, 7.14 with rows; with fsdp=4 6.21 and
+  5.92; H/14 on v5p-64 43.4 and 42.6). benchmarks/RESULTS.md section 5.
   """
-  if target_platform() == "cpu":
+  if matmuls_on_rows():
     return cpu_kernels.matmul_rows(x, w, contract)
   return tensordot(x, w, contract)
 
@@ -505,7 +518,11 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
     # Activations between blocks stay split over the batch (see vit_jax.sharding): a
     # scanned carry would otherwise follow the fsdp-sharded weights.
     block = nnx.merge(graphdef, state)
-    carry, aux = block(sharding.constrain_batch(carry), key=key, drop_rate=rate, **kwargs)
+    in_scan = _IN_SCANNED_STACK.set(scan)   # traced as a scan body (see dense_dot)
+    try:
+      carry, aux = block(sharding.constrain_batch(carry), key=key, drop_rate=rate, **kwargs)
+    finally:
+      _IN_SCANNED_STACK.reset(in_scan)
     return sharding.constrain_batch(carry), aux
 
   maybe_remat = functools.partial(remat, policy=remat_policy, scanned=scan)
