@@ -106,6 +106,30 @@ def cpu_is_default_backend(platforms: str | None = None) -> bool:
   return not _accelerator_present()
 
 
+def skip_absent_accelerators() -> bool:
+  """Starts JAX on the CPU directly on a host with no TPU or GPU device and no platform
+  chosen (JAX_PLATFORMS / jax_platforms unset); returns whether it did.
+
+  The tpu extra installs libtpu on CPU machines too (vit_jax.aot compiles TPU programs
+  there); JAX would first start libtpu, which prints errors about TPU host names before
+  JAX falls back to the CPU. The CPU is what JAX would choose; only the errors are gone.
+  Call before JAX starts its backends.
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  jax_module = sys.modules.get("jax")
+  if jax_module is not None:
+    platforms = jax_module.config.jax_platforms or platforms
+  if platforms or _accelerator_present():
+    return False
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if jax_module is not None:
+    from jax._src import xla_bridge
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+      return False
+    jax_module.config.update("jax_platforms", "cpu")
+  return True
+
+
 def reuse_cpu_step_memory() -> bool:
   """Lets XLA's CPU runtime reuse each step's temporary memory (Linux with glibc).
 
@@ -182,6 +206,7 @@ def main(argv):
             file=sys.stderr, flush=True)
       _print_summary(finished)
     return
+  skip_absent_accelerators()
   if _REUSE_CPU_MEMORY.value:
     reuse_cpu_step_memory()
   init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)

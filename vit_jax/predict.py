@@ -273,6 +273,8 @@ def main(argv):
     raise cli.UsageError(f"--output={FLAGS.output} must end in .csv or .jsonl.")
   if FLAGS.top_k < 1 or FLAGS.batch_size < 1:
     raise cli.UsageError("--top_k and --batch_size must be at least 1.")
+  from vit_jax import main as train_main  # pylint: disable=g-import-not-at-top
+  train_main.skip_absent_accelerators()
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
