@@ -93,14 +93,29 @@ def _accelerator_present() -> bool:
   return tpu or cuda or rocm
 
 
+def _chosen_platforms() -> str:
+  """The platforms the user chose: jax_platforms once JAX is imported, else JAX_PLATFORMS
+  ('' when neither is set)."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if "jax" in sys.modules:
+    platforms = sys.modules["jax"].config.jax_platforms or platforms
+  return platforms
+
+
+def _backends_started() -> bool:
+  """Whether JAX has started its backends (after which platforms and CPU options are fixed)."""
+  if "jax" not in sys.modules:
+    return False
+  from jax._src import xla_bridge
+  return getattr(xla_bridge, "backends_are_initialized", lambda: False)()
+
+
 def cpu_is_default_backend(platforms: str | None = None) -> bool:
   """Whether JAX's default backend will be the CPU, decided without starting JAX's
   clients: the first of `platforms` (default: JAX_PLATFORMS / jax_platforms) when set,
   else whether no accelerator (a TPU or GPU plugin with its device) is present."""
   if platforms is None:
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if "jax" in sys.modules:
-      platforms = sys.modules["jax"].config.jax_platforms or platforms
+    platforms = _chosen_platforms()
   if platforms:
     return platforms.split(",")[0].strip().lower() == "cpu"
   return not _accelerator_present()
@@ -115,18 +130,11 @@ def skip_absent_accelerators() -> bool:
   JAX falls back to the CPU. The CPU is what JAX would choose; only the errors are gone.
   Call before JAX starts its backends.
   """
-  platforms = os.environ.get("JAX_PLATFORMS", "")
-  jax_module = sys.modules.get("jax")
-  if jax_module is not None:
-    platforms = jax_module.config.jax_platforms or platforms
-  if platforms or _accelerator_present():
+  if _chosen_platforms() or _accelerator_present() or _backends_started():
     return False
   os.environ["JAX_PLATFORMS"] = "cpu"
-  if jax_module is not None:
-    from jax._src import xla_bridge
-    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
-      return False
-    jax_module.config.update("jax_platforms", "cpu")
+  if "jax" in sys.modules:
+    sys.modules["jax"].config.update("jax_platforms", "cpu")
   return True
 
 
@@ -153,8 +161,7 @@ def reuse_cpu_step_memory() -> bool:
   if not cpu_is_default_backend():
     return False
   import jax
-  from jax._src import xla_bridge
-  if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+  if _backends_started():
     return False
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   libc = ctypes.CDLL(ctypes.util.find_library("c"))
