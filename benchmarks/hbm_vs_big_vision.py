@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 
+from benchmarks import tpu_fit
 from vit_jax import cli
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "hbm_vs_big_vision.json")
@@ -108,10 +109,7 @@ def main(argv=None):
       print(f"compiling {layout} ...", flush=True)
       ours["layouts"][layout] = {"model": model, **compile_ours(model)}
       ours.update(versions())
-      tmp = RESULTS + ".tmp"
-      with open(tmp, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-      os.replace(tmp, RESULTS)
+      tpu_fit.save(results, RESULTS)
   print(table(results))
 
 

@@ -79,12 +79,12 @@ def load() -> dict:
   return {"jobs": {}}
 
 
-def save(results: dict) -> None:
-  os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-  tmp = RESULTS + ".tmp"
+def save(results: dict, path: str = RESULTS) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, RESULTS)   # never a half-written file
+  os.replace(tmp, path)   # never a half-written file
 
 
 def run_job(name, config, topology, overrides, timeout) -> dict:
