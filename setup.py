@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10,<4.10",
     "importlib_resources>=6.0",  # tfds imports it to build datasets defined in packages
     "tensorboard>=2.21,<2.22",
+    "clu>=0.0.12,<0.0.13",  # metric writers and periodic actions of the train loop
     "numpy>=2.0,<3",
     "scipy>=1.14,<2",
     "scikit-learn>=1.6,<2",  # embedded digits dataset

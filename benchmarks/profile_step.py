@@ -99,7 +99,7 @@ def main(argv=None):
       os.environ.get("XLA_FLAGS", ""), args.xla_flags,
       "--xla_cpu_enable_xprof_traceme=true", f"--xla_dump_to={dump}",
       "--xla_dump_hlo_as_text", "--xla_dump_hlo_module_re=.*(train|infer).*"])
-  from vit_jax.main import reuse_cpu_step_memory  # pylint: disable=g-import-not-at-top
+  from vit_jax.runtime import reuse_cpu_step_memory  # pylint: disable=g-import-not-at-top
   reuse_cpu_step_memory()   # as `python -m vit_jax.main` runs
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top

@@ -38,7 +38,7 @@ import jax
 
 from benchmarks import common
 from vit_jax import cli, preflight
-from vit_jax.main import reuse_cpu_step_memory
+from vit_jax.runtime import reuse_cpu_step_memory
 
 
 def bench_one(s: common.Setup, steps: int, peak: float | None,
@@ -160,7 +160,7 @@ def main(argv=None):
   parser.add_argument("--input_seconds", type=float, default=5.0)
   parser.add_argument("--json", default=None, help="write all results here")
   parser.add_argument("--no_reuse_cpu_memory", action="store_true",
-                      help="skip vit_jax.main.reuse_cpu_step_memory (which "
+                      help="skip vit_jax.runtime.reuse_cpu_step_memory (which "
                       "`python -m vit_jax.main` applies by default)")
   args = parser.parse_args(argv)
   for name in _csv(args.models):

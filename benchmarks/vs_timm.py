@@ -49,7 +49,7 @@ def _jax_worker(conn, batch: int, xla_flags: str, variant: dict,
   reuse = variant.pop("reuse_cpu_memory", True)
   if reuse:  # as `python -m vit_jax.main` does by default
     try:
-      from vit_jax.main import reuse_cpu_step_memory  # pylint: disable=g-import-not-at-top
+      from vit_jax.runtime import reuse_cpu_step_memory  # pylint: disable=g-import-not-at-top
       reuse = reuse_cpu_step_memory()
     except ImportError:  # an older checkout ("repo") without it
       reuse = False
@@ -167,7 +167,7 @@ def run(batch: int = 8, rounds: int = 5, steps: int = 3, warmup: int = 1,
   `variants` maps a label to Setup overrides for the vit_jax side (several
   vit_jax variants can be compared against timm in the same run), plus
   optional "repo" (another checkout), "xla_flags", "reuse_cpu_memory"
-  (default True: vit_jax.main.reuse_cpu_step_memory, as the CLI), "env"
+  (default True: vit_jax.runtime.reuse_cpu_step_memory, as the CLI), "env"
   (environment variables the worker process starts with, e.g.
   {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) and "python" (another Python
   interpreter, e.g. a venv with other jax / flax versions, to run that

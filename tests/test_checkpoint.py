@@ -396,7 +396,7 @@ def test_finetune_from_a_workdir_takes_its_architecture(tmp_path, caplog):
   """A run trained with architecture overrides is fine-tuned by a config
   that does not repeat them; load(workdir) reads without orbax warnings."""
   import test_train
-  from vit_jax import optim, train
+  from vit_jax import job, optim, state as state_lib, train
   wd = str(tmp_path / "pretrain")
   c = test_train.tiny_config(total_steps=2, checkpoint_every=0)
   c.model.hidden_size, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 16, 2, 32, 4
@@ -409,14 +409,13 @@ def test_finetune_from_a_workdir_takes_its_architecture(tmp_path, caplog):
 
   ft = test_train.tiny_config(pretrained=wd, num_classes=5, img_size=16)
   assert ft.model.hidden_size is None  # the registry's ViT-test would be 32 wide
-  ft = train.pretrained_architecture(train.resolve_config(ft))
-  assert (ft.model.hidden_size, ft.model.patch_size) == (16, 4)
-  s = train.setup(ft, str(tmp_path / "finetune"))
-  spec = train.abstract_model(ft)
-  tx = optim.make_optimizer(ft)
-  _, shardings = train.state_shardings(ft, spec, tx, s)
-  with caplog.at_level(logging.INFO, logger="vit_jax.train"):
-    state = train.create_train_state(ft, spec, tx, shardings)
+  ft = job.resolve(ft, data=test_train.InMemoryData())
+  assert (ft.config.model.hidden_size, ft.config.model.patch_size) == (16, 4)
+  spec = state_lib.abstract_model(ft.config)
+  tx = optim.make_optimizer(ft.config)
+  _, shardings = state_lib.state_shardings(ft.config, spec, tx, ft.mesh)
+  with caplog.at_level(logging.INFO, logger="vit_jax.state"):
+    state = state_lib.create_train_state(ft.config, spec, tx, shardings)
   params = jax.device_get(state["params"])
   np.testing.assert_array_equal(params["embedding"]["kernel"],
                                 trained.embedding.kernel.get_value())

@@ -98,6 +98,11 @@ def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
       net = checkpoint.load(checkpoint_path)
     except FileNotFoundError as e:
       raise cli.UsageError(str(e)) from None
+    except Exception:  # a broken checkpoint is one line; anything else is a bug
+      problem = _workdir_problem(checkpoint_path)
+      if problem is None:
+        raise
+      raise cli.UsageError(f"--checkpoint={checkpoint_path}: {problem}") from None
     size = img_size or net.config.img_size
     spec = (_eval_spec(config["pp_eval"]) if config and config.get("pp_eval") and not img_size
             else None)
@@ -105,13 +110,24 @@ def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
   if not (checkpoint_path.endswith(".npz") or "://" in checkpoint_path):
     raise cli.UsageError(f"--checkpoint={checkpoint_path} is neither a .npz file nor a training "
                          "workdir (a folder with checkpoints/).")
-  if "://" not in checkpoint_path and not os.path.exists(checkpoint_path):
-    raise cli.UsageError(f"--checkpoint={checkpoint_path} does not exist.")
+  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  preflight.check_pretrained(checkpoint_path, "--checkpoint")  # exists, a readable .npz
   try:
     net = checkpoint.load(checkpoint_path, _model_name(checkpoint_path, model), img_size=img_size)
   except checkpoint.CheckpointMismatchError as e:
     raise cli.UsageError(f"{e} (pass --model=NAME)") from None
   return net, _default_spec(net.config.img_size), None
+
+
+def _workdir_problem(workdir: str) -> str | None:
+  """Why a workdir's newest checkpoint cannot be read, or None."""
+  from vit_jax import train_state, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  steps = workdir_lib.checkpoint_steps(workdir)
+  if not steps:
+    return None
+  step_dir = workdir_lib.checkpoint_dir(workdir, steps[-1])
+  problem = train_state.read_problem(step_dir)
+  return f"its newest checkpoint {step_dir} cannot be read ({problem})" if problem else None
 
 
 def _default_spec(img_size) -> str:
@@ -273,8 +289,8 @@ def main(argv):
     raise cli.UsageError(f"--output={FLAGS.output} must end in .csv or .jsonl.")
   if FLAGS.top_k < 1 or FLAGS.batch_size < 1:
     raise cli.UsageError("--top_k and --batch_size must be at least 1.")
-  from vit_jax import main as train_main  # pylint: disable=g-import-not-at-top
-  train_main.skip_absent_accelerators()
+  from vit_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.skip_absent_accelerators()
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -239,12 +239,29 @@ def _label_feature(builder) -> Optional[tfds.features.ClassLabel]:
   return None
 
 
-def dataset_num_classes(config) -> Optional[int]:
-  """The number of classes the dataset declares (None if it declares none)."""
+def _builder(config, build: bool):
+  """get_builder(config); with build=False, the prepared builder or None, never converting,
+  building or downloading (an image folder's or manifest's newest conversion in data_dir)."""
+  if build:
+    return get_builder(config)
+  name, data_dir = _tfds_name(config), _data_dir(config)
+  if name.startswith((imagefolder.PREFIX, manifest.PREFIX)):
+    return _prepared_local_builder(name, data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return builder if builder.is_prepared() else None
+
+
+def dataset_num_classes(config, build: bool = True) -> Optional[int]:
+  """The number of classes the dataset declares (None if it declares none, or, with
+  build=False, when the dataset is not prepared)."""
   task = _task(config)
   if task:
     return task.num_classes
-  feature = _label_feature(get_builder(config))
+  builder = _builder(config, build)
+  feature = _label_feature(builder) if builder is not None else None
   return feature.num_classes if feature is not None else None
 
 
@@ -271,37 +288,29 @@ def label_names(config, build: bool = True) -> Optional[list[str]]:
   names come from its newest conversion in data_dir, other datasets must be
   prepared; None when nothing is found.
   """
-  name, data_dir = _tfds_name(config), _data_dir(config)
-  if build:
-    builder = get_builder(config)
-  elif name.startswith((imagefolder.PREFIX, manifest.PREFIX)):
-    builder = _prepared_local_builder(name, data_dir)
-  else:
-    try:
-      builder = tfds.builder(name, data_dir=data_dir)
-    except Exception:  # pylint: disable=broad-except
-      return None
-    builder = builder if builder.is_prepared() else None
+  builder = _builder(config, build)
   feature = _label_feature(builder) if builder is not None else None
   return list(feature.names) if feature is not None else None
 
 
-def resolve_num_classes(config) -> int:
+def resolve_num_classes(config, build: bool = True) -> int:
   """config.num_classes, or the dataset's when the config leaves it unset.
 
   Unset is None or a negative number. An explicit value that differs from
-  the dataset's is an error giving both numbers.
+  the dataset's is an error giving both numbers. build=False reads only the
+  metadata of a prepared dataset (vit_jax.data.pipeline._builder).
   """
   explicit = _get(config, "num_classes")
   if explicit is not None and explicit < 0:
     explicit = None
-  found = dataset_num_classes(config)
+  found = dataset_num_classes(config, build)
   if explicit is None:
     if found is None:
+      reason = ("does not declare its classes" if build else
+                f"is not prepared in data_dir={_data_dir(config)}, so its classes are unknown")
       raise ValueError(
           f"config.num_classes is not set and dataset "
-          f"'{_get(config, 'dataset')}' does not declare its classes: set "
-          "--config.num_classes.")
+          f"'{_get(config, 'dataset')}' {reason}: set --config.num_classes.")
     return found
   if found is not None and found != explicit:
     raise ValueError(
@@ -311,9 +320,12 @@ def resolve_num_classes(config) -> int:
   return int(explicit)
 
 
-def num_examples(config, split: str) -> int:
-  """Number of examples of `split` (a tfds split string or VTAB split name)."""
-  builder = get_builder(config)
+def num_examples(config, split: str, build: bool = True) -> Optional[int]:
+  """Number of examples of `split` (a tfds split string or VTAB split name); with
+  build=False, None when the dataset is not prepared."""
+  builder = _builder(config, build)
+  if builder is None:
+    return None
   tfds_split = _tfds_split(config, split)
   try:
     return builder.info.splits[tfds_split].num_examples
