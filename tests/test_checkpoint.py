@@ -307,8 +307,8 @@ def test_timm_reads_our_export():
 
 def test_sincos_posemb_is_big_visions_formula():
   """Known values: position (row 0, col 1) of a 1x2 grid, width 8."""
-  from vit_jax.models import vit
-  pe = vit.posemb_sincos_2d((1, 2), 8)[0]
+  from vit_jax.models import posemb
+  pe = posemb.posemb_sincos_2d((1, 2), 8)[0]
   # quarter = 2 frequencies: 1 and 1/10000; x of the second patch is 1.
   np.testing.assert_allclose(pe[1], [np.sin(1), np.sin(1e-4), np.cos(1), np.cos(1e-4),
                                      0, 0, 1, 1], rtol=1e-6, atol=1e-7)
