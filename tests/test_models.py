@@ -304,6 +304,42 @@ def test_head_bias_init_and_zero_head():
   np.testing.assert_allclose(m(images()), -10.0)
 
 
+# (num_prefix_tokens, patch_grid, pixels_per_token) at 32px.
+TOKEN_LAYOUTS = {"ViT-test": (1, (4, 4), 8), "ViT-test-gap": (0, (4, 4), 8),
+                 "ViT-test-map": (0, (4, 4), 8), "R+ViT-test": (1, (2, 2), 16),
+                 "Mixer-test": (0, (4, 4), 8), "BiT-test": (0, None, None)}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_every_family_is_an_image_classifier(name):
+  # The interface the analyses and the loader rely on: the token layout, the
+  # pre-logits the head reads, float32 logits, and no head without classes.
+  model = randomize(models.create(name, num_classes=5, img_size=32, dtype=jnp.bfloat16))
+  assert isinstance(model, models.ImageClassifier)
+  assert (model.num_prefix_tokens, model.patch_grid, model.pixels_per_token) == TOKEN_LAYOUTS[name]
+  logits, inter = model(images(), return_intermediates=True)
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 5)
+  np.testing.assert_array_equal(logits, model.head(inter["pre_logits"]).astype(jnp.float32))
+  headless = models.create(name, num_classes=0, img_size=32, dtype=jnp.bfloat16)
+  assert not hasattr(headless, "head")
+  shared = nnx.to_pure_dict(nnx.state(model, nnx.Param))   # the same parameters but the head
+  del shared["head"]
+  state = nnx.state(headless, nnx.Param)
+  nnx.replace_by_pure_dict(state, shared)
+  nnx.update(headless, state)
+  np.testing.assert_array_equal(headless(images(), return_intermediates=True)[0],
+                                np.asarray(inter["pre_logits"], np.float32))
+
+
+def test_dtypes_by_name():
+  assert models.create("ViT-test", num_classes=3, img_size=32,
+                       dtype="bfloat16").config.dtype == jnp.bfloat16
+  for d in (jnp.float32, jnp.bfloat16, jnp.float16):
+    assert models.dtypes.dtype(models.dtypes.name(d)) == d
+  with pytest.raises(ValueError, match="'float64' is not one of float32, bfloat16, float16"):
+    models.create("ViT-test", num_classes=3, img_size=32, dtype="float64")
+
+
 def test_config_properties():
   cfg = models.get_config("R50+ViT-B_16", num_classes=1, img_size=384)
   assert cfg.pixels_per_token == 16 and cfg.patch_grid == (24, 24)
