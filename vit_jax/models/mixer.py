@@ -153,6 +153,7 @@ FAMILY = families.Family(
                          "channels_mlp_dim", "patch_size"),
     published_key=lambda path: families.number_layers(path, _STACKS),
     model_path=lambda key: families.split_layers(key, _STACKS),
-    detect=lambda flat: "stem/kernel" in flat and families.number_layers(_TOKEN_MLP, _STACKS) in flat,
+    detect=lambda flat: ("stem/kernel" in flat
+                         and families.number_layers(_TOKEN_MLP, _STACKS) in flat),
     stacks=_STACKS, read_architecture=_read_architecture, read_img_size=_read_img_size,
     fixed_resolution="the token-mixing MLP")
