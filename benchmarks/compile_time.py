@@ -82,7 +82,7 @@ def main(argv=None):
   parser.add_argument("--img_size", type=int, default=224)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--remat", default="none",
-                      help="remat policy of both variants (layers.REMAT_POLICIES)")
+                      help="remat policy of both variants (stacks.REMAT_POLICIES)")
   parser.add_argument("--repeats", type=int, default=1,
                       help="compile each variant this many times (interleaved)")
   parser.add_argument("--skip_check", action="store_true")

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax.models import dtypes
+
 DECAYS = ("cosine", "linear", "constant")
 
 
@@ -66,7 +68,7 @@ def kernel_mask(params) -> Any:
 
 
 def _dtype(name):
-  return None if name in (None, "", "float32") else jnp.dtype(name)
+  return None if name in (None, "", "float32") else dtypes.dtype(name)
 
 
 def make_optimizer(config, schedule: Callable | None = None) -> optax.GradientTransformation:

@@ -98,11 +98,6 @@ def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
       net = checkpoint.load(checkpoint_path)
     except FileNotFoundError as e:
       raise cli.UsageError(str(e)) from None
-    except Exception:  # a broken checkpoint is one line; anything else is a bug
-      problem = _workdir_problem(checkpoint_path)
-      if problem is None:
-        raise
-      raise cli.UsageError(f"--checkpoint={checkpoint_path}: {problem}") from None
     size = img_size or net.config.img_size
     spec = (_eval_spec(config["pp_eval"]) if config and config.get("pp_eval") and not img_size
             else None)
@@ -117,17 +112,6 @@ def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
   except checkpoint.CheckpointMismatchError as e:
     raise cli.UsageError(f"{e} (pass --model=NAME)") from None
   return net, _default_spec(net.config.img_size), None
-
-
-def _workdir_problem(workdir: str) -> str | None:
-  """Why a workdir's newest checkpoint cannot be read, or None."""
-  from vit_jax import train_state, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  steps = workdir_lib.checkpoint_steps(workdir)
-  if not steps:
-    return None
-  step_dir = workdir_lib.checkpoint_dir(workdir, steps[-1])
-  problem = train_state.read_problem(step_dir)
-  return f"its newest checkpoint {step_dir} cannot be read ({problem})" if problem else None
 
 
 def _default_spec(img_size) -> str:

@@ -4,8 +4,10 @@ A training run's workdir holds checkpoints/<step>/ with two items: 'state'
 (the train state dict: params, opt_state, step, rng[, ema]; saved with
 orbax's StandardSave, so it restores onto any mesh) and 'meta' (JSON: step,
 input position, and the models.create() arguments that rebuild the model).
-`load_workdir` rebuilds the trained model from it (`checkpoint.load(workdir)`
-calls it).
+`read_meta` and `restore_params` read them without a
+CheckpointManager (vit_jax.checkpoint rebuilds the trained model from them).
+A checkpoint that cannot be read is reported in one line (`read_problem`,
+`UnreadableCheckpointError`) and skipped on resume.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ import sys
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from vit_jax import cli
-from vit_jax import models
+from vit_jax.models import dtypes
+
+
+def checkpoints_dir(workdir) -> str:
+  """Where a run's orbax checkpoints live: <workdir>/checkpoints."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
 
 class UnreadableCheckpointError(cli.UsageError):
   """No checkpoint of a workdir can be read; the message names the step and the cause."""
@@ -132,8 +138,7 @@ class TrainCheckpointer:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from orbax.checkpoint import checkpoint_managers as cm  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
-    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)),
-                                  "checkpoints")
+    self.directory = checkpoints_dir(workdir)
     policies = [cm.LatestN(n=max(int(keep), 1))]
     if keep_best and int(keep_best) > 0:
       policies.append(cm.BestN(get_metric_fn=lambda m: m["val/accuracy"],
@@ -213,21 +218,6 @@ class TrainCheckpointer:
         "Checkpoint step %d cannot be read (%s): moved to %s.corrupt; resuming from step %d.",
         step, why, path, restored)
 
-  def restore_meta(self, step: int | None = None) -> dict | None:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    out = self.manager.restore(step, args=self._ocp.args.Composite(
-        meta=self._ocp.args.JsonRestore()))
-    return dict(out["meta"])
-
-  def restore_params(self, abstract_params, step: int | None = None,
-                     key: str = "params"):
-    """Only state[key] (e.g. 'params' or 'ema'), onto the structs' shardings."""
-    step = self.latest_step() if step is None else step
-    return _restore_params(os.path.join(self.directory, str(step)),
-                           abstract_params, key)
-
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
@@ -241,11 +231,10 @@ def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
                ) -> dict:
   """The JSON metadata saved with each training checkpoint."""
   def plain(v):
-    if isinstance(v, (jnp.dtype, np.dtype)) or (isinstance(v, type) and
-                                                 issubclass(v, np.generic)):
-      return str(jnp.dtype(v))
+    if isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic)):
+      return dtypes.name(v)
     if hasattr(v, "dtype") and not hasattr(v, "shape"):
-      return str(jnp.dtype(v))
+      return dtypes.name(v)
     return v
   return {"step": int(step), "data_position": int(step),
           "model_name": model_name, "num_classes": int(num_classes),
@@ -254,64 +243,26 @@ def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
           "has_ema": bool(has_ema)}
 
 
-def _model_from_meta(meta: Mapping[str, Any]):
-  """An abstract model (no memory) described by a checkpoint's metadata."""
-  overrides = {k: tuple(v) if isinstance(v, list) else v
-               for k, v in meta.get("model_overrides", {}).items()}
-  img_size = meta["img_size"]
-  img_size = tuple(img_size) if isinstance(img_size, list) else img_size
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: models.create(
-        meta["model_name"], num_classes=meta["num_classes"], img_size=img_size,
-        **overrides))
+# Reading a run's checkpoints (read only: no CheckpointManager, which would
+# set itself up, and warn, for writing).
+
+def read_meta(workdir, step: int) -> dict:
+  """The JSON metadata saved with one checkpoint (train_meta)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+    return dict(ckptr.restore(os.path.join(checkpoints_dir(workdir), str(step), "meta")))
 
 
-def _restore_params(step_dir: str, abstract_params, key: str):
-  """state[key] of one checkpoint, onto the structs' shardings."""
+def restore_params(workdir, step: int, abstract_params, key: str = "params"):
+  """state[key] ('params' or 'ema') of one checkpoint, onto the shardings of
+  `abstract_params` (a tree of ShapeDtypeStructs)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                      dtype=a.dtype), abstract_params)
+  path = os.path.join(checkpoints_dir(workdir), str(step), "state")
   with ocp.PyTreeCheckpointer() as ckptr:
-    out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
         item={key: abstract_params}, restore_args={key: restore_args},
         partial_restore=True))
   return out[key]
-
-
-def load_workdir(workdir, step: int | None = None, *, ema: bool | None = None
-                 ) -> nnx.Module:
-  """The trained model of a training run (latest checkpoint, or `step`).
-
-  The model is rebuilt from the checkpoint's metadata (model name and
-  models.create() arguments) and its parameters restored onto the first
-  local device. `ema`: load the EMA parameters (default: when the run kept
-  an EMA, as its evaluation did). Reads only: no CheckpointManager, which
-  would set itself up (and warn) for writing.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
-  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
-  if step is None:
-    if not steps:
-      raise FileNotFoundError(
-          f"No training checkpoint under {directory}: train first with "
-          f"python -m vit_jax.main --config=... --workdir={workdir}")
-    step = max(steps)
-  elif step not in steps:
-    raise FileNotFoundError(f"No checkpoint of step {step} under {directory}; "
-                            f"there are: {sorted(steps)}")
-  step_dir = os.path.join(directory, str(step))
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-    meta = dict(ckptr.restore(os.path.join(step_dir, "meta")))
-  abstract = _model_from_meta(meta)
-  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-  device = jax.local_devices()[0]
-  target = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(
-          a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-      nnx.to_pure_dict(abstract_params))
-  use_ema = meta.get("has_ema", False) if ema is None else ema
-  params = _restore_params(step_dir, target, "ema" if use_ema else "params")
-  nnx.replace_by_pure_dict(abstract_params, params)
-  return nnx.merge(graphdef, abstract_params, rest)

@@ -165,17 +165,22 @@ def checkpoint_dir(workdir: str, step: int | None = None) -> str:
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
-  """The steps of a local workdir's checkpoints (orbax: one folder per step), in order."""
+  """The steps of a workdir's checkpoints, in order: orbax writes one folder per step, named
+  by the step once it is complete (gs:// and other remote paths through etils.epath)."""
   path = checkpoint_dir(workdir)
-  if "://" in workdir or not os.path.isdir(path):
-    return []
-  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+  if "://" in str(workdir):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    p = epath.Path(path)
+    names = [q.name for q in p.iterdir()] if p.exists() else []
+  else:
+    names = os.listdir(path) if os.path.isdir(path) else []
+  return sorted(int(d) for d in names if d.isdigit())
 
 
 def finished_metrics(workdir: str, total_steps: int) -> dict | None:
   """The final metrics (metrics.jsonl, last value of each) when workdir holds a checkpoint at
   total_steps or later; None when the job has steps left (or the workdir is remote)."""
-  steps = checkpoint_steps(workdir)
+  steps = [] if "://" in workdir else checkpoint_steps(workdir)
   if not total_steps or not steps or max(steps) < int(total_steps):
     return None
   metrics: dict = {}
