@@ -54,8 +54,9 @@ official = google-research/vision_transformer vit_jax/; bv = big_vision configs/
     imagenet2012_real's validation split
   SGD momentum in bfloat16                official train.py:143 (accumulator_dtype='bfloat16';
                                           configs/common.py:43 declares it); float32 is an
-                                          option: --config.optim.mu_dtype=float32 (exact, one
-                                          more param-sized buffer)
+                                          option: --config.optim.mu_dtype=float32 (exact; twice
+                                          the state, yet less HBM per chip in the compiled
+                                          B/16 and L/16 steps: benchmarks/RESULTS.md)
   the step: clip -> SGD momentum -> lr,   official train.py:138-145 (optax chain) and :37-70
     warm-up from lr 0 (lr * step /        (make_update_fn); utils.py:78-94 (schedule); the
     warmup_steps, steps counted from 0)   same update within float32 rounding
@@ -171,7 +172,7 @@ def get_config(arg='b16,cifar100'):
   c.optim.lr = 0.01 if (name == 'cifar10' and model == 'ViT-B_16') or name.startswith(
       'oxford') else 0.03  # published defaults (see the docstring); LR_SWEEP for the sweep
   c.optim.momentum = 0.9  # momentum
-  c.optim.mu_dtype = 'bfloat16'  # momentum dtype, as published ('float32': exact, one more buffer)
+  c.optim.mu_dtype = 'bfloat16'  # momentum dtype, as published ('float32': exact; see the docstring)
   c.optim.schedule = 'cosine'  # cosine decay after warm-up
   c.optim.end_lr_fraction = 0.0  # decays to 0
   c.optim.weight_decay = 0.0  # none

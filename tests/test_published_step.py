@@ -196,3 +196,11 @@ def test_pretrain_config_takes_big_visions_step():
   published = published_steps(params0, big_vision_tx(config, params0), big_vision_loss, config,
                               j.mesh, st, True, with_params=True)
   assert_same_steps(run, published)
+
+
+def test_vtab_takes_the_same_fine_tuning_step():
+  """vtab.py follows the official fine-tuning: the optimizer fields the step reads agree."""
+  finetune, vtab = configs.load("finetune.py:b16,cifar10"), configs.load("vtab.py:b16,dtd")
+  step = ("name", "momentum", "nesterov", "mu_dtype", "warmup_from_zero", "schedule",
+          "end_lr_fraction", "weight_decay", "grad_clip_norm", "layer_decay")
+  assert {k: vtab.optim[k] for k in step} == {k: finetune.optim[k] for k in step}

@@ -20,6 +20,7 @@ these settings (train_state.train_meta); the model a workdir loads into
 """
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from typing import Any, Mapping
@@ -27,6 +28,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
+
+from vit_jax import trainable
 
 # target -> (model path of the kernels, number of input axes of those kernels). The
 # optional block number is an unrolled stack's; without it the path is a scanned stack's.
@@ -76,8 +79,7 @@ def _targeted(params, lora) -> dict[str, int]:
   for path, _ in jax.tree_util.tree_leaves_with_path(params):
     p = _path(path)
     for rx, n_in in patterns:
-      m = rx.fullmatch(p)
-      if m:
+      if rx.fullmatch(p):
         out[p] = n_in + _lead(p)
   return out
 
@@ -133,21 +135,14 @@ def logical_specs(params, specs, lora) -> dict:
     spec = spec + (None,) * (kernel.ndim - len(spec))
     lead = _lead(path)
     return P(*spec[:n_before], None), P(*spec[:lead], None, *spec[n_before:])
-  return _put(specs, factors(_with_factors(params, lora, make)))
-
-
-def _put(tree, part) -> dict:
-  out = dict(tree)
-  for k, v in part.items():
-    out[k] = _put(tree[k], v) if isinstance(v, Mapping) else v
-  return out
+  return trainable.graft(specs, factors(_with_factors(params, lora, make)))
 
 
 def init(params, lora, key) -> dict:
   """params with the factors initialised: lora_a uniform in +-1/sqrt(fan_in), lora_b zero."""
   if lora is None:
     return params
-  counter = iter(range(1 << 30))
+  counter = itertools.count()
 
   def make(path, kernel, n_before):
     a_shape, b_shape = _shapes(path, kernel, n_before, lora["rank"])

@@ -2,7 +2,9 @@
 
 The train state is a plain dict ``{'step', 'params', 'opt_state', 'rng'[, 'ema']}``;
 ``params`` is the model's nnx.Param state as a pure nested dict, so jit, orbax and
-optax see an ordinary pytree. The model is created abstractly (``nnx.eval_shape``,
+optax see an ordinary pytree (with config.lora, each adapted kernel's LoRA factors sit
+beside it: vit_jax.lora); ``opt_state`` covers the parameters that train only
+(vit_jax.trainable). The model is created abstractly (``nnx.eval_shape``,
 no memory), each parameter's sharding comes from its logical axes and the mesh, and
 the state is initialised under jit straight into those shardings (or restored onto
 them by orbax, or filled from config.pretrained).

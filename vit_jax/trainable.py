@@ -74,8 +74,9 @@ def _num_layers(config) -> int:
 
 
 def rows(path: str, leaf, family) -> tuple[list[tuple[str, int]], bool]:
-  """([(published name, layer 0 .. L + 1 or -1 for 'after the blocks')] per block the
-  leaf holds, whether it is a scanned stack's array)."""
+  """([(published name, layer)] for each block the leaf holds, whether it is a scanned
+  stack's array). Layers: 0 for the embeddings, i + 1 for block i, -1 for what reads the
+  blocks (numbered L + 1 once L is known)."""
   for stack in family.stacks:
     if path.startswith(stack + "/"):
       block, _, rest = path[len(stack) + 1:].partition("/")
