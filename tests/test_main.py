@@ -291,8 +291,8 @@ def test_cli_unexpected_error_keeps_its_traceback(tmp_path):
 
 
 def test_preflight_knows_the_datasets_vit_jax_registers():
-  from vit_jax.data import pipeline, vtab
-  assert set(preflight.OWN_DATASETS) == set(pipeline.OFFLINE_BUILDERS)
+  from vit_jax.data import datasets, vtab
+  assert set(preflight.OWN_DATASETS) == set(datasets.OFFLINE_BUILDERS)
   assert preflight.VTAB_TASKS == tuple(vtab.TASKS)
   preflight.check_dataset("cifar10:3.0.2")
   preflight.check_dataset("clevr/closest_object_distance")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
@@ -449,6 +450,8 @@ def format_report(r: Report) -> str:
 def main(argv):
   f = {k: v.value for k, v in _FLAGS.items()}
   f["config"] = preflight.config_from_flags()
+  # What the job resolution derived (class count, epochs -> steps) is shown, as main shows it.
+  logging.getLogger("vit_jax").setLevel(logging.INFO)
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   if f["config"] is None or not f["topology"]:

@@ -55,8 +55,7 @@ def _resolve_and_train(config, workdir) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import job  # pylint: disable=g-import-not-at-top
   resolved = job.resolve(config)  # every check, before the workdir is written
-  from vit_jax import divergence, train, train_state  # pylint: disable=g-import-not-at-top
-  train_state.orbax_errors_in_one_line()
+  from vit_jax import divergence, train  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
@@ -80,9 +79,10 @@ def main(argv):
   if _REUSE_CPU_MEMORY.value:
     runtime.reuse_cpu_step_memory()
   runtime.init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
+  from vit_jax import train_state  # pylint: disable=g-import-not-at-top
+  train_state.orbax_errors_in_one_line()
   finished = workdir_lib.finished_metrics(workdir, config.total_steps)
   if finished is not None:
-    from vit_jax import train_state  # pylint: disable=g-import-not-at-top
     step_dir = workdir_lib.checkpoint_dir(workdir, finished["step"])
     problem = train_state.read_problem(step_dir)
     if problem:  # then the run resumes from its newest readable checkpoint

@@ -134,10 +134,10 @@ def class_names(num_classes: int, config: dict | None, data_dir: str | None,
       names = [l.strip() for l in f if l.strip()]
     source = labels_file
   elif config and config.get("dataset"):
-    from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from vit_jax.data import datasets  # pylint: disable=g-import-not-at-top
     cfg = dict(config, data_dir=data_dir or config.get("data_dir"))
     try:
-      names = pipeline.label_names(cfg, build=False)
+      names = datasets.label_names(cfg, build=False)
     except Exception as e:  # pylint: disable=broad-except
       log.warning("No label names from dataset %s: %s", config["dataset"], e)
     source = f"dataset {config['dataset']}"
@@ -146,8 +146,8 @@ def class_names(num_classes: int, config: dict | None, data_dir: str | None,
     names = tfds.core.tfds_path(IMAGENET1K_LABELS).read_text().split()
     source = "ImageNet-1k (tfds)"
   elif num_classes in (21_843, 21_841, 19_167):
-    from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    names = pipeline.label_names({"dataset": "imagenet21k", "data_dir": data_dir}, build=False)
+    from vit_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    names = datasets.label_names({"dataset": "imagenet21k", "data_dir": data_dir}, build=False)
     source = "imagenet21k"
   else:
     return None

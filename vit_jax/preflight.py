@@ -24,7 +24,7 @@ import numpy as np
 import configs
 from vit_jax import cli
 
-# Datasets that vit_jax registers with tfds itself (vit_jax.data.pipeline.OFFLINE_BUILDERS;
+# Datasets that vit_jax registers with tfds itself (vit_jax.data.datasets.OFFLINE_BUILDERS;
 # importing it would start TensorFlow).
 OWN_DATASETS = ("digits",)
 # The tasks of vit_jax.data.vtab.TASKS (as 'vtab:<task>'), listed here for the same reason.
