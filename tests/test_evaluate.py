@@ -153,3 +153,38 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
   run = _run(["--config=configs/digits.py", "--checkpoint=x.npz"])
   assert run.returncode == 2 and "--out are required" in run.stderr
   assert len(run.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------
+# The README's reproduction table
+# --------------------------------------------------------------------------
+def test_readme_reproduction_table_is_the_generated_one():
+  from benchmarks import reproduction
+  text = open(reproduction.README).read()
+  shown = text.split(reproduction.BEGIN, 1)[1].split(reproduction.END, 1)[0].strip()
+  assert shown == reproduction.table(reproduction.load())
+
+
+def test_measured_cells_come_from_eval_json_files_of_the_right_run(tmp_path):
+  from benchmarks import reproduction
+  from vit_jax import results
+  def eval_json(name, **fields):
+    base = {"checkpoint": "workdirs/x", "dataset": "cifar10", "split": "test",
+            "model_name": "ViT-B_16", "top1": 0.98914, "count": 10000, "device": "8 x TPU v3",
+            "date": "2026-12-01"}
+    return results.write_json(str(tmp_path / name), {**base, **fields})
+  measured = {"cifar10": reproduction.measurement("cifar10", eval_json("c10.json")),
+              "imagenet2012": reproduction.measurement("imagenet2012", eval_json(
+                  "in.json", dataset="imagenet2012", split="validation", top1=0.8401,
+                  real={"top1": 0.8842, "count": 46837}))}
+  cells = [[c.strip() for c in r.strip("|").split("|")]
+           for r in reproduction.table(measured).splitlines()[2:]]
+  rows = {c[0]: c[-1] for c in cells}
+  assert rows["CIFAR-10"] == "98.91 (8 x TPU v3, 2026-12-01)"
+  assert rows["ImageNet"] == "84.01 (8 x TPU v3, 2026-12-01)"
+  assert rows["ImageNet ReaL"] == "88.42 (8 x TPU v3, 2026-12-01)"
+  assert rows["CIFAR-100"] == ""  # nothing measured
+  with pytest.raises(cli.UsageError, match="ViT-B_16 on cifar10, not ViT-B_16 on cifar100"):
+    reproduction.measurement("cifar100", eval_json("c10.json"))
+  with pytest.raises(cli.UsageError, match="ViT-L_16 on cifar10"):
+    reproduction.measurement("cifar10", eval_json("l16.json", model_name="ViT-L_16"))
