@@ -7,7 +7,9 @@
 
 Each entry names its ``type`` (a module of this package) and runs every ``every``
 steps (None: the config's eval_every; 0: only at the end). Its metrics are
-'<name>/<metric>'; 'val/accuracy' selects the best checkpoint. String fields may use
+'<name>/<metric>'; 'val/accuracy' selects the best checkpoint. A classification or ReaL
+entry's ``metrics`` field adds top-5, per-class accuracy, the confusion matrix or mAP
+(classification.py). String fields may use
 '{val_split}', '{test_split}', '{train_split}', '{img_size}', '{num_classes}' and
 '{resize}', filled in when the job is resolved; an evaluator whose split resolves to
 None is skipped.
