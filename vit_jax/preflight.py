@@ -390,12 +390,22 @@ def check_dataset(name: str | None, data_dir: str | None = None) -> None:
                        f"{hint or ' See tfds.list_builders() for the tfds names.'}")
 
 
+def check_wandb(config) -> None:
+  """config.wandb.project needs the wandb package."""
+  if (config.get("wandb") or {}).get("project"):
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec("wandb") is None:
+      raise cli.UsageError("config.wandb.project is set but wandb is not installed: "
+                           "pip install -e '.[wandb]' (or unset config.wandb.project).")
+
+
 def check_config(config, *, dataset: bool = True) -> None:
   """Every check of this module on a run config (the first stage of vit_jax.job.resolve).
 
   dataset=False leaves config.dataset to a data API of the caller's own (tests' fakes).
   """
   check_values(config)
+  check_wandb(config)
   check_pretrained(config.get("pretrained"))
   if dataset:
     check_dataset(config.get("dataset"), config.get("data_dir"))

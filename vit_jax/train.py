@@ -192,7 +192,7 @@ def _restore_and_train(job, workdir, data, steps, evals, ckpt) -> dict:
   if start_step < total:  # (a finished run restarted has nothing to compile)
     train_step = steps_lib.compile_train_step(steps, job)
 
-  writer = writers.create(workdir, enabled=is_main, resume_step=start_step)
+  writer = writers.create(workdir, enabled=is_main, resume_step=start_step, config=config)
   results: dict = {}
   guard = divergence.Guard(**dict((config.get("divergence") or {}).items()))
   guard.remember(_logged_loss_means(workdir, start_step))
