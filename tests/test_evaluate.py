@@ -81,6 +81,22 @@ def test_a_workdir_evaluated_alone_gives_its_training_accuracy_and_known_answers
   assert out["loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
 
 
+def test_real_entries_of_the_config_are_evaluated_too(workdir):
+  from configs import common
+  c = test_train.tiny_config(num_classes=CLASSES)
+  c.evals.real = common.evaluator("real", dataset="imagenet2012_real", split="validation",
+                                  pp="decode|resize({img_size})|value_range(-1, 1)")
+  data = _Recording(num_classes=CLASSES)  # one-hot label sets: ReaL scores as top-1
+  out = evaluate.evaluate(c, workdir[0], data=data)
+  assert sorted(data.splits) == ["test", "validation"]
+  assert out["real"]["count"] == 64
+  assert out["real"]["top1"] == pytest.approx(out["top1"])
+  assert out["real"]["top5"] == pytest.approx(out["top5"])
+  assert "real" not in evaluate.evaluate(c, workdir[0], real=False, data=_Recording(
+      num_classes=CLASSES))
+  assert evaluate.scalars(out)["real/top1"] == out["real"]["top1"]
+
+
 def test_multi_label_data_gives_map_and_precision_at_1(workdir):
   from sklearn.metrics import average_precision_score
   wd, _, logits, y = workdir
