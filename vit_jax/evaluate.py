@@ -1,6 +1,6 @@
 """Command line: evaluate a published .npz or a training workdir on a config's dataset.
 
-  python -m vit_jax.evaluate --checkpoint=ViT-B_16.npz \
+  python -m vit_jax.evaluate --checkpoint=gs://vit_models/imagenet21k+imagenet2012/ViT-B_16.npz \
       --config=configs/finetune.py:b16,imagenet2012 --out=eval/b16_imagenet
   python -m vit_jax.evaluate --checkpoint=workdirs/c100 --config=configs/finetune.py:b16,cifar100 \
       [--split='train[98%:]'] [--config.eval_batch_size=64 ...] --out=eval/c100
@@ -132,7 +132,6 @@ def evaluate(config, checkpoint_path: str, *, split: str | None = None, real: bo
 
   `data`: the vit_jax.data API (default vit_jax.data; tests pass in-memory fakes).
   """
-  import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import job as job_lib  # pylint: disable=g-import-not-at-top
   from vit_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
   preflight.check_pretrained(checkpoint_path, "--checkpoint")
@@ -163,8 +162,8 @@ def evaluate(config, checkpoint_path: str, *, split: str | None = None, real: bo
   for name, spec in c.evals.items():
     if name != _NAME and spec.type == "real":
       out[name] = _rename(metrics, name)
-  device = jax.devices()[0]
-  out["device"] = f"{jax.device_count()} x {device.device_kind}"
+  devices = job.mesh.devices
+  out["device"] = f"{devices.size} x {devices.flat[0].device_kind}"
   out["date"] = datetime.date.today().isoformat()
   return out
 
