@@ -255,6 +255,10 @@ def check_evals(config) -> None:
       value = spec.get(key)
       if value is not None and not ok(value):
         raise cli.UsageError(f"config.evals.{name}.{key}={value!r}: must be {must_be}.")
+    try:  # the evaluator's own check of its fields (e.g. the metrics it can report)
+      getattr(TYPES[spec.type], "check", lambda c, s: None)(config, spec)
+    except ValueError as e:
+      raise cli.UsageError(f"config.evals.{name}: {e}") from None
 
 
 def check_values(config) -> None:
