@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from benchmarks import command_line
+from vit_jax import command_line
 from benchmarks import common
 from vit_jax import cli, preflight
 from vit_jax import checkpoint

@@ -26,7 +26,7 @@ import numpy as np
 import skimage.data
 import tensorflow_datasets as tfds
 
-from benchmarks import command_line
+from vit_jax import command_line
 from vit_jax import cli, data, results
 # pylint: enable=g-import-not-at-top
 

@@ -23,7 +23,7 @@ import tempfile
 
 from absl import flags
 
-from benchmarks import command_line
+from vit_jax import command_line
 from vit_jax import cli, preflight
 
 

@@ -33,7 +33,7 @@ import statistics
 import jax
 from absl import flags
 
-from benchmarks import command_line
+from vit_jax import command_line
 from benchmarks import common
 from vit_jax import cli, preflight, runtime
 

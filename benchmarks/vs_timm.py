@@ -264,7 +264,7 @@ def print_table(res: dict):
 def define_flags() -> None:
   """This command's flags (defined when it runs, so importing vs_timm defines none)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from benchmarks import command_line  # pylint: disable=g-import-not-at-top
+  from vit_jax import command_line  # pylint: disable=g-import-not-at-top
   flags.DEFINE_integer("batch", 8, "Batch size.", lower_bound=1)
   flags.DEFINE_integer("rounds", 5, "Interleaved rounds timed.", lower_bound=1)
   flags.DEFINE_integer("steps", 3, "Steps per round and framework.", lower_bound=1)
@@ -280,7 +280,7 @@ def define_flags() -> None:
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from benchmarks import command_line  # pylint: disable=g-import-not-at-top
+  from vit_jax import command_line  # pylint: disable=g-import-not-at-top
   from vit_jax import cli  # pylint: disable=g-import-not-at-top
   command_line.check_no_arguments(argv)
   f = flags.FLAGS

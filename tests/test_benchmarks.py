@@ -9,7 +9,7 @@ import pytest
 from absl import flags as absl_flags
 from flax import nnx
 
-from benchmarks import command_line
+from vit_jax import command_line
 from benchmarks import common
 from benchmarks import compile_time
 from benchmarks import memory

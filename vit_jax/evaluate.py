@@ -35,6 +35,7 @@ import sys
 from absl import flags
 
 from vit_jax import cli
+from vit_jax import command_line
 from vit_jax import preflight
 
 FLAGS = flags.FLAGS
@@ -187,7 +188,7 @@ def scalars(result: dict) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config = preflight.config_from_flags()
+  config = command_line.config_from_flags()
   if config is None or not FLAGS.checkpoint or not FLAGS.out:
     raise cli.UsageError("--checkpoint, --config and --out are required, e.g. "
                          "--checkpoint=ViT-B_16.npz --config=configs/finetune.py:b16,imagenet2012 "
@@ -215,4 +216,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, flags_parser=preflight.parse_flags)
+  cli.run(main, flags_parser=command_line.parse_flags)

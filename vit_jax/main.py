@@ -27,7 +27,7 @@ import sys
 from absl import flags
 
 from vit_jax import cli
-from vit_jax import preflight
+from vit_jax import command_line
 from vit_jax import runtime
 from vit_jax import workdir as workdir_lib
 
@@ -72,7 +72,7 @@ def _resolve_and_train(config, workdir) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config, workdir = preflight.config_from_flags(), _WORKDIR.value
+  config, workdir = command_line.config_from_flags(), _WORKDIR.value
   if config is None or not workdir:
     raise cli.UsageError("--config and --workdir are required.")
   runtime.skip_absent_accelerators()
@@ -111,7 +111,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, flags_parser=preflight.parse_flags)
+  cli.run(main, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

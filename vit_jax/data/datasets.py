@@ -62,7 +62,7 @@ def _data_dir(config) -> str:
       get(config, "data_dir", None) or tfds.core.constants.DATA_DIR)
 
 
-def task(config) -> Optional[vtab.Task]:
+def vtab_task(config) -> Optional[vtab.Task]:
   name = get(config, "dataset")
   if name and name.startswith("vtab:"):
     task = vtab.get_task(name)
@@ -81,14 +81,14 @@ def _tfds_name(config) -> str:
     raise ValueError("config.dataset is empty: set a tfds name, e.g. "
                      "'cifar100', 'digits', 'vtab:<task>', 'imagefolder:ROOT' "
                      "or 'manifest:FILE.jsonl'.")
-  task = task(config)
+  task = vtab_task(config)
   return task.tfds_name if task else name
 
 
-def tfds_split(config, split: str) -> str:
+def tfds_split_of(config, split: str) -> str:
   if not split:
     raise ValueError("No split given (the config's split field is empty).")
-  task = task(config)
+  task = vtab_task(config)
   return vtab.tfds_split(task, split) if task else split
 
 
@@ -221,7 +221,7 @@ def _builder(config, build: bool):
 def dataset_num_classes(config, build: bool = True) -> Optional[int]:
   """The number of classes the dataset declares (None if it declares none, or, with
   build=False, when the dataset is not prepared)."""
-  task = task(config)
+  task = vtab_task(config)
   if task:
     return task.num_classes
   builder = _builder(config, build)
@@ -290,7 +290,7 @@ def num_examples(config, split: str, build: bool = True) -> Optional[int]:
   builder = _builder(config, build)
   if builder is None:
     return None
-  tfds_split = tfds_split(config, split)
+  tfds_split = tfds_split_of(config, split)
   try:
     return builder.info.splits[tfds_split].num_examples
   except (KeyError, ValueError) as e:

@@ -76,7 +76,7 @@ _NO_AUTOCACHE = tfds.ReadConfig(try_autocache=False)
 def _read_shard(config, split: str, process_index: int, process_count: int):
   """(raw dataset of this process's share, its size); images stay encoded."""
   builder = datasets.get_builder(config)
-  tfds_split = datasets.tfds_split(config, split)
+  tfds_split = datasets.tfds_split_of(config, split)
   shard = tfds.split_for_jax_process(
       tfds_split, process_index=process_index, process_count=process_count)
   skip_decoding = {
@@ -98,7 +98,7 @@ def _read_shard(config, split: str, process_index: int, process_count: int):
 
 def _example_fn(config, spec: str):
   """raw example + '_rng' -> {'image', 'labels'} (VTAB labels, then pp)."""
-  task = datasets.task(config)
+  task = datasets.vtab_task(config)
   pp = pp_lib.get_preprocess_fn(spec)
 
   def fn(data):
@@ -217,7 +217,7 @@ def _with_mask(example_fn):
 def _padding(config, split: str, example_fn, count: int) -> tf.data.Dataset:
   """`count` zero examples (mask 0) shaped like the split's examples."""
   builder = datasets.get_builder(config)
-  first = builder.as_dataset(split=datasets.tfds_split(config, split),
+  first = builder.as_dataset(split=datasets.tfds_split_of(config, split),
                              shuffle_files=False,
                              read_config=_NO_AUTOCACHE).take(1)
   # Shapes come from the first example after preprocessing, so datasets
