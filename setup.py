@@ -39,6 +39,11 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10,<0.12",
         "ipykernel>=6.29,<8",
         "apache-beam>=2.77,<3",  # the Beam dataset builds are tested too
+        "wandb>=0.31,<0.32",  # the Weights & Biases writer is tested offline
+    ],
+    # Mirror the metrics to Weights & Biases (config.wandb.project).
+    "wandb": [
+        "wandb>=0.31,<0.32",
     ],
     # Dataset builds on Apache Beam (DirectRunner, Dataflow, Spark, Flink);
     # resolves with tensorflow-cpu 2.21 / tfds 4.9 on Python 3.11-3.13.

@@ -1,6 +1,7 @@
 """LoRA (vit_jax.lora): the first step's model is the base model; frozen base weights keep
 every bit through a run and its resume; the adapters stay apart in orbax checkpoints and are
-merged into the model a workdir loads into, which save_npz writes in the published layout;
+merged into the model a workdir loads into, which save_npz writes in the published layout
+and the evaluate-only command scores;
 vit_jax.aot reports the optimizer memory each mode saves."""
 import dataclasses
 import os
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 import configs
-from vit_jax import checkpoint, job, lora, models, train, train_state
+from vit_jax import checkpoint, evaluate, job, lora, models, train, train_state
 from vit_jax import state as state_lib
 from vit_jax import steps as steps_lib
 from test_models import images, randomize
@@ -121,6 +122,12 @@ def check_export_is_the_merged_model(tmp_path, wd, st, after, base_npz):
   again = checkpoint.load(str(exported), scan=True)   # architecture read from the file
   np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, images: m(images))(again, x)),
                                 logits)
+  # The evaluate-only command, given the LoRA config, scores the model the run trained.
+  data = InMemoryData()
+  scored = evaluate.evaluate(_config(pretrained=base_npz), wd, data=data)
+  predicted = np.asarray(jax.jit(state_lib.make_apply(st.spec))(after, data.x)).argmax(1)
+  assert scored["count"] == len(data.y)
+  assert scored["top1"] == pytest.approx(np.mean(predicted == data.y))
 
 
 def test_lora_mistakes_are_one_line_usage_errors():

@@ -164,6 +164,7 @@ def test_frozen_parameters_have_no_optimizer_state_and_keep_every_bit(scan):
     ({"trainable": "heads/.*"}, r"config.trainable='heads/\.\*' matches none of ViT-test's"),
     ({"trainable": "head/(.*"}, r"config.trainable='head/\(\.\*': must be a regular expression"),
     ({"optim.layer_decay": 1.5}, r"config.optim.layer_decay=1.5: must be a number in \(0, 1\]"),
+    ({"optim.mu_dtype": "bf16"}, r"config.optim.mu_dtype='bf16': must be one of 'float32'"),
     ({"model_name": "BiT-test", "optim.layer_decay": 0.7}, "BiT-test has no stack of blocks"),
 ])
 def test_what_trains_mistakes_are_one_line_usage_errors(changes, message):
