@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 from vit_jax.analysis import layers as _layers
-from vit_jax.analysis.generation import gaussian_blur, init_noise, to_unit, _blur_radius
+from vit_jax.analysis import image_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _step(x, opt_state, state, targets, scales, img_of, layer_of, lr, sigma, *, 
     x = x - lr * g
   else:
     raise ValueError(f"optimizer must be 'adam', 'normalized' or 'sgd', got {optimizer!r}")
-  x = gaussian_blur(x, sigma, radius)
+  x = image_ops.gaussian_blur(x, sigma, radius)
   return jnp.clip(x, -1.0, 1.0), opt_state, loss
 
 
@@ -132,11 +132,11 @@ def invert(model, images, layers: Sequence[str] | None = None,
   blur_scale = images.shape[1] / 224 if config.blur_scale is None else config.blur_scale
   static = dict(graphdef=nnx.graphdef(model), family=info.family, names=names,
                 resnet_layers=config.resnet_layers, optimizer=config.optimizer,
-                radius=_blur_radius(max(config.blur) * blur_scale))
+                radius=image_ops.blur_radius(max(config.blur) * blur_scale))
   state = nnx.state(model)
 
   key, k0 = jax.random.split(key)
-  x = init_noise(k0, (n * num_l,) + images.shape[1:], config.init_mean, config.init_std)
+  x = image_ops.init_noise(k0, (n * num_l,) + images.shape[1:], config.init_mean, config.init_std)
   x = _layers.shard_batch(x)
   opt_state = optax.adam(1.0).init(x) if config.optimizer == "adam" else ()
   losses = []
@@ -195,8 +195,8 @@ def judge(model, images, recon, names, config: InversionConfig = InversionConfig
     for d in range(config.noise_draws):
       lo = n + n * num_l + d * n
       noise_d[:, li] += np.linalg.norm(r[lo:lo + n] - target, axis=1) / config.noise_draws
-  t01 = np.asarray(to_unit(images))
-  r01 = np.clip(np.asarray(to_unit(recon)), 0.0, 1.0)
+  t01 = np.asarray(image_ops.to_unit(images))
+  r01 = np.clip(np.asarray(image_ops.to_unit(recon)), 0.0, 1.0)
   ps = psnr(t01[:, None], r01)
   ss = np.asarray([[ssim(t01[i], r01[i, li]) for li in range(num_l)] for i in range(n)])
   return {"rep_distance": rep_d, "noise_distance": noise_d,
