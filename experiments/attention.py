@@ -1,8 +1,8 @@
 """Mean attention distance by depth, attention rollout, position and patch embeddings (ViT paper Fig. 7).
 
-    python -m experiments.attention --out out/attn                       # ViT-Ti_16 untrained, 64 px
-    python -m experiments.attention --out out/attn --models ViT-B_16 --checkpoint ViT-B_16.npz --img-size 224
-    python -m experiments.attention --out out/attn --checkpoint workdirs/digits --models ViT-test
+    python -m experiments.attention --out out/attn                       # the digits-trained ViT
+    python -m experiments.attention --out out/attn --checkpoint ViT-B_16.npz --data photos --num-images 128
+    python -m experiments.attention --out out/attn --models ViT-Ti_16 --img-size 64 --data photos  # untrained
 
 Writes (per ViT model):
   attention_distance_<model>.png  -- every head's mean attention distance (pixels) against depth
@@ -10,8 +10,9 @@ Writes (per ViT model):
   posemb_<model>.png              -- position-embedding cosine-similarity tiles
   patch_pcs_<model>.png           -- first principal components of the patch-embedding filters
   attention.json                  -- distances (layers x heads), rollout maps, PC variance ratios
-Mean attention distance is averaged over --num-images images (published: 128) from
-the digits / photos stream; images are sharded over the 'data' mesh.
+Mean attention distance is averaged over --num-images images (published: 128) of the
+digits test split or the photos stream; images are sharded over the 'data' mesh. The
+rollout panels show the first digits of the test split (or the sample photos).
 """
 
 from __future__ import annotations
@@ -24,30 +25,25 @@ from vit_jax.analysis import attention, embeddings, layers
 
 
 def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16", 64)
-  p.add_argument("--data", default="photos", choices=["digits", "photos"],
-                 help="images for the distances (photos: random crops of the sample photos)")
+  p = common.parser(__doc__.splitlines()[0], families=("vit",))
+  p.add_argument("--data", default="digits", choices=["digits", "photos"],
+                 help="images (digits: the test split; photos: random crops of the sample photos)")
   p.add_argument("--num-images", type=cli.positive_int, default=32, help="published: 128")
   p.add_argument("--num-components", type=cli.positive_int, default=28)
   args = common.parse(p, argv)
   timer = common.Timer()
-  zoo = common.load_models(args)
-  results = common.header(args, {"models": {}})
+  subjects = common.load_models(args)
+  results = common.header(args, subjects, {"models": {}})
   plt = common.plt()
   figs = []
-  for name, model in zoo.items():
+  for subject in subjects:
+    name, model, label, tag = subject.name, subject.model, subject.label, common.tag(subject)
     info = layers.model_info(model)
     if info.family != "vit":
-      print(f"{name}: no attention (family {info.family}), skipped")
+      print(f"{label}: no attention (family {info.family}), skipped")
       continue
-    tag = name.split(" ")[0].replace("+", "p")
     size = info.img_size
-    if args.data == "digits":
-      imgs, _ = common.digits(size, args.num_images)
-    else:
-      from experiments.cka import photo_crops
-
-      imgs = photo_crops(size, args.num_images, args.seed)
+    imgs, _ = common.images_for(args, subject, args.num_images)
     dist = attention.mean_attention_distance_by_layer(model, layers.shard_batch(imgs),
                                                       batch_size=args.num_images)
     res = {"family": info.family, "patch_size": info.patch_size, "img_size": size,
@@ -61,13 +57,13 @@ def main(argv=None) -> dict:
     ax.set_ylabel("mean attention distance (pixels)")
     common.integer_ticks(ax.xaxis)
     ax.set_ylim(0, size * 0.75)
-    ax.set_title(f"Mean attention distance per head: {common.model_label(name)}, "
-                 f"{size}px, {args.num_images} images", fontsize=8)
+    ax.set_title(f"Mean attention distance per head, {args.num_images} {args.data} images:\n"
+                 f"{label}, {size}px", fontsize=7)
     if nh <= 16:
       ax.legend(fontsize=5, ncol=2)
     figs.append(common.savefig(fig, args.out, f"attention_distance_{tag}.png"))
 
-    ph = common.photos(size)
+    ph = common.digits(size, "test", 3)[0] if args.data == "digits" else common.photos(size)
     maps = attention.rollout_for_model(model, ph)
     up = attention.upsample_map(maps, (size, size))
     fig, axes = plt.subplots(2, len(ph), figsize=(2.0 * len(ph) + 0.8, 4.2), squeeze=False)
@@ -80,8 +76,7 @@ def main(argv=None) -> dict:
       im = axes[1, i].imshow(up[i], cmap="inferno", alpha=0.65, vmin=0.0,
                              vmax=float(np.max(up)))
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="rollout weight")
-    fig.suptitle(f"Attention rollout (class token to patches): {common.model_label(name)}, "
-                 f"{size}px", fontsize=8)
+    fig.suptitle(f"Attention rollout (class token to patches):\n{label}, {size}px", fontsize=8)
     figs.append(common.savefig(fig, args.out, f"rollout_{tag}.png"))
     res["rollout"] = maps
 
@@ -100,8 +95,8 @@ def main(argv=None) -> dict:
     fig.supxlabel("patch column", fontsize=8)
     fig.supylabel("patch row", fontsize=8)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="cosine similarity")
-    fig.suptitle(f"Position-embedding similarity of each patch to all others: "
-                 f"{common.model_label(name)}", fontsize=8)
+    fig.suptitle(f"Position-embedding similarity of each patch to all others:\n{label}",
+                 fontsize=8)
     figs.append(common.savefig(fig, args.out, f"posemb_{tag}.png"))
     res["posemb_similarity"] = sim
 
@@ -116,12 +111,11 @@ def main(argv=None) -> dict:
       if i < k:
         ax.imshow(pcs["images"][i], interpolation="nearest")
         ax.set_title(f"PC {i + 1}", fontsize=6)
-    fig.suptitle(f"Patch-embedding filters, principal components:\n"
-                 f"{common.model_label(name)}", fontsize=8)
+    fig.suptitle(f"Patch-embedding filters, principal components:\n{label}", fontsize=7)
     figs.append(common.savefig(fig, args.out, f"patch_pcs_{tag}.png"))
     res["patch_pc_explained_variance"] = pcs["explained_variance_ratio"]
     results["models"][name] = res
-    print(f"{name}: mean attention distance by layer {np.round(np.asarray(dist.mean(1), float), 1).tolist()} px "
+    print(f"{label}: mean attention distance by layer {np.round(np.asarray(dist.mean(1), float), 1).tolist()} px "
           f"({timer()} s)")
   results["figures"] = figs
   results["seconds"] = timer()

@@ -1,11 +1,10 @@
 """Input generation by gradient ascent for a set of classes (or units), one image per target.
 
-    python -m experiments.generation --out out/gen                                  # class logits
+    python -m experiments.generation --out out/gen                     # digits-trained ViT, Mixer, ResNet: classes 0-9
     python -m experiments.generation --out out/gen --objective unit --layer block_04 # channels of a block
     python -m experiments.generation --out out/gen --objective unit --layer block_04 --patch 10  # neurons
     python -m experiments.generation --out out/gen --style lucent                   # Fourier + Adam
-    python -m experiments.generation --out out/gen --checkpoint workdirs/digits --models ViT-test
-    python -m experiments.generation --out out/gen --published --models ViT-B_32 --checkpoint ViT-B_32.npz
+    python -m experiments.generation --out out/gen --published --checkpoint ViT-B_32.npz --targets 0,1,2,3
 
 Untrained registry models have zero-initialised heads (all logits 0, no gradient);
 for class objectives on an untrained model the head is replaced by a random one.
@@ -26,8 +25,9 @@ from vit_jax.analysis import generation, layers
 
 
 def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16", 64)
-  p.add_argument("--targets", default="0,1,2,3", type=cli.int_list, help="class (or channel) indices")
+  p = common.parser(__doc__.splitlines()[0])
+  p.add_argument("--targets", default="0,1,2,3,4,5,6,7,8,9", type=cli.int_list,
+                 help="class (or channel) indices")
   p.add_argument("--objective", default="logit", choices=["logit", "unit"])
   p.add_argument("--layer", default=None, help="layer of a unit objective (default: the middle block)")
   p.add_argument("--patch", type=int, default=None, help="one patch (a neuron); default all patches")
@@ -37,16 +37,20 @@ def main(argv=None) -> dict:
   p.add_argument("--target-value", type=float, default=None,
                  help="minimise |C - activation| instead of maximising (published C = 200)")
   p.add_argument("--l2", type=float, default=0.0)
-  p.add_argument("--tv", type=float, default=0.0)
+  p.add_argument("--tv", type=float, default=None,
+                 help="total-variation weight (default 20, or 0 with --published)")
   p.add_argument("--published", action="store_true",
                  help="blbadger's schedule (220 + 500 steps, C = 200) or Lucent's 512 Adam steps")
   args = common.parse(p, argv)
   timer = common.Timer()
-  zoo = common.load_models(args, random_head=args.objective == "logit")
+  if args.tv is None:
+    args.tv = 0.0 if args.published else 20.0
+  subjects = common.load_models(args, random_head=args.objective == "logit")
   targets = args.targets
-  results = common.header(args, {"models": {}})
+  results = common.header(args, subjects, {"models": {}})
   outs = {}
-  for mi, (name, model) in enumerate(zoo.items()):
+  for mi, subject in enumerate(subjects):
+    name, model = subject.name, subject.model
     info = layers.model_info(model)
     if args.style == "lucent":
       cfg = generation.lucent_config(512 if args.published else args.steps)
@@ -67,20 +71,20 @@ def main(argv=None) -> dict:
       layer = names[len(names) // 2]
     obj = generation.Objective(args.objective, layer, args.patch, target_value)
     out = generation.generate(model, targets, obj, cfg, key=jax.random.PRNGKey(args.seed + mi))
-    outs[name] = out
+    outs[name] = (subject, out)
     results["models"][name] = {"family": info.family, "objective": vars_of(obj),
                                "activation": out["activation"], "trace": out["trace"]}
-    print(f"{name}: activation {np.round(np.asarray(out['activation'], float), 2).tolist()} ({timer()} s)")
+    print(f"{subject.label}: activation {np.round(np.asarray(out['activation'], float), 2).tolist()} ({timer()} s)")
 
   plt = common.plt()
   fig, axes = plt.subplots(len(outs), len(targets),
                            figsize=(1.6 * len(targets) + 0.3, 1.7 * len(outs) + 0.3),
                            squeeze=False, layout="constrained")
-  for r, (name, out) in enumerate(outs.items()):
+  for r, (subject, out) in enumerate(outs.values()):
     for c, t in enumerate(targets):
       what = "class" if args.objective == "logit" else "channel"
       common.show_image(axes[r, c], out["images"][c], f"{what} {t}: {out['activation'][c]:.1f}")
-    axes[r, 0].set_ylabel(common.model_label(name), fontsize=7)
+    axes[r, 0].set_ylabel(subject.label.replace(", ", "\n"), fontsize=6)
   what = ("class logit" if args.objective == "logit"
           else f"{args.objective} of {args.layer or 'the middle layer'}")
   fig.suptitle(f"Inputs generated to maximise each target's {what} ({args.style}); "
