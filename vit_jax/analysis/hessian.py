@@ -55,7 +55,8 @@ def _power_step(loss_fn, params, batch, v, vecs, mask):
 
 
 @jax.jit
-def _start(v0, vecs, mask):
+def _start(v0s, i, vecs, mask):
+  v0 = v0s[i]
   v = _orthogonalize(v0, vecs, mask)
   return v / jnp.linalg.norm(v)
 
@@ -69,19 +70,32 @@ def _converged(prev, cur, it, tol) -> bool:
   return it >= 2 and rel < tol
 
 
+@jax.jit
+def _set_row(vecs, i, v):
+  return vecs.at[i].set(v)
+
+
+def _placed(params):
+  """Puts arrays where the parameters are: committed alike, so each step compiles once."""
+  sharding = jax.tree.leaves(params)[0].sharding
+  return lambda x: jax.device_put(x, sharding)
+
+
 def _power_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
-  vecs = jnp.zeros((k, v0s.shape[1]), v0s.dtype)
+  place = _placed(params)
+  v0s = place(v0s)
+  vecs = place(jnp.zeros((k, v0s.shape[1]), v0s.dtype))
   vals, iters = np.zeros(k), np.zeros(k, np.int32)
   for i in range(k):
-    mask = (jnp.arange(k) < i).astype(v0s.dtype)
-    v = _start(v0s[i], vecs, mask)
+    mask = place((np.arange(k) < i).astype(v0s.dtype))  # the eigenvectors found so far
+    v = _start(v0s, i, vecs, mask)
     lam_prev = lam = 0.0
     it = 0
     while it < max_iters and not _converged(np.asarray(lam_prev), np.asarray(lam), it, tol):
       v_next, lam_new = _power_step(loss_fn, params, batch, v, vecs, mask)
       lam_prev, lam, it = lam, float(lam_new), it + 1
       v = v_next
-    vecs, vals[i], iters[i] = vecs.at[i].set(v), lam, it
+    vecs, vals[i], iters[i] = _set_row(vecs, i, v), lam, it
   return vals, vecs, iters
 
 
@@ -102,7 +116,7 @@ def _next_block(hq, s):
 
 
 def _subspace_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
-  q, _ = jnp.linalg.qr(v0s.T)  # (n, k) orthonormal
+  q = _placed(params)(jnp.linalg.qr(v0s.T)[0])  # (n, k) orthonormal
   prev = cur = np.zeros(k)
   it = 0
   while it < max_iters and not _converged(prev, cur, it, tol):
