@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0], families=("vit",))
   p.add_argument("--data", default="digits", choices=["digits", "photos"],
                  help="images (digits: the test split; photos: random crops of the sample photos)")
-  p.add_argument("--num-images", type=cli.positive_int, default=32, help="published: 128")
+  p.add_argument("--num-images", type=cli.positive_int, default=128, help="published: 128")
   p.add_argument("--num-components", type=cli.positive_int, default=28)
   args = common.parse(p, argv)
   timer = common.Timer()
@@ -46,13 +46,16 @@ def main(argv=None) -> dict:
     imgs, _ = common.images_for(args, subject, args.num_images)
     dist = attention.mean_attention_distance_by_layer(model, layers.shard_batch(imgs),
                                                       batch_size=args.num_images)
+    # what attention spread evenly over the patches would give: the grid's mean distance
+    uniform = float(np.mean(attention.patch_distances(info.patch_grid, info.patch_size)))
     res = {"family": info.family, "patch_size": info.patch_size, "img_size": size,
-           "mean_attention_distance": dist}
+           "mean_attention_distance": dist, "uniform_attention_distance": uniform}
 
     fig, ax = plt.subplots(figsize=(4, 3.2))
     nl, nh = dist.shape
     for h in range(nh):
       ax.scatter(np.arange(1, nl + 1), dist[:, h], s=10, label=f"head {h + 1}" if nh <= 16 else None)
+    ax.axhline(uniform, color="grey", lw=0.8, ls="--", label="uniform attention")
     ax.set_xlabel("network depth (layer)")
     ax.set_ylabel("mean attention distance (pixels)")
     common.integer_ticks(ax.xaxis)
@@ -100,8 +103,11 @@ def main(argv=None) -> dict:
     figs.append(common.savefig(fig, args.out, f"posemb_{tag}.png"))
     res["posemb_similarity"] = sim
 
-    pcs = embeddings.patch_embedding_components(embeddings.find_patch_kernel(model),
-                                                args.num_components)
+    kernel = np.asarray(embeddings.find_patch_kernel(model))
+    gray = subject.dataset == "digits"
+    if gray:  # on grey images only the sum over colours acts; the colour differences stay at init
+      kernel = np.repeat(kernel.sum(2, keepdims=True), 3, axis=2)
+    pcs = embeddings.patch_embedding_components(kernel, args.num_components)
     k = len(pcs["images"])
     cols = min(7, k)
     rows = -(-k // cols)
@@ -111,7 +117,9 @@ def main(argv=None) -> dict:
       if i < k:
         ax.imshow(pcs["images"][i], interpolation="nearest")
         ax.set_title(f"PC {i + 1}", fontsize=6)
-    fig.suptitle(f"Patch-embedding filters, principal components:\n{label}", fontsize=7)
+    what = ("summed over colours (as they act on grey digits), principal components" if gray
+            else "principal components")
+    fig.suptitle(f"Patch-embedding filters, {what}:\n{label}", fontsize=7)
     figs.append(common.savefig(fig, args.out, f"patch_pcs_{tag}.png"))
     res["patch_pc_explained_variance"] = pcs["explained_variance_ratio"]
     results["models"][name] = res

@@ -36,6 +36,7 @@ class Subject:
   model: Any
   label: str  # figure titles: the model, its training data and test accuracy, or 'untrained'
   trained: bool
+  dataset: str | None = None  # what it was trained on, where known
 
 
 def parser(description: str, families: Sequence[str] = FAMILIES,
@@ -114,7 +115,7 @@ def load_models(args, random_head: bool = False) -> list[Subject]:
       if checkpoint.is_workdir(path):
         t = digits_models.load_workdir(path)
         tag = os.path.basename(os.path.normpath(path))
-        out.append(Subject(tag, t.model, f"{t.name} ({tag}), {t.training}", True))
+        out.append(Subject(tag, t.model, f"{t.name} ({tag}), {t.training}", True, t.dataset))
       else:
         m = checkpoint.load(path, names[i] if i < len(names) else None)
         tag = os.path.splitext(os.path.basename(path))[0]
@@ -137,7 +138,7 @@ def load_models(args, random_head: bool = False) -> list[Subject]:
         steps = args.train_steps
         t = digits_models.load(family, args.workdirs,
                                digits_models.steps_overrides(steps) if steps else None)
-        out.append(Subject(t.name, t.model, t.label, True))
+        out.append(Subject(t.name, t.model, t.label, True, t.dataset))
   seen: dict[str, int] = {}
   for i, s in enumerate(out):
     if random_head and not s.trained:

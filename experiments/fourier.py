@@ -32,9 +32,9 @@ KIND_MARK = {"msa": "o", "mlp": "s", "token": "o", "channel": "s", "conv": "^", 
 def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--data", default="digits", choices=["digits", "photos"])
-  p.add_argument("--num-images", type=cli.positive_int, default=32)
-  p.add_argument("--batch-size", type=cli.positive_int, default=32)
-  p.add_argument("--noise-std", type=float, default=0.1, help="band noise std in [-1, 1] units")
+  p.add_argument("--num-images", type=cli.positive_int, default=256)
+  p.add_argument("--batch-size", type=cli.positive_int, default=128)
+  p.add_argument("--noise-std", type=float, default=0.5, help="band noise std in [-1, 1] units")
   p.add_argument("--num-bands", type=cli.positive_int, default=6)
   args = common.parse(p, argv)
   timer = common.Timer()
@@ -42,7 +42,7 @@ def main(argv=None) -> dict:
   results = common.header(args, subjects, {"models": {}})
   plt = common.plt()
   figs = []
-  dfig, daxes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+  dfig, daxes = plt.subplots(1, 2, figsize=(12, 3.4), layout="constrained")
   bfig, bax = plt.subplots(figsize=(4.5, 3.2))
   bands = fourier.default_bands(args.num_bands)
   seen_kinds = {}   # sub-layer kinds drawn, in order (marker legend)
@@ -97,7 +97,8 @@ def main(argv=None) -> dict:
     daxes[1].scatter([], [], marker=mark, s=14, color="grey", label=" / ".join(kinds) + " output")
   for ax in daxes:
     ax.set_xlabel("normalised depth")
-    ax.legend(fontsize=6)
+  # one legend for both panels (the same colours), beside them
+  daxes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   dfig.suptitle(f"Feature maps of every sub-layer, {args.num_images} {args.data} images", fontsize=9)
   figs.append(common.savefig(dfig, args.out, "fourier_depth.png"))
   bax.set_xlabel("noise band centre (radial frequency / Nyquist)")

@@ -1,13 +1,14 @@
 """Input generation by gradient ascent for a set of classes (or units), one image per target.
 
     python -m experiments.generation --out out/gen                     # digits-trained ViT, Mixer, ResNet: classes 0-9
-    python -m experiments.generation --out out/gen --objective unit --layer block_04 # channels of a block
-    python -m experiments.generation --out out/gen --objective unit --layer block_04 --patch 10  # neurons
+    python -m experiments.generation --out out/gen --families vit,mixer --objective unit --layer block_03
+    python -m experiments.generation --out out/gen --families vit --objective unit --layer block_03 --patch 5
     python -m experiments.generation --out out/gen --style lucent                   # Fourier + Adam
     python -m experiments.generation --out out/gen --published --checkpoint ViT-B_32.npz --targets 0,1,2,3
 
-Untrained registry models have zero-initialised heads (all logits 0, no gradient);
-for class objectives on an untrained model the head is replaced by a random one.
+Models trained on the digits (grey strokes on black, replicated to RGB) get a grey canvas
+that starts black (--canvas); untrained registry models have zero-initialised heads (all
+logits 0, no gradient), so for class objectives the head is replaced by a random one.
 Writes generation.png (one column per target, per model: the final canvas) and
 generation.json (final activations and the activation trace per step).
 """
@@ -37,14 +38,14 @@ def main(argv=None) -> dict:
   p.add_argument("--target-value", type=float, default=None,
                  help="minimise |C - activation| instead of maximising (published C = 200)")
   p.add_argument("--l2", type=float, default=0.0)
-  p.add_argument("--tv", type=float, default=None,
-                 help="total-variation weight (default 20, or 0 with --published)")
+  p.add_argument("--tv", type=float, default=0.0, help="total-variation weight")
+  p.add_argument("--canvas", default="auto", choices=["auto", "gray", "rgb"],
+                 help="auto: a grey canvas from black for models trained on the (grey) digits, "
+                      "else RGB from the published N(0.7, 1/20) noise")
   p.add_argument("--published", action="store_true",
                  help="blbadger's schedule (220 + 500 steps, C = 200) or Lucent's 512 Adam steps")
   args = common.parse(p, argv)
   timer = common.Timer()
-  if args.tv is None:
-    args.tv = 0.0 if args.published else 20.0
   subjects = common.load_models(args, random_head=args.objective == "logit")
   targets = args.targets
   results = common.header(args, subjects, {"models": {}})
@@ -62,6 +63,9 @@ def main(argv=None) -> dict:
           octaves=(generation.Octave(args.steps, 1.0, (0.05, 0.02), (2.4, 0.8)),
                    generation.Octave(args.steps, 1.5, (0.03, 0.005), (1.5, 0.4))))
     cfg = dataclasses.replace(cfg, l2=args.l2, tv=args.tv)
+    gray = args.canvas == "gray" or (args.canvas == "auto" and subject.dataset == "digits")
+    if gray and cfg.parameterization == "pixel":  # white strokes on black, as the digits are
+      cfg = dataclasses.replace(cfg, grayscale=True, init_mean=0.0)
     target_value = args.target_value
     if args.published and args.objective == "logit" and args.style != "lucent" and target_value is None:
       target_value = 200.0

@@ -40,7 +40,7 @@ def batches(x, y, num_batches, batch_size, seed, augment: bool = False):
 def main(argv=None) -> dict:
   p = common.parser(__doc__.splitlines()[0])
   p.add_argument("--augment", action="store_true", help="random flips and shifts of each batch")
-  p.add_argument("--num-batches", type=cli.positive_int, default=3)
+  p.add_argument("--num-batches", type=cli.positive_int, default=2)
   p.add_argument("--batch-size", type=cli.positive_int, default=16)
   p.add_argument("--k", type=cli.positive_int, default=5)
   p.add_argument("--max-iters", type=cli.positive_int, default=100)

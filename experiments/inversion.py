@@ -1,13 +1,15 @@
 """Layer representation inversion: ViT vs MLP-Mixer vs ResNet, one column per layer.
 
     python -m experiments.inversion --out out/inversion                  # digits-trained ViT, Mixer, ResNet
-    python -m experiments.inversion --out out/inv224 --published --checkpoint ViT-B_32.npz,Mixer-B_16.npz,BiT-R50x1.npz \
-        --models ViT-B_32,Mixer-B_16,BiT-R50x1 --data photos          # 1500/500 steps
+    python -m experiments.inversion --out out/inv224 --checkpoint ViT-B_32.npz,Mixer-B_16.npz,BiT-R50x1.npz \
+        --models ViT-B_32,Mixer-B_16,BiT-R50x1 --data photos
     python -m experiments.inversion --out out/inv224 --published --untrained --data photos  # untrained, 224 px
 
-For each model and target image (digits of the test split, or sample photos), every layer (ViT / Mixer: embedding, each block;
-ResNet: stem, each stage) is inverted from N(0.7, 1/20) noise by minimising the
-L1 distance of its representation. Writes:
+For each model and target image (digits of the test split, or sample photos), every layer
+(ViT / Mixer: embedding, each block; ResNet: stem, each stage) is inverted from N(0.7, 1/20)
+noise by minimising the L1 distance of its representation, for the published number of
+steps. Grey targets (the digits) are reconstructed in grey (--canvas): an RGB canvas would
+leave the two colour directions the grey training images never constrained. Writes:
   inversion_<image>.png  -- rows: models; columns: target, then one per layer
   inversion_judges.png   -- PSNR, SSIM and (reached / small-noise) distance by depth
   inversion.json         -- per model, image and layer: rep_distance, noise_distance,
@@ -31,13 +33,16 @@ def main(argv=None) -> dict:
                  help="targets: the first --num-digits digits of the test split, or --photos")
   p.add_argument("--num-digits", type=cli.positive_int, default=2)
   p.add_argument("--photos", default="astronaut", help="comma-separated scikit-image sample photos")
-  p.add_argument("--steps", type=cli.positive_int, default=150, help="steps per model (published: 1500 ViT/Mixer, 500 ResNet)")
+  p.add_argument("--steps", type=cli.positive_int, default=None,
+                 help="steps per model (default: the published 1500 for ViT / Mixer, 500 for ResNet)")
   p.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.005), help="step size, start end")
   p.add_argument("--optimizer", default="adam", choices=["adam", "normalized", "sgd"])
   p.add_argument("--resnet-layers", default="stages", choices=["stages", "units"])
+  p.add_argument("--canvas", default="auto", choices=["auto", "gray", "rgb"],
+                 help="auto: grey reconstructions of grey targets (the digits), else RGB")
   p.add_argument("--published", action="store_true",
-                 help="published steps: 1500 (ViT, Mixer) / 500 (ResNet); with --untrained "
-                      "or --models: ViT-B_32, Mixer-B_16, BiT-R50x1 at 224 px")
+                 help="with --untrained: the published models ViT-B_32, Mixer-B_16, BiT-R50x1 "
+                      "at 224 px")
   args = common.parse(p, argv)
   if args.published and args.untrained:  # the published models themselves, untrained
     args.untrained, args.models = False, args.models or "ViT-B_32,Mixer-B_16,BiT-R50x1"
@@ -58,11 +63,10 @@ def main(argv=None) -> dict:
       imgs = common.digits(info.img_size, "test", args.num_digits)[0]
     else:
       imgs = common.photos(info.img_size, target_names)
-    steps = args.steps
-    if args.published:
-      steps = inversion.published_config(info.family).steps
+    steps = args.steps or inversion.published_config(info.family).steps
+    gray = args.canvas == "gray" or (args.canvas == "auto" and args.data == "digits")
     cfg = inversion.InversionConfig(steps=steps, lr=tuple(args.lr), optimizer=args.optimizer,
-                                    resnet_layers=args.resnet_layers)
+                                    resnet_layers=args.resnet_layers, grayscale=gray)
     out = inversion.invert(model, imgs, config=cfg, key=jax.random.PRNGKey(args.seed + mi))
     recons[name] = (subject, imgs, out)
     results["models"][name] = {

@@ -91,7 +91,11 @@ def plot(subjects, res: dict, args) -> list[str]:
     ax.set_xlabel("α (direction 1)")
     ax.set_aspect("equal")
   axes[0, 0].set_ylabel("β (direction 2)")
-  fig.colorbar(cs, ax=axes.ravel().tolist(), shrink=0.85, label="training loss (cross-entropy)")
+  ticks = [t for t in (1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30) if norm.vmin <= t <= norm.vmax]
+  bar = fig.colorbar(cs, ax=axes.ravel().tolist(), shrink=0.85, ticks=ticks,
+                     label="training loss (cross-entropy)")
+  bar.ax.set_yticklabels([f"{t:g}" for t in ticks])
+  bar.ax.minorticks_off()
   fig.suptitle(f"Loss landscapes along filter-normalised random directions ({where})", fontsize=9)
   figs = [common.savefig(fig, args.out, "landscape_contours.png")]
 

@@ -104,6 +104,7 @@ class GenerationConfig:
                                  Octave(64, 1.5, (0.03, 0.005), (1.5, 0.4)))
   optimizer: str = "normalized"  # 'sgd' (x - lr g), 'normalized' (x - lr g / mean|g|), 'adam'
   parameterization: str = "pixel"  # 'pixel' | 'fourier'
+  grayscale: bool = False  # pixel canvas of one channel, shown in all three (grey training images)
   decorrelate: bool = True  # colour decorrelation (fourier only)
   l2: float = 0.0  # weight of mean(x^2)
   tv: float = 0.0  # weight of the total variation
@@ -195,11 +196,11 @@ def _step(param, opt_state, state, targets, key, lr, sigma, *, graphdef, family,
 
   def loss_fn(cur, key):
     img = fourier_image(cur, cfg.decorrelate) if fourier else cur
-    x = img
+    x = jnp.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
     if cfg.pad or cfg.jitter or cfg.scales or cfg.rotate_deg:
       x = image_ops.random_affine(key, x, model_size, cfg.pad, cfg.jitter, cfg.scales, cfg.rotate_deg)
     elif x.shape[1] != model_size:
-      x = jax.image.resize(x, (x.shape[0], model_size, model_size, 3), "bilinear")
+      x = jax.image.resize(x, (x.shape[0], model_size, model_size, x.shape[-1]), "bilinear")
     act = act_fn(state, x, targets)
     per = -act if objective.target_value is None else jnp.abs(objective.target_value - act)
     if cfg.l2:
@@ -267,7 +268,8 @@ def generate(model, targets, objective: Objective = Objective(),
   elif init is not None:
     param = jnp.asarray(init, jnp.float32)
   else:
-    param = image_ops.init_noise(k0, (t, size, size, 3), config.init_mean, config.init_std)
+    channels = 1 if config.grayscale else 3
+    param = image_ops.init_noise(k0, (t, size, size, channels), config.init_mean, config.init_std)
   param = _layers.shard_batch(param)
   targets_s = _layers.shard_batch(targets)
   trace = []
@@ -281,7 +283,7 @@ def generate(model, targets, objective: Objective = Objective(),
   for oi, octave in enumerate(config.octaves):
     canvas = max(int(round(octave.scale * size)), size)
     if not fourier and param.shape[1] != canvas:
-      param = jax.image.resize(param, (t, canvas, canvas, 3), "bilinear")
+      param = jax.image.resize(param, (t, canvas, canvas, param.shape[-1]), "bilinear")
     if config.optimizer == "adam" and not fourier and canvas > size:
       raise ValueError("adam is supported on a single model-sized canvas (no crops)")
     opt_state = optax.adam(1.0).init(param) if config.optimizer == "adam" else ()
@@ -303,6 +305,8 @@ def generate(model, targets, objective: Objective = Objective(),
   if bar is not None:
     bar.close()
   images = fourier_image(param, config.decorrelate) if fourier else param
+  if images.shape[-1] == 1:
+    images = jnp.repeat(images, 3, axis=-1)
   model_images = images if images.shape[1] == size else jax.image.resize(
       images, (t, size, size, 3), "bilinear")
   final = _eval_activation(state, model_images, targets_s, graphdef=graphdef, family=info.family,

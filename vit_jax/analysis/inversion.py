@@ -46,6 +46,7 @@ class InversionConfig:
   init_mean: float = 0.7
   init_std: float = 1.0 / 20.0
   noise_std: float = 1.0 / 18.0  # judge: input noise in [0, 1] units
+  grayscale: bool = False  # reconstruct one channel, shown in all three (grey targets)
   noise_draws: int = 4
   resnet_layers: str = "stages"  # 'stages' | 'units'
   blur_scale: float | None = None  # multiplies sigma; None: img_size / 224 (published at 224 px)
@@ -81,6 +82,7 @@ def _step(x, opt_state, state, targets, scales, img_of, layer_of, lr, sigma, *, 
   b = x.shape[0]
 
   def loss_fn(x):
+    x = jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
     _, inter = nnx.merge(graphdef, state)(x, return_intermediates=True)
     out = _select(inter, family, names, resnet_layers)
     total = 0.0
@@ -136,7 +138,8 @@ def invert(model, images, layers: Sequence[str] | None = None,
   state = nnx.state(model)
 
   key, k0 = jax.random.split(key)
-  x = image_ops.init_noise(k0, (n * num_l,) + images.shape[1:], config.init_mean, config.init_std)
+  shape = (n * num_l,) + images.shape[1:-1] + ((1,) if config.grayscale else images.shape[-1:])
+  x = image_ops.init_noise(k0, shape, config.init_mean, config.init_std)
   x = _layers.shard_batch(x)
   opt_state = optax.adam(1.0).init(x) if config.optimizer == "adam" else ()
   losses = []
@@ -152,7 +155,9 @@ def invert(model, images, layers: Sequence[str] | None = None,
     x, opt_state, loss = _step(x, opt_state, state, targets, scales, img_of, layer_of,
                                lr, sigma, **static)
     losses.append(float(loss))
-  recon = np.asarray(x).reshape(n, num_l, *images.shape[1:])
+  recon = np.asarray(x).reshape(n, num_l, *shape[1:])
+  if config.grayscale:
+    recon = np.repeat(recon, 3, axis=-1)
   out = {"layers": list(names), "images": recon, "loss": np.asarray(losses)}
   out.update(judge(model, images, recon, names, config, key))
   return out
