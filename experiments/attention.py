@@ -19,18 +19,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from absl import flags
+
 from experiments import common
 from vit_jax import cli
 from vit_jax.analysis import attention, embeddings, layers
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0], families=("vit",))
-  p.add_argument("--data", default="digits", choices=["digits", "photos"],
-                 help="images (digits: the test split; photos: random crops of the sample photos)")
-  p.add_argument("--num-images", type=cli.positive_int, default=128, help="published: 128")
-  p.add_argument("--num-components", type=cli.positive_int, default=28)
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv, families=("vit",))
+  flags.DEFINE_enum("data", "digits", ["digits", "photos"],
+                    "images (digits: the test split; photos: random crops of the sample photos)",
+                    flag_values=fv)
+  common.positive("num-images", 128, "images averaged over (published: 128)", fv)
+  common.positive("num-components", 28, "principal components of the patch filters shown", fv)
+
+
+def run(args) -> dict:
   timer = common.Timer()
   subjects = common.load_models(args)
   results = common.header(args, subjects, {"models": {}})
@@ -132,4 +137,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

@@ -21,18 +21,24 @@ import itertools
 
 import numpy as np
 
+from absl import flags
+
 from experiments import common
 from vit_jax import cli
 from vit_jax.analysis import cka, layers
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--data", default="digits", choices=["digits", "photos"])
-  p.add_argument("--num-examples", type=cli.positive_int, default=1792, help="published: 10,240")
-  p.add_argument("--batch-size", type=cli.positive_int, default=256, help="published: 1024 (Raghu), 256 (Nguyen)")
-  p.add_argument("--resnet-layers", default="units", choices=["units", "stages"])
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  flags.DEFINE_enum("data", "digits", ["digits", "photos"], "inputs: all digits, or photo crops",
+                    flag_values=fv)
+  common.positive("num-examples", 1792, "examples (published: 10,240)", fv)
+  common.positive("batch-size", 256, "minibatch (published: 1024 (Raghu), 256 (Nguyen))", fv)
+  flags.DEFINE_enum("resnet-layers", "units", ["units", "stages"], "ResNet layers compared",
+                    flag_values=fv)
+
+
+def run(args) -> dict:
   timer = common.Timer()
   subjects = common.load_models(args)
   infos = [layers.model_info(s.model) for s in subjects]
@@ -133,4 +139,5 @@ def _heatmap(ax, heat, y_model: str, x_model: str):
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

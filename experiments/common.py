@@ -12,13 +12,14 @@ The models an experiment studies, by flags:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
-from typing import Any, Sequence
+import types
+from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import flags
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 # scikit-image sample photos that photos() can show (colour or grey-scale)
@@ -26,6 +27,9 @@ PHOTOS_AVAILABLE = ("astronaut", "brick", "camera", "cat", "chelsea", "coffee", 
                     "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry",
                     "logo", "microaneurysms", "moon", "page", "retina", "rocket", "text")
 FAMILIES = ("vit", "mixer", "resnet")
+
+# The flags defined here belong to the experiment that asks for them (its --help).
+flags.disclaim_key_flags()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,43 +43,98 @@ class Subject:
   dataset: str | None = None  # what it was trained on, where known
 
 
-def parser(description: str, families: Sequence[str] = FAMILIES,
-           img_size: int = 32) -> argparse.ArgumentParser:
-  from vit_jax import cli
+def define_flags(fv: flags.FlagValues, families: Sequence[str] = FAMILIES, img_size: int = 32) -> None:
+  """The flags every experiment takes (which models, where to write), into ``fv``."""
   from vit_jax.analysis import digits_models
 
-  p = cli.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--out", required=True, help="output folder for PNG figures and the JSON of numbers")
-  p.add_argument("--families", default=",".join(families),
-                 help=f"digits-trained models to study, of {', '.join(FAMILIES)}")
-  p.add_argument("--workdirs", default=digits_models.DEFAULT_ROOT,
-                 help="where the digits-trained models are cached (trained there on first use)")
-  p.add_argument("--train-steps", type=cli.positive_int, default=None,
-                 help="train the digits models for this many steps instead of their configs' "
-                      "(a fifth of them warm-up; cached apart from the full runs)")
-  p.add_argument("--checkpoint", default=None,
-                 help="comma-separated published .npz files or training workdirs to study instead")
-  p.add_argument("--models", default=None,
-                 help="registry names: the architecture of each --checkpoint .npz (needed for BiT), "
-                      "or without --checkpoint, registry models to create untrained")
-  p.add_argument("--untrained", action="store_true",
-                 help="the digits models' architectures with random weights, for comparison")
-  p.add_argument("--img-size", type=cli.positive_int, default=img_size,
-                 help="input resolution of --models created untrained")
-  p.add_argument("--num-classes", type=cli.positive_int, default=10, help="head size of created models")
-  p.add_argument("--seed", type=int, default=0)
-  return p
+  flags.DEFINE_string("out", None, "output folder for PNG figures and the JSON of numbers",
+                      flag_values=fv)
+  flags.mark_flag_as_required("out", flag_values=fv)
+  flags.DEFINE_string("families", ",".join(families),
+                      f"digits-trained models to study, of {', '.join(FAMILIES)}", flag_values=fv)
+  flags.DEFINE_string("workdirs", digits_models.DEFAULT_ROOT,
+                      "where the digits-trained models are cached (trained there on first use)",
+                      flag_values=fv)
+  flags.DEFINE_integer("train-steps", None, "train the digits models for this many steps instead "
+                       "of their configs' (a fifth of them warm-up; cached apart from the full runs)",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "comma-separated published .npz files or training "
+                      "workdirs to study instead", flag_values=fv)
+  flags.DEFINE_string("models", None, "registry names: the architecture of each --checkpoint .npz "
+                      "(needed for BiT), or without --checkpoint, registry models to create untrained",
+                      flag_values=fv)
+  flags.DEFINE_boolean("untrained", False, "the digits models' architectures with random weights, "
+                       "for comparison", flag_values=fv)
+  flags.DEFINE_integer("img-size", img_size, "input resolution of --models created untrained",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("num-classes", 10, "head size of created models", lower_bound=1,
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "random seed (directions, noise, initialisation)", flag_values=fv)
+
+
+def positive(name: str, default: int | None, help_text: str, fv: flags.FlagValues) -> None:
+  """An integer flag that must be >= 1 (counts, sizes, steps)."""
+  flags.DEFINE_integer(name, default, help_text, lower_bound=1, flag_values=fv)
+
+
+def run_command(module, argv: Sequence[str]) -> dict:
+  """Runs an experiment from Python as its command line would: ``module`` (e.g.
+  experiments.cka) with ``argv`` (e.g. ["--out", "out/cka"]); returns its results."""
+  from vit_jax import cli
+
+  fv = flags.FlagValues()
+  module.define_flags(fv)
+  try:
+    rest = fv(["experiments", *argv])
+  except flags.Error as e:
+    raise cli.UsageError(str(e)) from None
+  _check_no_arguments(rest)
+  return module.run(parse(fv))
+
+
+def absl_main(run: Callable[[types.SimpleNamespace], dict]):
+  """An experiment's absl main, for ``cli.run``: its flags (defined in flags.FLAGS), checked,
+  passed to ``run``."""
+
+  def main(argv):
+    _check_no_arguments(argv)
+    run(parse(flags.FLAGS))
+
+  return main
+
+
+def _check_no_arguments(argv) -> None:
+  from vit_jax import command_line
+
+  command_line.check_no_arguments(argv)
+
+
+def integer(text: str) -> int:
+  """An item of an integer list flag."""
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f"{text!r} is not an integer") from None
 
 
 def _split(text: str | None) -> list[str]:
   return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
-def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None):
-  """Parses and checks the arguments (cli.UsageError), then creates --out."""
+def parse(fv: flags.FlagValues) -> types.SimpleNamespace:
+  """The parsed flags of ``fv`` as attributes (``--num-images`` -> ``num_images``), checked
+  (cli.UsageError); then creates --out. ``given``: the flags the command line set."""
   from vit_jax import cli, preflight
 
-  args = p.parse_args(argv)
+  names = [f.name for module, defined in fv.flags_by_module_dict().items()  # absl's own left out
+           if module.split(".")[0] in ("experiments", "__main__") for f in defined]
+  args = types.SimpleNamespace(**{n.replace("-", "_"): fv[n].value for n in names})
+  args.given = sorted(n.replace("-", "_") for n in names if fv[n].present)
+  for flag in ("models", "checkpoint"):
+    value = getattr(args, flag)
+    if value is not None and not _split(value):
+      raise cli.UsageError(f"--{flag} is empty: give comma-separated "
+                           f"{'registry names' if flag == 'models' else 'paths'}, or leave it out.")
   for name in _split(args.models):
     preflight.check_model_name(name, "--models")
   if args.checkpoint and args.untrained:
@@ -230,9 +289,9 @@ def photo_crops(size: int, n: int, seed: int) -> np.ndarray:
 
 
 def save_json(out: str, name: str, data: dict) -> str:
-  from vit_jax import jsonfile
+  from vit_jax import results
 
-  return jsonfile.write(os.path.join(out, name), data)
+  return results.write_json(os.path.join(out, name), data)
 
 
 def plt():
@@ -279,7 +338,7 @@ def header(args, subjects: Sequence[Subject], extra: dict | None = None) -> dict
   """The JSON's common part: arguments, devices and each model's label."""
   import jax
 
-  d = {"args": vars(args), "devices": [str(x) for x in jax.devices()],
+  d = {"args": {k: v for k, v in vars(args).items() if k != "given"}, "devices": [str(x) for x in jax.devices()],
        "labels": {s.name: s.label for s in subjects}}
   d.update(extra or {})
   return d

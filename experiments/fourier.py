@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from absl import flags
+
 from experiments import common
 from vit_jax import cli
 from vit_jax.analysis import fourier, layers
@@ -29,14 +31,17 @@ from vit_jax.analysis import fourier, layers
 KIND_MARK = {"msa": "o", "mlp": "s", "token": "o", "channel": "s", "conv": "^", "stem": "v", "embed": "x"}
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--data", default="digits", choices=["digits", "photos"])
-  p.add_argument("--num-images", type=cli.positive_int, default=256)
-  p.add_argument("--batch-size", type=cli.positive_int, default=128)
-  p.add_argument("--noise-std", type=float, default=0.5, help="band noise std in [-1, 1] units")
-  p.add_argument("--num-bands", type=cli.positive_int, default=6)
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  flags.DEFINE_enum("data", "digits", ["digits", "photos"], "inputs: test digits, or photo crops",
+                    flag_values=fv)
+  common.positive("num-images", 256, "images", fv)
+  common.positive("batch-size", 128, "images per forward pass", fv)
+  flags.DEFINE_float("noise-std", 0.5, "band noise std in [-1, 1] units", flag_values=fv)
+  common.positive("num-bands", 6, "radial frequency bands of the band noise", fv)
+
+
+def run(args) -> dict:
   timer = common.Timer()
   subjects = common.load_models(args, random_head=True)  # a zero head predicts one class for all
   results = common.header(args, subjects, {"models": {}})
@@ -114,4 +119,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

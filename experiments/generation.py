@@ -20,31 +20,40 @@ import dataclasses
 import jax
 import numpy as np
 
+from absl import flags
+
 from experiments import common
-from vit_jax import cli
+from vit_jax import cli, command_line
 from vit_jax.analysis import generation, layers
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--targets", default="0,1,2,3,4,5,6,7,8,9", type=cli.int_list,
-                 help="class (or channel) indices")
-  p.add_argument("--objective", default="logit", choices=["logit", "unit"])
-  p.add_argument("--layer", default=None, help="layer of a unit objective (default: the middle block)")
-  p.add_argument("--patch", type=int, default=None, help="one patch (a neuron); default all patches")
-  p.add_argument("--style", default="octaves", choices=["octaves", "lucent"],
-                 help="octaves: pixel steps + blur + crops; lucent: Fourier/decorrelated + Adam")
-  p.add_argument("--steps", type=cli.positive_int, default=60, help="steps per octave (or total for lucent)")
-  p.add_argument("--target-value", type=float, default=None,
-                 help="minimise |C - activation| instead of maximising (published C = 200)")
-  p.add_argument("--l2", type=float, default=0.0)
-  p.add_argument("--tv", type=float, default=0.0, help="total-variation weight")
-  p.add_argument("--canvas", default="auto", choices=["auto", "gray", "rgb"],
-                 help="auto: a grey canvas from black for models trained on the (grey) digits, "
-                      "else RGB from the published N(0.7, 1/20) noise")
-  p.add_argument("--published", action="store_true",
-                 help="blbadger's schedule (220 + 500 steps, C = 200) or Lucent's 512 Adam steps")
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  command_line.define_list("targets", "0,1,2,3,4,5,6,7,8,9",
+                           "comma-separated classes (logit) or channels (unit)", item=common.integer,
+                           flag_values=fv)
+  flags.DEFINE_enum("objective", "logit", ["logit", "unit"], "class logit or one unit of --layer",
+                    flag_values=fv)
+  flags.DEFINE_string("layer", None, "layer of a unit objective (default: the middle block)",
+                      flag_values=fv)
+  flags.DEFINE_integer("patch", None, "one patch (a neuron); default all patches", flag_values=fv)
+  flags.DEFINE_enum("style", "octaves", ["octaves", "lucent"],
+                    "octaves: pixel steps + blur + crops; lucent: Fourier/decorrelated + Adam",
+                    flag_values=fv)
+  common.positive("steps", 60, "steps per octave (or total for lucent)", fv)
+  flags.DEFINE_float("target-value", None,
+                     "minimise |C - activation| instead of maximising (published C = 200)",
+                     flag_values=fv)
+  flags.DEFINE_float("l2", 0.0, "weight of the mean squared pixel", flag_values=fv)
+  flags.DEFINE_float("tv", 0.0, "total-variation weight", flag_values=fv)
+  flags.DEFINE_enum("canvas", "auto", ["auto", "gray", "rgb"],
+                    "auto: a grey canvas from black for models trained on the (grey) digits, "
+                    "else RGB from the published N(0.7, 1/20) noise", flag_values=fv)
+  flags.DEFINE_boolean("published", False, "blbadger's schedule (220 + 500 steps, C = 200) or "
+                       "Lucent's 512 Adam steps", flag_values=fv)
+
+
+def run(args) -> dict:
   timer = common.Timer()
   subjects = common.load_models(args, random_head=args.objective == "logit")
   targets = args.targets
@@ -104,4 +113,5 @@ def vars_of(obj) -> dict:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

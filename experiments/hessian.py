@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from absl import flags
+
 from experiments import common
 from vit_jax import cli
 from vit_jax.analysis import hessian, layers
@@ -37,16 +39,19 @@ def batches(x, y, num_batches, batch_size, seed, augment: bool = False):
     yield b, y[idx]
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--augment", action="store_true", help="random flips and shifts of each batch")
-  p.add_argument("--num-batches", type=cli.positive_int, default=2)
-  p.add_argument("--batch-size", type=cli.positive_int, default=16)
-  p.add_argument("--k", type=cli.positive_int, default=5)
-  p.add_argument("--max-iters", type=cli.positive_int, default=100)
-  p.add_argument("--tol", type=float, default=1e-3)
-  p.add_argument("--method", default="power", choices=["power", "subspace"])
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  flags.DEFINE_boolean("augment", False, "random flips and shifts of each batch", flag_values=fv)
+  common.positive("num-batches", 2, "training batches (one spectrum each)", fv)
+  common.positive("batch-size", 16, "images per batch", fv)
+  common.positive("k", 5, "top eigenvalues per batch", fv)
+  common.positive("max-iters", 100, "iterations per eigenvalue", fv)
+  flags.DEFINE_float("tol", 1e-3, "relative change that stops an iteration", flag_values=fv)
+  flags.DEFINE_enum("method", "power", ["power", "subspace"],
+                    "power iteration with deflation, or subspace iteration", flag_values=fv)
+
+
+def run(args) -> dict:
   timer = common.Timer()
   subjects = common.load_models(args, random_head=True)
   results = common.header(args, subjects, {"models": {}})
@@ -97,4 +102,5 @@ def plot(subjects, models: dict, out: str, k: int) -> list[str]:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

@@ -22,31 +22,41 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from absl import flags
+
 from experiments import common
-from vit_jax import cli
+from vit_jax import cli, command_line
 from vit_jax.analysis import inversion, layers
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--data", default="digits", choices=["digits", "photos"],
-                 help="targets: the first --num-digits digits of the test split, or --photos")
-  p.add_argument("--num-digits", type=cli.positive_int, default=2)
-  p.add_argument("--photos", default="astronaut", help="comma-separated scikit-image sample photos")
-  p.add_argument("--steps", type=cli.positive_int, default=None,
-                 help="steps per model (default: the published 1500 for ViT / Mixer, 500 for ResNet)")
-  p.add_argument("--lr", type=float, nargs=2, default=(0.05, 0.005), help="step size, start end")
-  p.add_argument("--optimizer", default="adam", choices=["adam", "normalized", "sgd"])
-  p.add_argument("--resnet-layers", default="stages", choices=["stages", "units"])
-  p.add_argument("--canvas", default="auto", choices=["auto", "gray", "rgb"],
-                 help="auto: grey reconstructions of grey targets (the digits), else RGB")
-  p.add_argument("--published", action="store_true",
-                 help="with --untrained: the published models ViT-B_32, Mixer-B_16, BiT-R50x1 "
-                      "at 224 px")
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  flags.DEFINE_enum("data", "digits", ["digits", "photos"],
+                    "targets: the first --num-digits digits of the test split, or --photos",
+                    flag_values=fv)
+  common.positive("num-digits", 2, "digits inverted", fv)
+  flags.DEFINE_string("photos", "astronaut", "comma-separated scikit-image sample photos",
+                      flag_values=fv)
+  common.positive("steps", None, "steps per model (default: the published 1500 for ViT / Mixer, "
+                  "500 for ResNet)", fv)
+  command_line.define_list("lr", "0.05,0.005", "step size: start,end", item=float, flag_values=fv)
+  flags.DEFINE_enum("optimizer", "adam", ["adam", "normalized", "sgd"], "update rule",
+                    flag_values=fv)
+  flags.DEFINE_enum("resnet-layers", "stages", ["stages", "units"], "ResNet layers inverted",
+                    flag_values=fv)
+  flags.DEFINE_enum("canvas", "auto", ["auto", "gray", "rgb"],
+                    "auto: grey reconstructions of grey targets (the digits), else RGB",
+                    flag_values=fv)
+  flags.DEFINE_boolean("published", False, "with --untrained: the published models ViT-B_32, "
+                       "Mixer-B_16, BiT-R50x1 at 224 px", flag_values=fv)
+
+
+def run(args) -> dict:
+  if len(args.lr) != 2:
+    raise cli.UsageError(f"--lr takes two step sizes, start,end (e.g. 0.05,0.005); got {args.lr}.")
   if args.published and args.untrained:  # the published models themselves, untrained
     args.untrained, args.models = False, args.models or "ViT-B_32,Mixer-B_16,BiT-R50x1"
-    if args.img_size == p.get_default("img_size"):
+    if "img_size" not in args.given:
       args.img_size = 224
   timer = common.Timer()
   subjects = common.load_models(args)
@@ -121,4 +131,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

@@ -18,24 +18,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from absl import flags
+
 from experiments import common
 from vit_jax import cli
 from vit_jax.analysis import landscape, layers
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0])
-  p.add_argument("--data", default="digits", choices=["digits", "photos"],
-                 help="digits: the training split with its labels; photos: sample-photo crops "
-                      "labelled with the model's own predictions (no labels of their own)")
-  p.add_argument("--num-images", type=cli.positive_int, default=128)
-  p.add_argument("--num-points", type=cli.positive_int, default=21, help="grid points per axis (odd)")
-  p.add_argument("--slice-points", type=cli.positive_int, default=41, help="points of the 1-D slice (odd)")
-  p.add_argument("--span", type=float, default=1.0, help="grid half-width in filter-normalised units")
-  p.add_argument("--batch-size", type=cli.positive_int, default=256)
-  p.add_argument("--points-per-call", type=cli.positive_int, default=None,
-                 help="grid points per compiled call (default: one row; 1 for large models)")
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  flags.DEFINE_enum("data", "digits", ["digits", "photos"],
+                    "digits: the training split with its labels; photos: sample-photo crops "
+                    "labelled with the model's own predictions (no labels of their own)",
+                    flag_values=fv)
+  common.positive("num-images", 128, "images the loss is averaged over", fv)
+  common.positive("num-points", 21, "grid points per axis (odd)", fv)
+  common.positive("slice-points", 41, "points of the 1-D slice (odd)", fv)
+  flags.DEFINE_float("span", 1.0, "grid half-width in filter-normalised units", flag_values=fv)
+  common.positive("batch-size", 256, "images per forward pass", fv)
+  common.positive("points-per-call", None,
+                  "grid points per compiled call (default: one row; 1 for large models)", fv)
+
+
+def run(args) -> dict:
   if args.num_points % 2 == 0 or args.slice_points % 2 == 0:
     raise cli.UsageError("--num-points and --slice-points must be odd, so that the trained "
                          "parameters (the centre) are a grid point.")
@@ -131,4 +136,5 @@ def plot(subjects, res: dict, args) -> list[str]:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import configs
-from vit_jax import aot, flops, models, train
+from vit_jax import aot, flops, job, models, state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
@@ -33,7 +33,7 @@ def tiny_config(model_name=None, **changes):
 
 
 def param_bytes(config):
-  spec = train.abstract_model(train.resolve_config(config))
+  spec = state.abstract_model(job.with_templates(config))
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(spec.abstract_params))
 
 
@@ -44,7 +44,10 @@ def v5e():
 
 # One job on a 4-chip v5e slice whose parameters and optimizer state dominate
 # (a 20,000-class head), compiled at fsdp=1 and fsdp=4.
-BIG_HEAD = dict(num_classes=20_000, batch_size=8, eval_batch_size=8)
+# (A dataset with that many classes that is not prepared here: aot reads no data, and a
+# prepared dataset's own class count would have to agree.)
+BIG_HEAD = dict(num_classes=20_000, batch_size=8, eval_batch_size=8, dataset="imagenet2012",
+                data_dir="/nonexistent/tfds")
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +72,9 @@ def test_reported_bytes_are_the_compiled_programs(big_head_jobs):
   assert r.device_kind == "TPU v5 lite" and r.hbm_bytes_per_chip == 16 * 2 ** 30
   assert 0 < r.eval_bytes_per_chip < r.bytes_per_chip   # no optimizer state, no backward pass
   # FLOPs: 3 x the closed-form forward count of this ViT.
-  c = train.resolve_config(tiny_config(**BIG_HEAD))
+  c = job.with_templates(tiny_config(**BIG_HEAD))
   cfg = models.get_config(c.model_name, num_classes=c.num_classes, img_size=c.img_size,
-                          **train.model_overrides(c))
+                          **state.model_overrides(c))
   assert r.flops_per_image == 3 * flops.vit_forward_flops(cfg)
   assert r.flops_per_step == r.flops_per_image * c.batch_size
 

@@ -16,8 +16,8 @@ from vit_jax.analysis import digits_models
 
 def _run(mod, tmp_path, digits_training, *argv):
   out = str(tmp_path / mod.__name__.split(".")[-1])
-  res = mod.main(["--out", out, "--workdirs", digits_training.root,
-                  "--train-steps", str(digits_training.steps), *argv])
+  res = common.run_command(mod, ["--out", out, "--workdirs", digits_training.root,
+                                 "--train-steps", str(digits_training.steps), *argv])
   for f in res["figures"]:
     assert os.path.getsize(f) > 1000 and f.endswith(".png")
     with PIL.Image.open(f) as im:
@@ -126,8 +126,14 @@ def test_inversion(tmp_path, digits_training):
 
 def test_bad_flags_are_one_line_usage_errors(tmp_path, digits_training):
   with pytest.raises(cli.UsageError, match="--families: 'vgg' is not one of"):
-    common.parse(common.parser("x"), ["--out", str(tmp_path), "--families", "vgg"])
+    common.run_command(landscape, ["--out", str(tmp_path), "--families", "vgg"])
   with pytest.raises(cli.UsageError, match="exclude each other"):
-    common.parse(common.parser("x"), ["--out", str(tmp_path), "--untrained", "--checkpoint", "a.npz"])
+    common.run_command(landscape, ["--out", str(tmp_path), "--untrained", "--checkpoint", "a.npz"])
   with pytest.raises(cli.UsageError, match="must be odd"):
-    landscape.main(["--out", str(tmp_path), "--num-points", "4"])
+    common.run_command(landscape, ["--out", str(tmp_path), "--num-points", "4"])
+  with pytest.raises(cli.UsageError, match="flag --out=None: Flag --out must have a value"):
+    common.run_command(landscape, [])
+  with pytest.raises(cli.UsageError, match="unexpected arguments: 0.005"):
+    common.run_command(inversion, ["--out", str(tmp_path), "--lr", "0.05", "0.005"])
+  with pytest.raises(cli.UsageError, match="--lr takes two step sizes"):
+    common.run_command(inversion, ["--out", str(tmp_path), "--lr", "0.05"])

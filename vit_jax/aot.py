@@ -5,8 +5,8 @@
       --config.model.remat_policy=dots --json=/tmp/fit.json
 
 Builds the train step and eval step `python -m vit_jax.main` would run with the
-same flags (vit_jax.train.build_steps: same config resolution, model, optimizer,
-shardings and mesh) and compiles them with the TPU compiler for abstract devices
+same flags (vit_jax.job.resolve and vit_jax.steps.build: the same resolved config,
+model, optimizer, shardings and mesh) and compiles them with the TPU compiler for abstract devices
 of the named slice (jax.experimental.topologies; needs libtpu, `pip install
 '.[tpu]'`). No data is read and no device memory is allocated. Prints the mesh,
 batch per chip, HBM per chip (parameters, optimizer state, temporaries) against
@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
@@ -29,10 +30,9 @@ import time
 from typing import Any
 
 from absl import flags
-from ml_collections import config_flags
 
 from vit_jax import cli
-from vit_jax import preflight
+from vit_jax import command_line
 
 
 
@@ -40,10 +40,6 @@ def _define_flags() -> dict:
   """The command line's flags (defined when run as a program, so that importing this module
   next to vit_jax.main, which has its own --config, is possible)."""
   return dict(
-      config=config_flags.DEFINE_config_file(
-          "config", None,
-          "Run config, as for vit_jax.main, e.g. configs/pretrain.py:b16,imagenet21k.",
-          lock_config=True),
       topology=flags.DEFINE_string(
           "topology", None, "TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v3:4x4."),
       num_slices=flags.DEFINE_integer("num_slices", 1, "Number of such slices (multi-slice, DCN)."),
@@ -274,27 +270,22 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
 
 def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_bytes) -> Report:
   import jax
-  from vit_jax import train
+  from vit_jax import job as job_lib
+  from vit_jax import steps as steps_lib
   devices = devices if devices is not None else topology_devices(topology, num_slices)
-  config = train.resolve_config(config)
-  if config.get("total_epochs") and not config.get("total_steps"):
-    # Epochs become steps from the train split's size, which needs the data; the schedule's
-    # length changes constants of the program, not its shape or memory.
-    import ml_collections
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.total_steps = int(config.get("warmup_steps") or 0) + 1
+  # The job main would train: the same resolution, only without reading the dataset.
+  job = job_lib.resolve(config, devices=devices, read_data=False)
+  config, mesh = job.config, job.mesh
   try:
-    s = train.make_setup(config, devices)
-    steps = train.build_steps(config, s)
+    steps = steps_lib.build(job)
   except (ValueError, KeyError) as e:
     raise cli.UsageError(str(e).strip("'\"")) from e
-  mesh = s.mesh
   n = mesh.devices.size
   gen = generation(topology)
   capacity = int(hbm_bytes or HBM_BYTES[gen])
   state_shardings = steps.shardings
-  flops_per_image = train.model_flops_per_image(config)
-  peak = train.peak_flops(config, devices[0])
+  flops_per_image = steps_lib.model_flops_per_image(config)
+  peak = steps_lib.peak_flops(config, devices[0])
 
   t0 = time.perf_counter()
   error, mem, colls, eval_total = None, None, {}, None
@@ -303,14 +294,12 @@ def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_
   cache_enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
-    compiled = train.compile_train_step(steps.train_step, steps.abstract_state, steps.shardings,
-                                        config, mesh)
+    compiled = steps_lib.compile_train_step(steps, job)
     mem = memory_bytes(compiled)
     colls = collectives(compiled.as_text())
     state_shardings = compiled.input_shardings[0][0]  # as the compiled program takes the state
     if with_eval:
-      ev = train.compile_eval_step(steps.eval_step, steps.abstract_state, steps.shardings, config,
-                                   mesh)
+      ev = steps_lib.compile_eval_step(steps, job)
       eval_total = memory_bytes(ev)["total"]
   except Exception as e:  # noqa: BLE001
     if not _is_oom(e):
@@ -460,6 +449,9 @@ def format_report(r: Report) -> str:
 
 def main(argv):
   f = {k: v.value for k, v in _FLAGS.items()}
+  f["config"] = command_line.config_from_flags()
+  # What the job resolution derived (class count, epochs -> steps) is shown, as main shows it.
+  logging.getLogger("vit_jax").setLevel(logging.INFO)
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   if f["config"] is None or not f["topology"]:
@@ -493,7 +485,7 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  return preflight.parse_flags(argv)
+  return command_line.parse_flags(argv)
 
 
 def run():

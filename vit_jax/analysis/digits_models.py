@@ -86,24 +86,24 @@ def workdir(family: str, root: str = DEFAULT_ROOT, overrides: Mapping[str, Any] 
 def train(family: str, root: str = DEFAULT_ROOT, overrides: Mapping[str, Any] | None = None,
           log: Callable[[str], None] = print) -> tuple[str, dict]:
   """Trains the family's model unless its workdir is finished -> (workdir, final metrics)."""
-  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = resolved_config(family, overrides)
   wd = workdir(family, root, overrides)
-  done = preflight.finished_metrics(wd, config.total_steps)
+  done = workdir_lib.finished_metrics(wd, config.total_steps)
   if done is not None:
     return wd, done
   os.makedirs(root, exist_ok=True)
   with open(wd + ".lock", "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be training it: wait, then reuse
-    done = preflight.finished_metrics(wd, config.total_steps)
+    done = workdir_lib.finished_metrics(wd, config.total_steps)
     if done is None:
       done = _run_main(family, wd, config.total_steps, overrides or {}, log)
   return wd, done
 
 
 def _run_main(family, wd, total_steps, overrides, log) -> dict:
-  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   log_path = wd + ".log"
   cmd = [sys.executable, "-m", "vit_jax.main", f"--config={config_spec(family)}",
@@ -114,7 +114,7 @@ def _run_main(family, wd, total_steps, overrides, log) -> dict:
   t0 = time.time()
   with open(log_path, "w") as out:
     rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, env=_child_env())
-  done = preflight.finished_metrics(wd, total_steps)
+  done = workdir_lib.finished_metrics(wd, total_steps)
   if rc != 0 or done is None:
     with open(log_path) as f:
       tail = "".join(f.readlines()[-15:])
@@ -145,11 +145,11 @@ def load(family: str, root: str = DEFAULT_ROOT, overrides: Mapping[str, Any] | N
 
 def load_workdir(path: str, metrics: dict | None = None) -> Trained:
   """Any training run's model with the dataset and test accuracy its workdir records."""
-  from vit_jax import checkpoint, preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   model = checkpoint.load(path)
   if metrics is None:
-    metrics = preflight.finished_metrics(path, 0) or {}
+    metrics = workdir_lib.finished_metrics(path, 1) or {}  # any checkpoint: its metrics
   dataset = "its training data"
   config_path = os.path.join(path, "config.json")
   if os.path.exists(config_path):
