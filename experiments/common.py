@@ -109,6 +109,14 @@ def _check_no_arguments(argv) -> None:
   command_line.check_no_arguments(argv)
 
 
+def _is_experiment(module: str) -> bool:
+  """Whether absl's name of a defining module is an experiment's (python -m names the main
+  module by its file path)."""
+  here = os.path.dirname(os.path.abspath(__file__))
+  return (module.split(".")[0] in ("experiments", "__main__")
+          or os.path.dirname(os.path.abspath(module)) == here)
+
+
 def integer(text: str) -> int:
   """An item of an integer list flag."""
   try:
@@ -127,7 +135,7 @@ def parse(fv: flags.FlagValues) -> types.SimpleNamespace:
   from vit_jax import cli, preflight
 
   names = [f.name for module, defined in fv.flags_by_module_dict().items()  # absl's own left out
-           if module.split(".")[0] in ("experiments", "__main__") for f in defined]
+           if _is_experiment(module) for f in defined]
   args = types.SimpleNamespace(**{n.replace("-", "_"): fv[n].value for n in names})
   args.given = sorted(n.replace("-", "_") for n in names if fv[n].present)
   for flag in ("models", "checkpoint"):
