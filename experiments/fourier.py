@@ -1,7 +1,8 @@
 """Fourier analysis and variance of feature maps by depth; robustness to frequency-band noise (Park & Kim 2022).
 
-    python -m experiments.fourier --out out/fourier
-    python -m experiments.fourier --out out/fourier --checkpoint workdirs/digits --models ViT-test --data digits
+    python -m experiments.fourier --out out/fourier                       # digits-trained ViT, Mixer, ResNet
+    python -m experiments.fourier --out out/fourier --checkpoint ViT-B_16.npz,BiT-R50x1.npz \
+        --models ViT-B_16,BiT-R50x1 --data photos
 
 For every sub-layer (ViT: after the attention residual add 'msa' and after the MLP
 'mlp'; Mixer: 'token' / 'channel'; ResNet: each unit) the feature map's relative
@@ -11,13 +12,17 @@ variance. Writes:
   fourier_depth.png       -- highest-frequency relative log amplitude and variance against normalised depth
   band_noise.png          -- accuracy drop with noise restricted to radial frequency bands
   fourier.json            -- all curves, values by depth and accuracies per band
-For untrained models the "labels" of the band-noise test are the clean predictions (of
-a random head: the registry's zero head predicts one class for every input).
+Images: the digits test split with its labels, or crops of the sample photos. Without
+labels (photos) or for untrained models, the "labels" of the band-noise test are the clean
+predictions (untrained: of a random head; the registry's zero head predicts one class for
+every input).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from absl import flags
 
 from experiments import common
 from vit_jax import cli
@@ -26,34 +31,31 @@ from vit_jax.analysis import fourier, layers
 KIND_MARK = {"msa": "o", "mlp": "s", "token": "o", "channel": "s", "conv": "^", "stem": "v", "embed": "x"}
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16,BiT-R50x1", 64)
-  p.add_argument("--data", default="photos", choices=["digits", "photos"])
-  p.add_argument("--num-images", type=cli.positive_int, default=32)
-  p.add_argument("--batch-size", type=cli.positive_int, default=32)
-  p.add_argument("--noise-std", type=float, default=0.1, help="band noise std in [-1, 1] units")
-  p.add_argument("--num-bands", type=cli.positive_int, default=6)
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  flags.DEFINE_enum("data", "digits", ["digits", "photos"], "inputs: test digits, or photo crops",
+                    flag_values=fv)
+  common.positive("num-images", 256, "images", fv)
+  common.positive("batch-size", 128, "images per forward pass", fv)
+  flags.DEFINE_float("noise-std", 0.5, "band noise std in [-1, 1] units", flag_values=fv)
+  common.positive("num-bands", 6, "radial frequency bands of the band noise", fv)
+
+
+def run(args) -> dict:
   timer = common.Timer()
-  zoo = common.load_models(args, random_head=True)  # a zero head predicts one class for all
-  results = common.header(args, {"models": {}})
+  subjects = common.load_models(args, random_head=True)  # a zero head predicts one class for all
+  results = common.header(args, subjects, {"models": {}})
   plt = common.plt()
   figs = []
-  dfig, daxes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
+  dfig, daxes = plt.subplots(1, 2, figsize=(12, 3.4), layout="constrained")
   bfig, bax = plt.subplots(figsize=(4.5, 3.2))
   bands = fourier.default_bands(args.num_bands)
   seen_kinds = {}   # sub-layer kinds drawn, in order (marker legend)
-  for name, model in zoo.items():
-    info = layers.model_info(model)
-    tag = name.split(" ")[0].replace("+", "p")
-    if args.data == "digits":
-      imgs, labels = common.digits(info.img_size, args.num_images)
-    else:
-      from experiments.cka import photo_crops
-
-      imgs, labels = photo_crops(info.img_size, args.num_images, args.seed), None
+  for subject in subjects:
+    name, model, label = subject.name, subject.model, subject.label
+    imgs, labels = common.images_for(args, subject, args.num_images)
     r = fourier.fourier_by_depth(model, imgs, batch_size=args.batch_size)
-    if labels is None or not common.trained(name):
+    if labels is None or not subject.trained:
       logits, _ = layers.intermediates(model, imgs)
       labels = np.asarray(logits).argmax(-1)
     rob = fourier.band_noise_robustness(model, imgs, labels, bands, std=args.noise_std,
@@ -69,12 +71,11 @@ def main(argv=None) -> dict:
     ax.set_ylabel("relative log amplitude")
     depth_colours = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(depth_colours, ax=ax, label="normalised depth")
-    ax.set_title(f"Fourier spectrum of each sub-layer's features:\n"
-                 f"{common.model_label(name)}", fontsize=8)
-    figs.append(common.savefig(fig, args.out, f"fourier_{tag}.png"))
+    ax.set_title(f"Fourier spectrum of each sub-layer's features:\n{label}", fontsize=7)
+    figs.append(common.savefig(fig, args.out, f"fourier_{common.tag(subject)}.png"))
 
     depth = np.asarray(r["depth"])
-    line = daxes[0].plot(depth, r["high_freq"], "-", lw=0.8, label=common.model_label(name))[0]
+    line = daxes[0].plot(depth, r["high_freq"], "-", lw=0.8, label=label)[0]
     for kind, mark in KIND_MARK.items():
       sel = np.asarray([k == kind for k in r["kinds"]])
       if sel.any():
@@ -82,10 +83,10 @@ def main(argv=None) -> dict:
         daxes[0].scatter(depth[sel], r["high_freq"][sel], marker=mark, s=14, color=line.get_color())
         daxes[1].scatter(depth[sel], r["variance"][sel], marker=mark, s=14, color=line.get_color())
     daxes[1].plot(depth, r["variance"], "-", lw=0.8, color=line.get_color(),
-                  label=common.model_label(name))
+                  label=label)
     centres = [0.5 * (a + b) for a, b in bands]
-    bax.plot(centres, rob["accuracy_drop"], "o-", label=common.model_label(name))
-    print(f"{name}: high-frequency log amplitude by depth "
+    bax.plot(centres, rob["accuracy_drop"], "o-", label=label)
+    print(f"{label}: high-frequency log amplitude by depth "
           f"{np.round(np.asarray(r['high_freq'], float), 2).tolist()}; accuracy drop per band "
           f"{np.round(np.asarray(rob['accuracy_drop'], float), 2).tolist()} ({timer()} s)")
   daxes[0].set_title("Relative log amplitude at the highest frequency, by depth", fontsize=8)
@@ -101,12 +102,14 @@ def main(argv=None) -> dict:
     daxes[1].scatter([], [], marker=mark, s=14, color="grey", label=" / ".join(kinds) + " output")
   for ax in daxes:
     ax.set_xlabel("normalised depth")
-    ax.legend(fontsize=6)
+  # one legend for both panels (the same colours), beside them
+  daxes[1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  dfig.suptitle(f"Feature maps of every sub-layer, {args.num_images} {args.data} images", fontsize=9)
   figs.append(common.savefig(dfig, args.out, "fourier_depth.png"))
   bax.set_xlabel("noise band centre (radial frequency / Nyquist)")
   bax.set_ylabel("accuracy drop")
   bax.set_title(f"Accuracy drop under band-limited noise (std {args.noise_std})", fontsize=8)
-  bax.legend(fontsize=7)
+  bax.legend(fontsize=5.5)
   figs.append(common.savefig(bfig, args.out, "band_noise.png"))
   results["bands"] = bands
   results["figures"] = figs
@@ -116,4 +119,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

@@ -1,14 +1,14 @@
 """Input generation by gradient ascent for a set of classes (or units), one image per target.
 
-    python -m experiments.generation --out out/gen                                  # class logits
-    python -m experiments.generation --out out/gen --objective unit --layer block_04 # channels of a block
-    python -m experiments.generation --out out/gen --objective unit --layer block_04 --patch 10  # neurons
+    python -m experiments.generation --out out/gen                     # digits-trained ViT, Mixer, ResNet: classes 0-9
+    python -m experiments.generation --out out/gen --families vit,mixer --objective unit --layer block_03
+    python -m experiments.generation --out out/gen --families vit --objective unit --layer block_03 --patch 5
     python -m experiments.generation --out out/gen --style lucent                   # Fourier + Adam
-    python -m experiments.generation --out out/gen --checkpoint workdirs/digits --models ViT-test
-    python -m experiments.generation --out out/gen --published --models ViT-B_32 --checkpoint ViT-B_32.npz
+    python -m experiments.generation --out out/gen --published --checkpoint ViT-B_32.npz --targets 0,1,2,3
 
-Untrained registry models have zero-initialised heads (all logits 0, no gradient);
-for class objectives on an untrained model the head is replaced by a random one.
+Models trained on the digits (grey strokes on black, replicated to RGB) get a grey canvas
+that starts black (--canvas); untrained registry models have zero-initialised heads (all
+logits 0, no gradient), so for class objectives the head is replaced by a random one.
 Writes generation.png (one column per target, per model: the final canvas) and
 generation.json (final activations and the activation trace per step).
 """
@@ -20,33 +20,47 @@ import dataclasses
 import jax
 import numpy as np
 
+from absl import flags
+
 from experiments import common
-from vit_jax import cli
+from vit_jax import cli, command_line
 from vit_jax.analysis import generation, layers
 
 
-def main(argv=None) -> dict:
-  p = common.parser(__doc__.splitlines()[0], "ViT-Ti_16,Mixer-S_16", 64)
-  p.add_argument("--targets", default="0,1,2,3", type=cli.int_list, help="class (or channel) indices")
-  p.add_argument("--objective", default="logit", choices=["logit", "unit"])
-  p.add_argument("--layer", default=None, help="layer of a unit objective (default: the middle block)")
-  p.add_argument("--patch", type=int, default=None, help="one patch (a neuron); default all patches")
-  p.add_argument("--style", default="octaves", choices=["octaves", "lucent"],
-                 help="octaves: pixel steps + blur + crops; lucent: Fourier/decorrelated + Adam")
-  p.add_argument("--steps", type=cli.positive_int, default=60, help="steps per octave (or total for lucent)")
-  p.add_argument("--target-value", type=float, default=None,
-                 help="minimise |C - activation| instead of maximising (published C = 200)")
-  p.add_argument("--l2", type=float, default=0.0)
-  p.add_argument("--tv", type=float, default=0.0)
-  p.add_argument("--published", action="store_true",
-                 help="blbadger's schedule (220 + 500 steps, C = 200) or Lucent's 512 Adam steps")
-  args = common.parse(p, argv)
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  common.define_flags(fv)
+  command_line.define_list("targets", "0,1,2,3,4,5,6,7,8,9",
+                           "comma-separated classes (logit) or channels (unit)", item=common.integer,
+                           flag_values=fv)
+  flags.DEFINE_enum("objective", "logit", ["logit", "unit"], "class logit or one unit of --layer",
+                    flag_values=fv)
+  flags.DEFINE_string("layer", None, "layer of a unit objective (default: the middle block)",
+                      flag_values=fv)
+  flags.DEFINE_integer("patch", None, "one patch (a neuron); default all patches", flag_values=fv)
+  flags.DEFINE_enum("style", "octaves", ["octaves", "lucent"],
+                    "octaves: pixel steps + blur + crops; lucent: Fourier/decorrelated + Adam",
+                    flag_values=fv)
+  common.positive("steps", 60, "steps per octave (or total for lucent)", fv)
+  flags.DEFINE_float("target-value", None,
+                     "minimise |C - activation| instead of maximising (published C = 200)",
+                     flag_values=fv)
+  flags.DEFINE_float("l2", 0.0, "weight of the mean squared pixel", flag_values=fv)
+  flags.DEFINE_float("tv", 0.0, "total-variation weight", flag_values=fv)
+  flags.DEFINE_enum("canvas", "auto", ["auto", "gray", "rgb"],
+                    "auto: a grey canvas from black for models trained on the (grey) digits, "
+                    "else RGB from the published N(0.7, 1/20) noise", flag_values=fv)
+  flags.DEFINE_boolean("published", False, "blbadger's schedule (220 + 500 steps, C = 200) or "
+                       "Lucent's 512 Adam steps", flag_values=fv)
+
+
+def run(args) -> dict:
   timer = common.Timer()
-  zoo = common.load_models(args, random_head=args.objective == "logit")
+  subjects = common.load_models(args, random_head=args.objective == "logit")
   targets = args.targets
-  results = common.header(args, {"models": {}})
+  results = common.header(args, subjects, {"models": {}})
   outs = {}
-  for mi, (name, model) in enumerate(zoo.items()):
+  for mi, subject in enumerate(subjects):
+    name, model = subject.name, subject.model
     info = layers.model_info(model)
     if args.style == "lucent":
       cfg = generation.lucent_config(512 if args.published else args.steps)
@@ -58,6 +72,9 @@ def main(argv=None) -> dict:
           octaves=(generation.Octave(args.steps, 1.0, (0.05, 0.02), (2.4, 0.8)),
                    generation.Octave(args.steps, 1.5, (0.03, 0.005), (1.5, 0.4))))
     cfg = dataclasses.replace(cfg, l2=args.l2, tv=args.tv)
+    gray = args.canvas == "gray" or (args.canvas == "auto" and subject.dataset == "digits")
+    if gray and cfg.parameterization == "pixel":  # white strokes on black, as the digits are
+      cfg = dataclasses.replace(cfg, grayscale=True, init_mean=0.0)
     target_value = args.target_value
     if args.published and args.objective == "logit" and args.style != "lucent" and target_value is None:
       target_value = 200.0
@@ -67,20 +84,20 @@ def main(argv=None) -> dict:
       layer = names[len(names) // 2]
     obj = generation.Objective(args.objective, layer, args.patch, target_value)
     out = generation.generate(model, targets, obj, cfg, key=jax.random.PRNGKey(args.seed + mi))
-    outs[name] = out
+    outs[name] = (subject, out)
     results["models"][name] = {"family": info.family, "objective": vars_of(obj),
                                "activation": out["activation"], "trace": out["trace"]}
-    print(f"{name}: activation {np.round(np.asarray(out['activation'], float), 2).tolist()} ({timer()} s)")
+    print(f"{subject.label}: activation {np.round(np.asarray(out['activation'], float), 2).tolist()} ({timer()} s)")
 
   plt = common.plt()
   fig, axes = plt.subplots(len(outs), len(targets),
                            figsize=(1.6 * len(targets) + 0.3, 1.7 * len(outs) + 0.3),
                            squeeze=False, layout="constrained")
-  for r, (name, out) in enumerate(outs.items()):
+  for r, (subject, out) in enumerate(outs.values()):
     for c, t in enumerate(targets):
       what = "class" if args.objective == "logit" else "channel"
       common.show_image(axes[r, c], out["images"][c], f"{what} {t}: {out['activation'][c]:.1f}")
-    axes[r, 0].set_ylabel(common.model_label(name), fontsize=7)
+    axes[r, 0].set_ylabel(subject.label.replace(", ", "\n"), fontsize=6)
   what = ("class logit" if args.objective == "logit"
           else f"{args.objective} of {args.layer or 'the middle layer'}")
   fig.suptitle(f"Inputs generated to maximise each target's {what} ({args.style}); "
@@ -96,4 +113,5 @@ def vars_of(obj) -> dict:
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(common.absl_main(run))

@@ -38,18 +38,33 @@ def pytest_configure(config):
       "filterwarnings", "ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
 
 
+@pytest.fixture(scope="session")
+def digits_training(tmp_path_factory):
+  """Where and how long the tests train their digits models through the main job's CLI:
+  `root` (experiments' --workdirs: each model is trained once per session, by whichever
+  xdist worker needs it first, and then reused) and `steps` (experiments' --train-steps;
+  the shipped configs' runs take minutes)."""
+  import types
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' base folders share a parent
+    root = tmp_path_factory.getbasetemp().parent / "digits_models"
+  else:
+    root = tmp_path_factory.mktemp("digits_models")
+  return types.SimpleNamespace(root=str(root), steps=20)
+
+
 @pytest.fixture
-def run_notebook(monkeypatch, tmp_path):
-  """Executes notebooks/<name>.ipynb top to bottom in tmp_path, on ViT-test at
-  32 px with no checkpoint (plus the VIT_JAX_* settings in `env`), and returns
+def run_notebook(monkeypatch, tmp_path, digits_training):
+  """Executes notebooks/<name>.ipynb top to bottom in tmp_path with no checkpoint, on the
+  tests' short-trained digits models (plus the VIT_JAX_* settings in `env`), and returns
   the outputs of its code cells."""
   import nbclient
   import nbformat
 
   def run(name: str, **env) -> list:
-    monkeypatch.delenv("VIT_JAX_CHECKPOINT", raising=False)
-    for key, value in {"VIT_JAX_MODEL": "ViT-test", "VIT_JAX_IMG_SIZE": "32",
-                       **env}.items():
+    for key in ("VIT_JAX_CHECKPOINT", "VIT_JAX_MODEL", "VIT_JAX_IMG_SIZE"):
+      monkeypatch.delenv(key, raising=False)
+    for key, value in {"VIT_JAX_DIGITS_MODELS": digits_training.root,
+                       "VIT_JAX_TRAIN_STEPS": str(digits_training.steps), **env}.items():
       monkeypatch.setenv(key, value)
     nb = nbformat.read(_NOTEBOOKS / f"{name}.ipynb", as_version=4)
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",

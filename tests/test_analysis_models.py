@@ -11,6 +11,7 @@ import pytest
 
 from vit_jax import models
 from vit_jax.analysis import fourier, generation, hessian, inversion, layers
+from vit_jax.analysis import image_ops
 
 NAMES = ["ViT-test", "Mixer-test", "BiT-test"]
 
@@ -122,14 +123,14 @@ def test_generation_increases_objective(zoo):
 
 def test_blur_and_transforms():
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
-  np.testing.assert_allclose(generation.gaussian_blur(x, 0.0, 3), x, atol=1e-5)
+  np.testing.assert_allclose(image_ops.gaussian_blur(x, 0.0, 3), x, atol=1e-5)
   const = jnp.full((1, 16, 16, 3), 0.3)
-  np.testing.assert_allclose(generation.gaussian_blur(const, 2.0, 6), const, atol=1e-5)
-  assert float(jnp.std(generation.gaussian_blur(x, 2.0, 6))) < 0.5 * float(jnp.std(x))
-  y = generation.random_affine(jax.random.PRNGKey(1), x, 16)  # no transform: identity
+  np.testing.assert_allclose(image_ops.gaussian_blur(const, 2.0, 6), const, atol=1e-5)
+  assert float(jnp.std(image_ops.gaussian_blur(x, 2.0, 6))) < 0.5 * float(jnp.std(x))
+  y = image_ops.random_affine(jax.random.PRNGKey(1), x, 16)  # no transform: identity
   np.testing.assert_allclose(y, x, atol=1e-5)
-  z = generation.random_affine(jax.random.PRNGKey(1), x, 12, pad=4, jitter=2, scales=(0.9, 1.1),
-                               max_rotate_deg=10)
+  z = image_ops.random_affine(jax.random.PRNGKey(1), x, 12, pad=4, jitter=2, scales=(0.9, 1.1),
+                              max_rotate_deg=10)
   assert z.shape == (2, 12, 12, 3)
   img = generation.fourier_image(generation.fourier_init(jax.random.PRNGKey(2), 2, 16))
   assert img.shape == (2, 16, 16, 3) and float(jnp.abs(img).max()) <= 1.0

@@ -137,23 +137,21 @@ def test_benchmark_cli_unknown_layout():
 
 
 @pytest.mark.parametrize("module,argv,hint", [
-    ("generation", ["--targets", "1,x"], "comma-separated integers"),
+    ("generation", ["--targets", "1,x"], "'x' is not an integer"),
     ("hessian", ["--img-size", "-3"], "positive integer"),
     ("inversion", ["--photos", "astronot"], "Did you mean astronaut"),
     ("inversion", ["--steps", "0"], "positive integer"),
     ("attention", ["--models", ""], "--models is empty"),
     ("cka", ["--checkpoint", "missing.npz"], "missing.npz does not exist"),
 ])
-def test_every_experiment_refuses_bad_arguments_before_writing(tmp_path, capsys, module, argv, hint):
-  """The same checks in-process (each experiment's main parses with cli.ArgumentParser)."""
+def test_every_experiment_refuses_bad_arguments_before_writing(tmp_path, module, argv, hint):
+  """The same checks in-process (each experiment's absl flags, then common.parse)."""
   import importlib
-  main = importlib.import_module(f"experiments.{module}").main
+  from experiments import common
   out = tmp_path / "out"
-  with pytest.raises(SystemExit) as e:
-    cli.call(main, ["--out", str(out), *argv])
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and hint in err[0], err
+  with pytest.raises(cli.UsageError) as e:
+    common.run_command(importlib.import_module(f"experiments.{module}"), ["--out", str(out), *argv])
+  assert hint in str(e.value) and "\n" not in str(e.value), str(e.value)
   assert not out.exists()
 
 

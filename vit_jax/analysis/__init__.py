@@ -7,6 +7,7 @@ Modules (import the one you need; each works on arrays and on any registry model
   fourier     -- relative log amplitude of feature maps, variance, frequency-band noise
   hessian     -- top Hessian eigenvalues (power iteration / deflation), spectra density
   generation  -- input generation by gradient ascent (octaves, blur, jitter, Fourier)
+  image_ops   -- image-space steps of optimised inputs: blur, crops, affine jitter, TV, start noise
   inversion   -- layer representation inversion and its judges (rep. distance, PSNR, SSIM)
   layers      -- shared plumbing: intermediates, named layers, batching, 'data' mesh sharding
 """

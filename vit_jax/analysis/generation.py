@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,110 +31,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from vit_jax.analysis import image_ops
 from vit_jax.analysis import layers as _layers
-
-# ----------------------------------------------------------------------------
-# Image-space helpers (shared with inversion)
-# ----------------------------------------------------------------------------
-
-
-def to_unit(x):
-  """[-1, 1] -> [0, 1]."""
-  return (x + 1.0) / 2.0
-
-
-def from_unit(x):
-  """[0, 1] -> [-1, 1]."""
-  return 2.0 * x - 1.0
-
-
-def init_noise(key, shape, mean: float = 0.7, std: float = 1.0 / 20.0):
-  """N(mean, std) in [0, 1] space (published: N(0.7, 1/20)), mapped to [-1, 1]."""
-  return from_unit(mean + std * jax.random.normal(key, shape, jnp.float32))
-
-
-def _blur_radius(max_sigma: float) -> int:
-  return max(int(math.ceil(3.0 * max_sigma)), 1)
-
-
-def gaussian_blur(x: jax.Array, sigma, radius: int) -> jax.Array:
-  """Separable Gaussian blur of (B, H, W, C) with a traced ``sigma`` (reflect padding).
-
-  ``radius`` fixes the kernel support (static); sigma -> 0 leaves ``x`` unchanged.
-  """
-  sigma = jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-3)
-  t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  w = jnp.exp(-0.5 * (t / sigma) ** 2)
-  w = w / w.sum()
-  c = x.shape[-1]
-  pad = min(radius, x.shape[1] - 1, x.shape[2] - 1)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
-  if pad < radius:  # tiny images: zero-pad the remainder
-    extra = radius - pad
-    xp = jnp.pad(xp, ((0, 0), (extra, extra), (extra, extra), (0, 0)), mode="edge")
-  ky = jnp.tile(w[:, None, None, None], (1, 1, 1, c))  # (K, 1, 1, C) HWIO depthwise
-  kx = jnp.tile(w[None, :, None, None], (1, 1, 1, c))
-  dn = ("NHWC", "HWIO", "NHWC")
-  y = jax.lax.conv_general_dilated(xp, ky.astype(x.dtype), (1, 1), "VALID",
-                                   dimension_numbers=dn, feature_group_count=c)
-  y = jax.lax.conv_general_dilated(y, kx.astype(x.dtype), (1, 1), "VALID",
-                                   dimension_numbers=dn, feature_group_count=c)
-  return y
-
-
-def total_variation(x: jax.Array) -> jax.Array:
-  """Mean absolute difference of neighbouring pixels, per image: (B,)."""
-  dy = jnp.abs(x[:, 1:] - x[:, :-1]).mean(axis=(1, 2, 3))
-  dx = jnp.abs(x[:, :, 1:] - x[:, :, :-1]).mean(axis=(1, 2, 3))
-  return dy + dx
-
-
-def random_crops(key, canvas: jax.Array, size: int):
-  """Per-image random (size, size) crops of (B, S, S, C) -> (crops, offsets (B, 2))."""
-  b, s = canvas.shape[0], canvas.shape[1]
-  offs = jax.random.randint(key, (b, 2), 0, s - size + 1)
-
-  def crop(img, o):
-    return jax.lax.dynamic_slice(img, (o[0], o[1], 0), (size, size, img.shape[-1]))
-
-  return jax.vmap(crop)(canvas, offs), offs
-
-
-def paste_crops(canvas, crops, offs):
-  def paste(img, c, o):
-    return jax.lax.dynamic_update_slice(img, c, (o[0], o[1], 0))
-
-  return jax.vmap(paste)(canvas, crops, offs)
-
-
-def random_affine(key, x: jax.Array, out_size: int, pad: int = 0, jitter: int = 0,
-                  scales: Sequence[float] = (), max_rotate_deg: float = 0.0) -> jax.Array:
-  """Pad (grey), then per image random scale / rotation / translation, bilinear, to ``out_size``.
-
-  Differentiable in ``x`` (used inside the objective).
-  """
-  if pad:
-    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=0.0)
-  b, h, w, c = x.shape
-  k1, k2, k3 = jax.random.split(key, 3)
-  if scales:
-    s = jnp.asarray(scales, jnp.float32)[jax.random.randint(k1, (b,), 0, len(scales))]
-  else:
-    s = jnp.ones((b,), jnp.float32)
-  ang = jnp.deg2rad(max_rotate_deg) * jax.random.uniform(k2, (b,), minval=-1.0, maxval=1.0)
-  shift = jax.random.randint(k3, (b, 2), -jitter, jitter + 1).astype(jnp.float32)
-  oy, ox = jnp.meshgrid(jnp.arange(out_size, dtype=jnp.float32) - (out_size - 1) / 2,
-                        jnp.arange(out_size, dtype=jnp.float32) - (out_size - 1) / 2, indexing="ij")
-
-  def one(img, s_, a_, t_):
-    cos, sin = jnp.cos(a_), jnp.sin(a_)
-    sy = (cos * oy - sin * ox) / s_ + (h - 1) / 2 + t_[0]
-    sx = (sin * oy + cos * ox) / s_ + (w - 1) / 2 + t_[1]
-    chan = lambda ch: jax.scipy.ndimage.map_coordinates(ch, [sy, sx], order=1, mode="nearest")
-    return jax.vmap(chan, in_axes=-1, out_axes=-1)(img)
-
-  return jax.vmap(one)(x, s, ang, shift)
-
 
 # ----------------------------------------------------------------------------
 # Fourier parameterisation with colour decorrelation
@@ -168,7 +64,7 @@ def fourier_image(spec: jax.Array, decorrelate: bool = True) -> jax.Array:
   img = jnp.moveaxis(img, 1, -1)
   if decorrelate:
     img = img @ jnp.asarray(_COLOR_SQRT).T
-  return from_unit(jax.nn.sigmoid(img))
+  return image_ops.from_unit(jax.nn.sigmoid(img))
 
 
 # ----------------------------------------------------------------------------
@@ -208,6 +104,7 @@ class GenerationConfig:
                                  Octave(64, 1.5, (0.03, 0.005), (1.5, 0.4)))
   optimizer: str = "normalized"  # 'sgd' (x - lr g), 'normalized' (x - lr g / mean|g|), 'adam'
   parameterization: str = "pixel"  # 'pixel' | 'fourier'
+  grayscale: bool = False  # pixel canvas of one channel, shown in all three (grey training images)
   decorrelate: bool = True  # colour decorrelation (fourier only)
   l2: float = 0.0  # weight of mean(x^2)
   tv: float = 0.0  # weight of the total variation
@@ -299,24 +196,24 @@ def _step(param, opt_state, state, targets, key, lr, sigma, *, graphdef, family,
 
   def loss_fn(cur, key):
     img = fourier_image(cur, cfg.decorrelate) if fourier else cur
-    x = img
+    x = jnp.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img
     if cfg.pad or cfg.jitter or cfg.scales or cfg.rotate_deg:
-      x = random_affine(key, x, model_size, cfg.pad, cfg.jitter, cfg.scales, cfg.rotate_deg)
+      x = image_ops.random_affine(key, x, model_size, cfg.pad, cfg.jitter, cfg.scales, cfg.rotate_deg)
     elif x.shape[1] != model_size:
-      x = jax.image.resize(x, (x.shape[0], model_size, model_size, 3), "bilinear")
+      x = jax.image.resize(x, (x.shape[0], model_size, model_size, x.shape[-1]), "bilinear")
     act = act_fn(state, x, targets)
     per = -act if objective.target_value is None else jnp.abs(objective.target_value - act)
     if cfg.l2:
       per = per + cfg.l2 * jnp.mean(img**2, axis=(1, 2, 3))
     if cfg.tv:
-      per = per + cfg.tv * total_variation(img)
+      per = per + cfg.tv * image_ops.total_variation(img)
     return per.sum(), act
 
   kc, ka = jax.random.split(key)
   offs = None
   cur = param
   if not fourier and canvas_size > model_size:
-    cur, offs = random_crops(kc, param, model_size)
+    cur, offs = image_ops.random_crops(kc, param, model_size)
   (_, act), g = jax.value_and_grad(loss_fn, has_aux=True)(cur, ka)
   if cfg.optimizer == "adam":
     upd, opt_state = optax.adam(1.0).update(g, opt_state, cur)
@@ -329,11 +226,11 @@ def _step(param, opt_state, state, targets, key, lr, sigma, *, graphdef, family,
   else:
     raise ValueError(f"optimizer must be 'sgd', 'normalized' or 'adam', got {cfg.optimizer!r}")
   if not fourier:
-    new = gaussian_blur(new, sigma, radius)
+    new = image_ops.gaussian_blur(new, sigma, radius)
     if cfg.clip:
       new = jnp.clip(new, -1.0, 1.0)
     if offs is not None:
-      new = paste_crops(param, new, offs)
+      new = image_ops.paste_crops(param, new, offs)
   return new, opt_state, act
 
 
@@ -371,7 +268,8 @@ def generate(model, targets, objective: Objective = Objective(),
   elif init is not None:
     param = jnp.asarray(init, jnp.float32)
   else:
-    param = init_noise(k0, (t, size, size, 3), config.init_mean, config.init_std)
+    channels = 1 if config.grayscale else 3
+    param = image_ops.init_noise(k0, (t, size, size, channels), config.init_mean, config.init_std)
   param = _layers.shard_batch(param)
   targets_s = _layers.shard_batch(targets)
   trace = []
@@ -385,12 +283,12 @@ def generate(model, targets, objective: Objective = Objective(),
   for oi, octave in enumerate(config.octaves):
     canvas = max(int(round(octave.scale * size)), size)
     if not fourier and param.shape[1] != canvas:
-      param = jax.image.resize(param, (t, canvas, canvas, 3), "bilinear")
+      param = jax.image.resize(param, (t, canvas, canvas, param.shape[-1]), "bilinear")
     if config.optimizer == "adam" and not fourier and canvas > size:
       raise ValueError("adam is supported on a single model-sized canvas (no crops)")
     opt_state = optax.adam(1.0).init(param) if config.optimizer == "adam" else ()
     bscale = size / 224 if config.blur_scale is None else config.blur_scale
-    radius = _blur_radius(max(octave.blur) * bscale)
+    radius = image_ops.blur_radius(max(octave.blur) * bscale)
     static = dict(graphdef=graphdef, family=info.family, num_prefix_tokens=info.num_prefix_tokens,
                   objective=objective, cfg=config, model_size=size, canvas_size=canvas,
                   radius=radius)
@@ -407,6 +305,8 @@ def generate(model, targets, objective: Objective = Objective(),
   if bar is not None:
     bar.close()
   images = fourier_image(param, config.decorrelate) if fourier else param
+  if images.shape[-1] == 1:
+    images = jnp.repeat(images, 3, axis=-1)
   model_images = images if images.shape[1] == size else jax.image.resize(
       images, (t, size, size, 3), "bilinear")
   final = _eval_activation(state, model_images, targets_s, graphdef=graphdef, family=info.family,

@@ -39,71 +39,92 @@ def hvp_fn(loss_fn: Callable, params, batch=None) -> tuple[Callable, jax.Array]:
   return hvp, flat
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iters"))
-def _power_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
+# The iterations run in Python around one jitted Hessian-vector product each: inside a
+# lax.while_loop, XLA's CPU backend ran a ResNet's product (convolutions, max-pool) about ten
+# times slower than the same product called on its own; one dispatch per product is cheap.
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def _power_step(loss_fn, params, batch, v, vecs, mask):
+  """One power-iteration step on unit ``v``, deflated against ``vecs[mask]`` -> (v', v.Hv)."""
   hvp, _ = hvp_fn(loss_fn, params, batch)
-  n = v0s.shape[1]
+  hv = hvp(v)
+  lam = jnp.vdot(v, hv)  # Rayleigh quotient (v has unit norm)
+  w = _orthogonalize(hv, vecs, mask)
+  return w / jnp.maximum(jnp.linalg.norm(w), 1e-30), lam
 
-  def orthogonalize(v, vecs, count):
-    mask = (jnp.arange(k) < count).astype(v.dtype)
-    coeff = (vecs @ v) * mask
-    return v - coeff @ vecs
 
-  def one(carry, i):
-    vecs, vals, iters = carry
-    v = orthogonalize(v0s[i], vecs, i)
-    v = v / jnp.linalg.norm(v)
+@jax.jit
+def _start(v0s, i, vecs, mask):
+  v0 = v0s[i]
+  v = _orthogonalize(v0, vecs, mask)
+  return v / jnp.linalg.norm(v)
 
-    def cond(state):
-      _, lam_prev, lam, it = state
-      rel = jnp.abs(lam - lam_prev) / (jnp.abs(lam_prev) + 1e-6)
-      return (it < max_iters) & ((it < 2) | (rel >= tol))
 
-    def body(state):
-      v, _, lam, it = state
-      hv = hvp(v)
-      lam_new = jnp.vdot(v, hv)  # Rayleigh quotient (v has unit norm)
-      w = orthogonalize(hv, vecs, i)
-      v = w / jnp.maximum(jnp.linalg.norm(w), 1e-30)
-      return v, lam, lam_new, it + 1
+def _orthogonalize(v, vecs, mask):
+  return v - ((vecs @ v) * mask) @ vecs
 
-    init = (v, jnp.asarray(0.0, v.dtype), jnp.asarray(0.0, v.dtype), jnp.asarray(0))
-    v, _, lam, it = jax.lax.while_loop(cond, body, init)
-    return (vecs.at[i].set(v), vals.at[i].set(lam), iters.at[i].set(it)), None
 
-  init = (jnp.zeros((k, n), v0s.dtype), jnp.zeros((k,), v0s.dtype), jnp.zeros((k,), jnp.int32))
-  (vecs, vals, iters), _ = jax.lax.scan(one, init, jnp.arange(k))
+def _converged(prev, cur, it, tol) -> bool:
+  rel = np.max(np.abs(cur - prev) / (np.abs(prev) + 1e-6))
+  return it >= 2 and rel < tol
+
+
+@jax.jit
+def _set_row(vecs, i, v):
+  return vecs.at[i].set(v)
+
+
+def _placed(params):
+  """Puts arrays where the parameters are: committed alike, so each step compiles once."""
+  sharding = jax.tree.leaves(params)[0].sharding
+  return lambda x: jax.device_put(x, sharding)
+
+
+def _power_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
+  place = _placed(params)
+  v0s = place(v0s)
+  vecs = place(jnp.zeros((k, v0s.shape[1]), v0s.dtype))
+  vals, iters = np.zeros(k), np.zeros(k, np.int32)
+  for i in range(k):
+    mask = place((np.arange(k) < i).astype(v0s.dtype))  # the eigenvectors found so far
+    v = _start(v0s, i, vecs, mask)
+    lam_prev = lam = 0.0
+    it = 0
+    while it < max_iters and not _converged(np.asarray(lam_prev), np.asarray(lam), it, tol):
+      v_next, lam_new = _power_step(loss_fn, params, batch, v, vecs, mask)
+      lam_prev, lam, it = lam, float(lam_new), it + 1
+      v = v_next
+    vecs, vals[i], iters[i] = _set_row(vecs, i, v), lam, it
   return vals, vecs, iters
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "k", "max_iters"))
-def _subspace_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
+@functools.partial(jax.jit, static_argnames=("loss_fn",))
+def _ritz(loss_fn, params, batch, q):
+  """Rayleigh-Ritz on the block q (n, k) -> (values by magnitude, their vectors in q, H q)."""
   hvp, _ = hvp_fn(loss_fn, params, batch)
-  q, _ = jnp.linalg.qr(v0s.T)  # (n, k) orthonormal
+  hq = jax.vmap(hvp)(q.T).T  # (n, k)
+  t = q.T @ hq
+  theta, s = jnp.linalg.eigh(0.5 * (t + t.T))
+  order = jnp.argsort(-jnp.abs(theta))
+  return theta[order], s[:, order], hq
 
-  def ritz(q):
-    hq = jax.vmap(hvp)(q.T).T  # (n, k)
-    t = q.T @ hq
-    t = 0.5 * (t + t.T)
-    theta, s = jnp.linalg.eigh(t)
-    order = jnp.argsort(-jnp.abs(theta))
-    return theta[order], s[:, order], hq
 
-  def cond(state):
-    _, prev, cur, it = state
-    rel = jnp.max(jnp.abs(cur - prev) / (jnp.abs(prev) + 1e-6))
-    return (it < max_iters) & ((it < 2) | (rel >= tol))
+@jax.jit
+def _next_block(hq, s):
+  return jnp.linalg.qr(hq @ s)[0]
 
-  def body(state):
-    q, _, cur, it = state
-    theta, s, hq = ritz(q)
-    q_new, _ = jnp.linalg.qr(hq @ s)
-    return q_new, cur, theta, it + 1
 
-  zeros = jnp.zeros((k,), v0s.dtype)
-  q, _, _, it = jax.lax.while_loop(cond, body, (q, zeros, zeros, jnp.asarray(0)))
-  theta, s, _ = ritz(q)
-  return theta, (q @ s).T, jnp.full((k,), it)
+def _subspace_iterations(loss_fn, params, batch, v0s, tol, k: int, max_iters: int):
+  q = _placed(params)(jnp.linalg.qr(v0s.T)[0])  # (n, k) orthonormal
+  prev = cur = np.zeros(k)
+  it = 0
+  while it < max_iters and not _converged(prev, cur, it, tol):
+    theta, s, hq = _ritz(loss_fn, params, batch, q)
+    q = _next_block(hq, s)
+    prev, cur, it = cur, np.asarray(theta), it + 1
+  theta, s, _ = _ritz(loss_fn, params, batch, q)
+  return np.asarray(theta), np.asarray((q @ s).T), np.full((k,), it)
 
 
 def top_eigenvalues(loss_fn: Callable, params, batch=None, k: int = 5, max_iters: int = 100,

@@ -34,7 +34,7 @@ import optax
 from flax import nnx
 
 from vit_jax.analysis import layers as _layers
-from vit_jax.analysis.generation import gaussian_blur, init_noise, to_unit, _blur_radius
+from vit_jax.analysis import image_ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,7 @@ class InversionConfig:
   init_mean: float = 0.7
   init_std: float = 1.0 / 20.0
   noise_std: float = 1.0 / 18.0  # judge: input noise in [0, 1] units
+  grayscale: bool = False  # reconstruct one channel, shown in all three (grey targets)
   noise_draws: int = 4
   resnet_layers: str = "stages"  # 'stages' | 'units'
   blur_scale: float | None = None  # multiplies sigma; None: img_size / 224 (published at 224 px)
@@ -81,6 +82,7 @@ def _step(x, opt_state, state, targets, scales, img_of, layer_of, lr, sigma, *, 
   b = x.shape[0]
 
   def loss_fn(x):
+    x = jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
     _, inter = nnx.merge(graphdef, state)(x, return_intermediates=True)
     out = _select(inter, family, names, resnet_layers)
     total = 0.0
@@ -99,7 +101,7 @@ def _step(x, opt_state, state, targets, scales, img_of, layer_of, lr, sigma, *, 
     x = x - lr * g
   else:
     raise ValueError(f"optimizer must be 'adam', 'normalized' or 'sgd', got {optimizer!r}")
-  x = gaussian_blur(x, sigma, radius)
+  x = image_ops.gaussian_blur(x, sigma, radius)
   return jnp.clip(x, -1.0, 1.0), opt_state, loss
 
 
@@ -132,11 +134,12 @@ def invert(model, images, layers: Sequence[str] | None = None,
   blur_scale = images.shape[1] / 224 if config.blur_scale is None else config.blur_scale
   static = dict(graphdef=nnx.graphdef(model), family=info.family, names=names,
                 resnet_layers=config.resnet_layers, optimizer=config.optimizer,
-                radius=_blur_radius(max(config.blur) * blur_scale))
+                radius=image_ops.blur_radius(max(config.blur) * blur_scale))
   state = nnx.state(model)
 
   key, k0 = jax.random.split(key)
-  x = init_noise(k0, (n * num_l,) + images.shape[1:], config.init_mean, config.init_std)
+  shape = (n * num_l,) + images.shape[1:-1] + ((1,) if config.grayscale else images.shape[-1:])
+  x = image_ops.init_noise(k0, shape, config.init_mean, config.init_std)
   x = _layers.shard_batch(x)
   opt_state = optax.adam(1.0).init(x) if config.optimizer == "adam" else ()
   losses = []
@@ -152,7 +155,9 @@ def invert(model, images, layers: Sequence[str] | None = None,
     x, opt_state, loss = _step(x, opt_state, state, targets, scales, img_of, layer_of,
                                lr, sigma, **static)
     losses.append(float(loss))
-  recon = np.asarray(x).reshape(n, num_l, *images.shape[1:])
+  recon = np.asarray(x).reshape(n, num_l, *shape[1:])
+  if config.grayscale:
+    recon = np.repeat(recon, 3, axis=-1)
   out = {"layers": list(names), "images": recon, "loss": np.asarray(losses)}
   out.update(judge(model, images, recon, names, config, key))
   return out
@@ -195,8 +200,8 @@ def judge(model, images, recon, names, config: InversionConfig = InversionConfig
     for d in range(config.noise_draws):
       lo = n + n * num_l + d * n
       noise_d[:, li] += np.linalg.norm(r[lo:lo + n] - target, axis=1) / config.noise_draws
-  t01 = np.asarray(to_unit(images))
-  r01 = np.clip(np.asarray(to_unit(recon)), 0.0, 1.0)
+  t01 = np.asarray(image_ops.to_unit(images))
+  r01 = np.clip(np.asarray(image_ops.to_unit(recon)), 0.0, 1.0)
   ps = psnr(t01[:, None], r01)
   ss = np.asarray([[ssim(t01[i], r01[i, li]) for li in range(num_l)] for i in range(n)])
   return {"rep_distance": rep_d, "noise_distance": noise_d,

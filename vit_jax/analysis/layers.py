@@ -11,8 +11,9 @@ the intermediates dict in the models' contract):
 * :func:`sublayer_feature_maps` -- residual-stream feature maps after every
   sub-layer (attention / token mixing, MLP / channel mixing, conv units) as
   (B, h, w, C) patch grids with prefix tokens dropped (Park & Kim 2022).
-* :func:`data_sharding` / :func:`shard_batch` -- a 1-D ``'data'`` mesh over all
-  devices; large batches are placed sharded so jitted analyses run SPMD.
+* :func:`data_sharding` / :func:`shard_batch` / :func:`replicate` -- a 1-D ``'data'``
+  mesh over all devices; large batches are placed sharded so jitted analyses run SPMD,
+  the model replicated.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -213,6 +214,18 @@ def shard_batch(x):
   if ndev > 1 and x.shape[0] % ndev == 0:
     return jax.device_put(x, data_sharding(x.ndim))
   return x
+
+
+def replicate(model):
+  """Places ``model``'s state replicated over the 'data' mesh (in place; returns the model).
+
+  A model restored from a workdir sits on the first device; batches that
+  :func:`shard_batch` spreads over all devices need its state on all of them.
+  """
+  if jax.device_count() > 1:
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, NamedSharding(data_mesh(), P())))
+  return model
 
 
 def randomize_head(model, seed: int = 0, scale: float | None = None):
