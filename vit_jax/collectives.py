@@ -1,7 +1,7 @@
 """The collectives of a compiled program, by network: ICI inside a TPU slice, DCN between.
 
 Inside a slice chips talk over their inter-chip interconnect (ICI); between slices over
-the data-centre network (DCN), 10-50x slower per chip. An SPMD program names the chips
+the data-centre network (DCN): on v5e 3.1 GB/s per chip against 400 GB/s of ICI. An SPMD program names the chips
 a collective spans by partition id, in one of three forms: an explicit list
 `{{0,1},{2,3}}`, an iota `[2,4]<=[4,2]T(1,0)` (ids reshaped, transposed, regrouped)
 or mesh axes `mesh['x'=4,'y'=2], device_ids=(...) {'x'}` (chips that differ only along
