@@ -263,10 +263,14 @@ def full_param_bytes(config):
 
 @pytest.fixture(scope="module")
 def two_slices():
-  """Two v5e:2x2 slices (one host each); digits jobs with fsdp=4 and fsdp=1 inside them."""
+  """Two v5e:2x2 slices (one host each); digits jobs with fsdp=4 and fsdp=1 inside them,
+  and fsdp=4 with bfloat16 matmuls."""
   devices = aot.topology_devices("v5e:2x2", 2)
-  return {f: aot.compile_job(tiny_config(**{"mesh.fsdp": f}), "v5e:2x2", 2, devices=devices,
+  jobs = {f: aot.compile_job(tiny_config(**{"mesh.fsdp": f}), "v5e:2x2", 2, devices=devices,
                              with_eval=False) for f in (4, 1)}
+  jobs["bf16"] = aot.compile_job(tiny_config(**{"mesh.fsdp": 4, "model.dtype": "bfloat16"}),
+                                 "v5e:2x2", 2, devices=devices, with_eval=False)
+  return jobs
 
 
 def test_two_slices_send_only_the_gradient_all_reduce_over_dcn(two_slices):
@@ -283,6 +287,11 @@ def test_two_slices_send_only_the_gradient_all_reduce_over_dcn(two_slices):
     assert full / 4 <= r.dcn_bytes_per_step <= full / 4 + 2 * 8 * 128 * 4   # here 2 tiles
     assert "all-gather" in r.ici_collectives and "reduce-scatter" in r.ici_collectives
   assert four.param_bytes_per_chip <= four.dcn_bytes_per_step   # every parameter's shard
+  # With bfloat16 matmuls the gradients come out in bfloat16, and XLA reduces them before
+  # converting to the float32 parameters: half the bytes cross DCN.
+  half = two_slices["bf16"]
+  assert set(half.dcn_collectives) == {"all-reduce"}
+  assert full / 8 <= half.dcn_bytes_per_step <= full / 8 + 2 * 8 * 128 * 4
   text = fit_report.format_report(four)
   assert "DCN  all-reduce" in text and "ICI  all-gather" in text and "Gbit/s per chip" in text
   assert four.roofline["dcn_s"] == pytest.approx(

@@ -34,7 +34,6 @@ from vit_jax.fit_report import GiB, Report, format_report, gib, memory_bytes, oo
 from vit_jax.tpu_slices import generation, quiet_libtpu, topology_devices
 
 
-
 def _define_flags() -> dict:
   """The command line's flags (defined when run as a program, so that importing this module
   next to vit_jax.main, which has its own --config, is possible)."""
@@ -45,7 +44,9 @@ def _define_flags() -> dict:
           lock_config=True),
       topology=flags.DEFINE_string(
           "topology", None, "TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v3:4x4."),
-      num_slices=flags.DEFINE_integer("num_slices", 1, "Number of such slices (multi-slice, DCN)."),
+      num_slices=flags.DEFINE_integer(
+          "num_slices", 1, "Number of such slices joined by DCN, as the job's jax.devices() "
+          "will span them (their slice_index)."),
       json=flags.DEFINE_string("json", None, "Also write the report as JSON to this path."),
       eval=flags.DEFINE_boolean("eval", True, "Also compile the eval step."),
       max_candidates=flags.DEFINE_integer(
