@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.10,<4.10",
     "importlib_resources>=6.0",  # tfds imports it to build datasets defined in packages
     "tensorboard>=2.21,<2.22",
+    "clu>=0.0.12,<0.0.13",  # metric writers and periodic actions of the train loop
     "numpy>=2.0,<3",
     "scipy>=1.14,<2",
     "scikit-learn>=1.6,<2",  # embedded digits dataset
@@ -38,6 +39,11 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10,<0.12",
         "ipykernel>=6.29,<8",
         "apache-beam>=2.77,<3",  # the Beam dataset builds are tested too
+        "wandb>=0.31,<0.32",  # the Weights & Biases writer is tested offline
+    ],
+    # Mirror the metrics to Weights & Biases (config.wandb.project).
+    "wandb": [
+        "wandb>=0.31,<0.32",
     ],
     # Dataset builds on Apache Beam (DirectRunner, Dataflow, Spark, Flink);
     # resolves with tensorflow-cpu 2.21 / tfds 4.9 on Python 3.11-3.13.

@@ -28,8 +28,8 @@ def base() -> ml_collections.ConfigDict:
   c.dataset = 'cifar100'  # tfds name, 'digits' or 'vtab:<task>'
   c.data_dir = config_dict.placeholder(str)  # tfds data_dir (None = tfds default, ~/tensorflow_datasets)
   c.train_split = 'train'  # tfds split to train on
-  c.val_split = config_dict.placeholder(str)  # split evaluated every eval_every (selects the best checkpoint)
-  c.test_split = config_dict.placeholder(str)  # split evaluated at the end (and every eval_every)
+  c.val_split = config_dict.placeholder(str)  # held-out split of evals.val (selects the best checkpoint)
+  c.test_split = config_dict.placeholder(str)  # reported split of evals.test
   c.num_classes = 100  # classifier outputs
   c.multi_label = False  # sigmoid cross-entropy over multi-hot labels instead of softmax
   # pp specs may use '{img_size}', '{num_classes}' and '{resize}' (img_size*448/384), filled by train.py.
@@ -42,12 +42,12 @@ def base() -> ml_collections.ConfigDict:
 
   # ---- Durations and batch ------------------------------------------------
   c.total_steps = 10_000  # optimizer steps
-  c.warmup_steps = 500  # linear warm-up steps (the first step already has lr/warmup_steps)
+  c.warmup_steps = 500  # linear warm-up steps (see optim.warmup_from_zero)
   c.batch_size = 512  # global batch (all processes and devices together)
   c.eval_batch_size = 512  # global eval batch (the last batch is padded and masked)
   c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide by it)
   c.log_every = 50  # steps between train metrics (metrics.jsonl, TensorBoard, progress bar)
-  c.eval_every = 1000  # steps between evaluations (0 = only at the end)
+  c.eval_every = 1000  # steps between evaluations of config.evals (0 = only at the end)
   c.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end / on SIGTERM)
   c.keep_checkpoints = 2  # keep the last N checkpoints
   c.keep_best_checkpoints = 1  # also keep the best N by val accuracy of checkpoints saved at eval steps (0 = none)
@@ -58,6 +58,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.lr = 0.03  # base (peak) learning rate
   c.optim.schedule = 'cosine'  # decay after warm-up: 'cosine' | 'linear' | 'constant'
   c.optim.end_lr_fraction = 0.0  # final lr as a fraction of the peak
+  c.optim.warmup_from_zero = False  # True: the first update has lr 0 (as published); False: lr/warmup_steps
   c.optim.momentum = 0.9  # SGD momentum (0 = plain SGD)
   c.optim.nesterov = False  # Nesterov momentum for SGD
   c.optim.b1 = 0.9  # Adam first-moment decay
@@ -68,6 +69,9 @@ def base() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 1.0  # clip the global gradient norm (0 = off)
   c.label_smoothing = 0.0  # softmax label smoothing
   c.ema_decay = 0.0  # EMA of parameters, evaluated instead of the raw ones when > 0
+  c.divergence = ml_collections.ConfigDict()  # stop a diverging run (NaN/Inf always stops it)
+  c.divergence.factor = 10.0  # the loss diverges above max(factor x its best, its first) (0 = off)
+  c.divergence.patience = 2  # ... for this many log intervals in a row
 
   # ---- Sharding ------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()
@@ -79,35 +83,59 @@ def base() -> ml_collections.ConfigDict:
   c.sharding_rules = (  # (logical axis, mesh axis or None); names without a rule are replicated
       ('embed', 'fsdp'), ('channels', 'fsdp'), ('mlp', 'model'), ('heads', 'model'),
       ('conv_out', 'model'), ('kv', None), ('classes', None), ('layers', None))
-  c.sharding_overrides = ()  # (param-path regex, 'replicate'|'fsdp'|'model') pairs, first match wins
 
-  # ---- Few-shot linear probe on pre_logits ---------------------------------
-  c.fewshot = ml_collections.ConfigDict()
-  c.fewshot.every = 0  # steps between few-shot evaluations (0 = off)
-  c.fewshot.shots = (1, 5, 10)  # examples per class in the probe's train set
-  c.fewshot.l2_reg = 2.0 ** 10  # ridge regularisation of the closed-form probe
-  c.fewshot.train_split = config_dict.placeholder(str)  # probe train split (None = train_split)
-  c.fewshot.test_split = config_dict.placeholder(str)  # probe test split (None = test_split or val_split)
-  c.fewshot.max_examples = 2000  # at most this many examples per split are embedded
+  # ---- Evaluations (vit_jax/evaluators): name -> evaluator(type, ...) -------
+  c.evals = ml_collections.ConfigDict()
+  c.evals.val = evaluator('classification', split='{val_split}')  # val/*: selects the best checkpoint
+  c.evals.test = evaluator('classification', split='{test_split}')  # test/*: the reported split
 
   # ---- Reporting -----------------------------------------------------------
   c.peak_flops = config_dict.placeholder(float)  # device peak FLOP/s for MFU (None = look up device kind)
-  c.progress_bar = True  # tqdm bar on process 0
+  c.wandb = ml_collections.ConfigDict()  # Weights & Biases (pip install -e '.[wandb]'); off without a project
+  c.wandb.project = config_dict.placeholder(str)  # W&B project: mirrors metrics.jsonl to it (process 0)
+  c.wandb.entity = config_dict.placeholder(str)  # W&B team or user (None = the default)
+  c.wandb.name = config_dict.placeholder(str)  # run name (None = the workdir's name)
+  c.progress_bar = True  # a progress line per log step on stderr (step, loss, images/s, input wait, ETA)
   return c
 
 
-def model_kwargs(model_name, img_size, num_classes, **overrides):
-  """Not used by the code; documents that the saved config rebuilds the model."""
-  return dict(name=model_name, img_size=img_size, num_classes=num_classes, **overrides)
+def evaluator(type, every=None, **fields):  # pylint: disable=redefined-builtin
+  """One entry of config.evals: an evaluator of vit_jax/evaluators and its fields.
+
+  every: steps between runs (None = config.eval_every, 0 = only at the end).
+  """
+  return ml_collections.ConfigDict(dict(
+      type=type, every=config_dict.placeholder(int) if every is None else every, **fields))
 
 
-def parse_args(arg, names, defaults):
-  """'a,b' -> dict(zip(names, values)) with defaults for missing trailing values."""
-  vals = [v.strip() for v in (arg or '').split(',')] if arg else []
-  if len(vals) > len(names):
-    raise ValueError(f'Too many config args {arg!r}; expected {",".join(names)}.')
+def fewshot_evaluator(every, shots=(1, 5, 10)):
+  """The few-shot linear probe on pre_logits (vit_jax/evaluators/fewshot.py)."""
+  return evaluator(
+      'fewshot', every=every,
+      shots=shots,  # examples per class in the probe's train set
+      l2_reg=2.0 ** 10,  # ridge regularisation of the closed-form probe
+      train_split=config_dict.placeholder(str),  # probe train split (None = train_split)
+      test_split=config_dict.placeholder(str),  # probe test split (None = test_split or val_split)
+      max_examples=2000)  # at most this many examples per split are embedded
+
+
+def parse_args(arg, names, defaults, keys=(), what='config'):
+  """'a,b,k=v' -> dict: positional values for `names` in order, then key=value items for
+  `names` or `keys`; defaults fill what is missing. ValueError names what is wrong."""
   out = dict(defaults)
-  out.update({n: v for n, v in zip(names, vals) if v})
+  positional = []
+  for item in filter(None, (v.strip() for v in (arg or '').split(','))):
+    key, eq, value = item.partition('=')
+    if not eq:
+      positional.append(item)
+    elif key in names or key in keys:
+      out[key] = value
+    else:
+      raise ValueError(f'Unknown {what} argument {key!r}; valid: {", ".join((*names, *keys))}.')
+  if len(positional) > len(names):
+    raise ValueError(f'Too many config args {arg!r}; expected {",".join(names)}'
+                     + (f'[,key=value] with keys {", ".join(keys)}.' if keys else '.'))
+  out.update({n: v for n, v in zip(names, positional) if v})
   return out
 
 

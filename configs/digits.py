@@ -47,6 +47,5 @@ def get_config(arg=None):
   c.optim.grad_clip_norm = 1.0  # global norm clip
   c.label_smoothing = 0.0  # none
   c.mesh.data = -1  # all devices data-parallel
-  c.fewshot.every = 0  # off
   return c
 

@@ -117,14 +117,15 @@ def get_config(arg='b16,cifar100'):
   c.shuffle_buffer = 50_000  # examples
   c.lr_sweep = LR_SWEEP_IMAGENET if name.startswith('imagenet') else LR_SWEEP  # for vit_jax.sweep
   if name == 'imagenet2012':  # ImageNet ReaL labels (Beyer et al. 2020) as an extra test set
-    c.real_eval = ml_collections.ConfigDict()  # ImageNet ReaL: a second evaluation of the same model
-    c.real_eval.dataset = 'imagenet2012_real'  # tfds dataset: the validation images, relabelled
-    c.real_eval.split = 'validation'  # its only split
-    c.real_eval.pp = ('decode|resize({img_size})|value_range(-1, 1)|'
-                      'multi_hot({num_classes}, key="real_label")')  # label sets, scored as ReaL
+    c.evals.real = common.evaluator(  # ImageNet ReaL: a second evaluation of the same model
+        'real', dataset='imagenet2012_real',  # tfds dataset: the validation images, relabelled
+        split='validation',  # its only split
+        pp=('decode|resize({img_size})|value_range(-1, 1)|'
+            'multi_hot({num_classes}, key="real_label")'))  # label sets, scored as ReaL
 
   c.total_steps = steps  # published schedule length for this dataset
   c.warmup_steps = warmup  # linear warm-up, then cosine decay to 0
+  c.optim.warmup_from_zero = True  # as published: the first update has lr 0
   c.batch_size = 512  # global batch
   c.eval_batch_size = 512  # global eval batch
   c.log_every = 50  # train metrics

@@ -128,19 +128,9 @@ def parse_arg(arg: str | None) -> dict:
   arg = (arg or '').strip()
   if NAME.fullmatch(os.path.basename(arg).removesuffix('.npz').split('--')[0]) or '--' in arg:
     return parse_name(arg)
-  args = dict(model='b16', dataset='imagenet21k', aug='none')
-  positional = []
-  for item in filter(None, (v.strip() for v in arg.split(','))):
-    key, eq, value = item.partition('=')
-    if not eq:
-      positional.append(item)
-    elif key in KEYS or key in ('model', 'dataset', 'aug'):
-      args[key] = value
-    else:
-      raise ValueError(f'Unknown pretrain.py argument {key!r}; valid: {", ".join(KEYS)}.')
-  if len(positional) > 3:
-    raise ValueError(f'Too many config args {arg!r}; expected <model>,<dataset>[,<aug>][,key=value].')
-  args.update(zip(('model', 'dataset', 'aug'), positional))
+  args = common.parse_args(arg, ('model', 'dataset', 'aug'),
+                           dict(model='b16', dataset='imagenet21k', aug='none'), keys=KEYS,
+                           what='pretrain.py')
   args['dataset'] = DATASET_ALIASES.get(args['dataset'], args['dataset'])
   return args
 
@@ -202,12 +192,12 @@ def get_config(arg=None):
                '|value_range(-1, 1)|' + label_op)  # eval ops
   c.shuffle_buffer = 250_000  # examples
   c.mixup.alpha = mixup  # AugReg mixup strength
-  c.augreg = aug  # AugReg augmentation level (none, light1 ... strong2)
 
   c.batch_size = 4096  # global batch
   c.total_epochs = config_dict.FieldReference(epochs, field_type=float)  # passes over train_split
   c.total_steps = 0 if epochs else ds['steps']  # 0 = total_epochs x train split size / batch_size
   c.warmup_steps = 10_000  # linear warm-up
+  c.optim.warmup_from_zero = True  # as published (big_vision): the first update has lr 0
   c.eval_batch_size = 4096  # global eval batch
   c.log_every = 100  # train metrics
   c.eval_every = 10_000  # val accuracy (prec@1 for multi-label)
@@ -223,6 +213,5 @@ def get_config(arg=None):
   c.optim.weight_decay = wd * lr  # decoupled, kernels only: AugReg 'wd' times the peak lr
   c.optim.grad_clip_norm = 1.0  # global norm clip
   c.label_smoothing = 0.0  # none
-  c.fewshot.every = 10_000  # few-shot probe on pre_logits
-  c.fewshot.shots = (1, 5, 10, 25)  # examples per class
+  c.evals.fewshot = common.fewshot_evaluator(every=10_000, shots=(1, 5, 10, 25))  # probe on pre_logits
   return c

@@ -86,6 +86,7 @@ def get_config(arg='b16,cifar100'):
 
   c.total_steps = 2_500  # ViT Table 4
   c.warmup_steps = 500  # official fine-tuning default (none published for VTAB)
+  c.optim.warmup_from_zero = True  # as the official fine-tuning: the first update has lr 0
   c.batch_size = 512  # global batch
   c.eval_batch_size = 512  # global eval batch
   c.log_every = 50  # train metrics

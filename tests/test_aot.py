@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import configs
-from vit_jax import (aot, collectives, fit_report, flops, hardware, hlo_text, models, step_cost,
-                     train)
+from vit_jax import (aot, collectives, fit_report, flops, hardware, hlo_text, job, models, state,
+                     step_cost)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
@@ -34,7 +34,7 @@ def tiny_config(model_name=None, **changes):
 
 
 def param_bytes(config):
-  spec = train.abstract_model(train.resolve_config(config))
+  spec = state.abstract_model(job.with_templates(config))
   return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(spec.abstract_params))
 
 
@@ -45,7 +45,10 @@ def v5e():
 
 # One job on a 4-chip v5e slice whose parameters and optimizer state dominate
 # (a 20,000-class head), compiled at fsdp=1 and fsdp=4.
-BIG_HEAD = dict(num_classes=20_000, batch_size=8, eval_batch_size=8)
+# (A dataset with that many classes that is not prepared here: aot reads no data, and a
+# prepared dataset's own class count would have to agree.)
+BIG_HEAD = dict(num_classes=20_000, batch_size=8, eval_batch_size=8, dataset="imagenet2012",
+                data_dir="/nonexistent/tfds")
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +73,9 @@ def test_reported_bytes_are_the_compiled_programs(big_head_jobs):
   assert r.device_kind == "TPU v5 lite" and r.hbm_bytes_per_chip == 16 * 2 ** 30
   assert 0 < r.eval_bytes_per_chip < r.bytes_per_chip   # no optimizer state, no backward pass
   # FLOPs: 3 x the closed-form forward count of this ViT.
-  c = train.resolve_config(tiny_config(**BIG_HEAD))
+  c = job.with_templates(tiny_config(**BIG_HEAD))
   cfg = models.get_config(c.model_name, num_classes=c.num_classes, img_size=c.img_size,
-                          **train.model_overrides(c))
+                          **state.model_overrides(c))
   assert r.flops_per_image == 3 * flops.vit_forward_flops(cfg)
   assert r.flops_per_step == r.flops_per_image * c.batch_size
 
@@ -256,11 +259,6 @@ def test_megascale_transfers_are_dcn_with_the_bytes_before_tile_padding():
   assert hlo_text.physical_bytes("bf16[197,768]{1,0:T(8,128)(2,1)}") == [208 * 768 * 2]
 
 
-def full_param_bytes(config):
-  spec = train.abstract_model(train.resolve_config(config))
-  return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(spec.abstract_params))
-
-
 @pytest.fixture(scope="module")
 def two_slices():
   """Two v5e:2x2 slices (one host each); digits jobs with fsdp=4 and fsdp=1 inside them,
@@ -276,7 +274,7 @@ def two_slices():
 def test_two_slices_send_only_the_gradient_all_reduce_over_dcn(two_slices):
   four, one = two_slices[4], two_slices[1]
   assert four.mesh == {"data": 2, "fsdp": 4, "model": 1} and one.mesh["data"] == 8
-  full = full_param_bytes(tiny_config())
+  full = param_bytes(tiny_config())
   for r in (four, one):
     assert set(r.dcn_collectives) == {"all-reduce"} and r.dcn_bytes_per_step == sum(
         c["bytes"] for c in r.dcn_collectives.values())

@@ -78,6 +78,21 @@ def test_hybrid_and_mixer_key_names(tmp_path):
           "MixerBlock_0/LayerNorm_1/scale", "pre_head_layer_norm/bias"} <= keys
 
 
+def test_bit_key_names(tmp_path):
+  # The keys of the published BiT-M .npz files (as timm's and big_transfer's
+  # loaders read them); the head is a 1x1 convolution.
+  checkpoint.save_npz(models.create("BiT-test", num_classes=3), tmp_path / "bit.npz")
+  with np.load(tmp_path / "bit.npz") as f:
+    shapes = {k: f[k].shape for k in f.files}
+  assert shapes["resnet/root_block/standardized_conv2d/kernel"] == (7, 7, 3, 64)
+  assert shapes["resnet/block1/unit01/a/proj/standardized_conv2d/kernel"] == (1, 1, 64, 256)
+  assert shapes["resnet/block2/unit01/b/group_norm/gamma"] == (128,)
+  assert shapes["resnet/block2/unit01/c/standardized_conv2d/kernel"] == (1, 1, 128, 512)
+  assert shapes["resnet/group_norm/beta"] == (512,)
+  assert shapes["resnet/head/conv2d/kernel"] == (1, 1, 512, 3)
+  assert all(k.startswith("resnet/") for k in shapes)
+
+
 def test_posemb_resize_known_answer():
   grid = np.array([[0., 1.], [2., 3.]]).reshape(1, 4, 1)
   posemb = np.concatenate([np.full((1, 1, 1), 7.0), grid], axis=1)
@@ -307,8 +322,8 @@ def test_timm_reads_our_export():
 
 def test_sincos_posemb_is_big_visions_formula():
   """Known values: position (row 0, col 1) of a 1x2 grid, width 8."""
-  from vit_jax.models import vit
-  pe = vit.posemb_sincos_2d((1, 2), 8)[0]
+  from vit_jax.models import posemb
+  pe = posemb.posemb_sincos_2d((1, 2), 8)[0]
   # quarter = 2 frequencies: 1 and 1/10000; x of the second patch is 1.
   np.testing.assert_allclose(pe[1], [np.sin(1), np.sin(1e-4), np.cos(1), np.cos(1e-4),
                                      0, 0, 1, 1], rtol=1e-6, atol=1e-7)
@@ -396,7 +411,7 @@ def test_finetune_from_a_workdir_takes_its_architecture(tmp_path, caplog):
   """A run trained with architecture overrides is fine-tuned by a config
   that does not repeat them; load(workdir) reads without orbax warnings."""
   import test_train
-  from vit_jax import optim, train
+  from vit_jax import job, optim, state as state_lib, train
   wd = str(tmp_path / "pretrain")
   c = test_train.tiny_config(total_steps=2, checkpoint_every=0)
   c.model.hidden_size, c.model.num_heads, c.model.mlp_dim, c.model.patch_size = 16, 2, 32, 4
@@ -409,16 +424,35 @@ def test_finetune_from_a_workdir_takes_its_architecture(tmp_path, caplog):
 
   ft = test_train.tiny_config(pretrained=wd, num_classes=5, img_size=16)
   assert ft.model.hidden_size is None  # the registry's ViT-test would be 32 wide
-  ft = train.pretrained_architecture(train.resolve_config(ft))
-  assert (ft.model.hidden_size, ft.model.patch_size) == (16, 4)
-  s = train.setup(ft, str(tmp_path / "finetune"))
-  spec = train.abstract_model(ft)
-  tx = optim.make_optimizer(ft)
-  _, shardings = train.state_shardings(ft, spec, tx, s)
-  with caplog.at_level(logging.INFO, logger="vit_jax.train"):
-    state = train.create_train_state(ft, spec, tx, shardings)
+  ft = job.resolve(ft, data=test_train.InMemoryData())
+  assert (ft.config.model.hidden_size, ft.config.model.patch_size) == (16, 4)
+  spec = state_lib.abstract_model(ft.config)
+  tx = optim.make_optimizer(ft.config)
+  _, shardings = state_lib.state_shardings(ft.config, spec, tx, ft.mesh)
+  with caplog.at_level(logging.INFO, logger="vit_jax.state"):
+    state = state_lib.create_train_state(ft.config, spec, tx, shardings)
   params = jax.device_get(state["params"])
   np.testing.assert_array_equal(params["embedding"]["kernel"],
                                 trained.embedding.kernel.get_value())
   assert f"config.pretrained: {wd} -> ViT-test: position embedding resized 8x8 -> 4x4" in caplog.text
   assert "head new, zero-initialised (5 classes; the file's has 4)" in caplog.text
+
+
+def test_load_params_into_from_a_scanned_run(tmp_path):
+  """A run's orbax parameters (scanned stack, 7 classes) go straight onto an
+  unrolled model with another head and resolution."""
+  from vit_jax import train_state
+  run = randomize(models.create("ViT-test", num_classes=7, img_size=32, scan=True))
+  ckpt = train_state.TrainCheckpointer(tmp_path, keep=1)
+  ckpt.save({"params": nnx.to_pure_dict(nnx.state(run, nnx.Param)), "step": np.int32(3)},
+            meta=train_state.train_meta(step=3, model_name="ViT-test", num_classes=7,
+                                        img_size=32, model_overrides={"scan": True}))
+  ckpt.close()
+  target = models.create("ViT-test", num_classes=3, img_size=48)
+  summary = checkpoint.load_params_into(target, tmp_path)
+  assert summary.head_new and summary.posemb_resized
+  block = target.Transformer.encoderblock[1].MlpBlock_3.Dense_0.kernel.get_value()
+  np.testing.assert_array_equal(block, run.Transformer.encoderblock.MlpBlock_3.Dense_0.kernel.get_value()[1])
+  same = models.create("ViT-test", num_classes=7, img_size=32)
+  checkpoint.load_params_into(same, tmp_path)
+  np.testing.assert_allclose(same(images()), run(images()), atol=1e-5)

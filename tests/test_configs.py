@@ -13,7 +13,7 @@ import tensorflow as tf
 import configs
 from configs import finetune as finetune_config
 from configs import vtab as vtab_config
-from vit_jax import optim, train
+from vit_jax import job, optim, state
 from vit_jax.data import preprocess
 from vit_jax.data import vtab as vtab_tasks
 
@@ -78,7 +78,8 @@ def test_every_finetuning_schedule_warms_up_then_decays(dataset):
   lrs = np.asarray(schedule(np.arange(c.total_steps)))
   peak = lrs.max()
   assert peak == pytest.approx(c.optim.lr)
-  assert int(np.argmax(lrs)) == c.warmup_steps - 1 < c.total_steps // 4  # warm-up is short
+  assert lrs[0] == 0.0 and c.optim.warmup_from_zero  # as published: the first update has lr 0
+  assert int(np.argmax(lrs)) == c.warmup_steps < c.total_steps // 4  # warm-up is short
   assert lrs[-1] < 0.1 * peak  # decayed by the last step
   assert np.all(np.diff(lrs[c.warmup_steps:]) <= 0)
 
@@ -120,7 +121,7 @@ def test_published_dropout_reaches_the_model(model, rate):
   c = configs.load(f"finetune.py:{model},cifar10")
   c.model.update(hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32)  # tiny, same dropout
   c.img_size, c.num_classes, c.head_zero_init = 32, 10, False
-  net = train.create_model(c)
+  net = state.create_model(c)
   x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
   def features(**kw):
     return net(x, return_intermediates=True, **kw)[1]["pre_logits"]
@@ -129,8 +130,8 @@ def test_published_dropout_reaches_the_model(model, rate):
 
 
 def test_train_augmentations_are_options_with_inception_as_default():
-  default = train.resolve_config(configs.load("finetune.py:b16,cifar10"))
-  resize = train.resolve_config(configs.load("finetune.py:b16,cifar10,resize_crop"))
+  default = job.with_templates(configs.load("finetune.py:b16,cifar10"))
+  resize = job.with_templates(configs.load("finetune.py:b16,cifar10,resize_crop"))
   assert "inception_crop(384)|flip_lr" in default.pp_train
   assert "resize(448)|random_crop(384)|flip_lr" in resize.pp_train
   with pytest.raises(ValueError, match="Unknown crop 'center'.*inception"):
@@ -140,14 +141,15 @@ def test_train_augmentations_are_options_with_inception_as_default():
 def test_other_datasets_pass_through():
   c = configs.load("finetune.py:b16,imagefolder:/data/pets")
   assert c.dataset == "imagefolder:/data/pets" and c.num_classes == -1
-  assert "real_eval" not in c
+  assert "real" not in c.evals
 
 
 def test_imagenet_evaluates_real_labels():
   c = configs.load("finetune.py:b16,imagenet2012")
-  from vit_jax import evaluate
-  real = evaluate.real_eval_config(train.resolve_config(c))
-  assert (real.dataset, real.test_split, real.val_split) == ("imagenet2012_real", "validation", None)
+  from vit_jax.evaluators import real as real_eval
+  c = job.with_templates(c)
+  [(real, split)] = real_eval.reads(c, c.evals.real)
+  assert (real.dataset, split) == ("imagenet2012_real", "validation")
   fn = preprocess.get_preprocess_fn(real.pp_eval)
   out = fn({"image": tf.zeros([20, 30, 3], tf.uint8), "real_label": tf.constant([3, 7], tf.int64)})
   assert out["image"].shape == (384, 384, 3)
@@ -166,7 +168,7 @@ def _ramp(h=48, w=64):
 def _train_outputs(task, seeds=24, size=16):
   c = configs.load(f"vtab.py:b16,{task}")
   c.img_size = size
-  spec = train.resolve_config(c).pp_train
+  spec = job.with_templates(c).pp_train
   fn = preprocess.get_preprocess_fn(spec)
   image = tf.constant(_ramp())
   return [fn({"image": image, "label": tf.constant(0), "_rng": tf.constant([0, s], tf.int64)})

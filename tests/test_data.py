@@ -490,14 +490,16 @@ def test_imagenet_real_label_sets_through_the_pipeline(tmp_path):
   """The ReaL eval of configs/finetune.py reads imagenet2012_real's variable-length
   'real_label' sets into multi-hot vectors (mocked tfds data)."""
   import configs
-  from vit_jax import evaluate, train
+  from vit_jax import job
+  from vit_jax.evaluators import real as real_eval
   _fake_metadata(tmp_path, "imagenet2012_real", {"validation": 20})
   c = configs.load("finetune.py:b16,imagenet2012")
   c.img_size, c.data_dir = 16, str(tmp_path)
-  real = evaluate.real_eval_config(train.resolve_config(c))
+  c = job.with_templates(c)
+  [(real, split)] = real_eval.reads(c, c.evals.real)
   with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path)):
-    assert data.num_examples(real, real.test_split) == 20
-    batches = list(data.eval_iterator(real, real.test_split, global_batch_size=8,
+    assert data.num_examples(real, split) == 20
+    batches = list(data.eval_iterator(real, split, global_batch_size=8,
                                       process_index=0, process_count=1))
     raw = list(tfds.load("imagenet2012_real", split="validation", data_dir=str(tmp_path)))
   labels = np.concatenate([b["labels"] for b in batches])[:20]

@@ -7,7 +7,7 @@ import jax
 import pytest
 from flax import nnx
 
-from vit_jax import flops, models, train
+from vit_jax import flops, models, steps, train
 
 import test_train  # noqa: E402  (tests/ is on sys.path under pytest)
 
@@ -66,11 +66,11 @@ def test_scanned_and_unrolled_models_at_the_same_speed_log_the_same_mfu(tmp_path
 
 def test_mfu_peak_is_per_device_and_compute_dtype():
   c = test_train.tiny_config()
-  assert train.peak_flops(c) == 1e12            # config.peak_flops wins
+  assert steps.peak_flops(c) == 1e12            # config.peak_flops wins
   c.peak_flops = None
-  assert train.peak_flops(c) is None            # a CPU has no data-sheet peak: no MFU logged
+  assert steps.peak_flops(c) is None            # a CPU has no data-sheet peak: no MFU logged
   tpu = types.SimpleNamespace(platform="tpu", device_kind="TPU v5 lite")
   c.model.dtype = "bfloat16"
-  assert train.peak_flops(c, tpu) == 197e12
+  assert steps.peak_flops(c, tpu) == 197e12
   c.model.dtype = "float32"
-  assert train.peak_flops(c, tpu) == flops.peak_flops("TPU v5 lite", "float32") < 197e12
+  assert steps.peak_flops(c, tpu) == flops.peak_flops("TPU v5 lite", "float32") < 197e12

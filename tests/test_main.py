@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax import checkpoint, cli, data, main, models, preflight, train
+from vit_jax import checkpoint, cli, command_line, data, job, models, preflight, runtime, train, workdir
 from vit_jax import vtab as vtab_driver
 
 import test_train  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -28,8 +28,8 @@ CONFIGS = os.path.join(test_train.REPO, "configs")
 def test_unknown_config_key_says_did_you_mean():
   argv = ["main", f"--config={CONFIGS}/digits.py", "--workdir=/tmp/x", "--config.optim.lrr=0.1"]
   with pytest.raises(cli.UsageError, match=r"--config\.optim\.lrr .*Did you mean optim\.lr\b"):
-    preflight.check_overrides(argv)
-  config = preflight.check_overrides(argv[:-1] + ["--config.optim.lr=0.1"])  # valid keys pass
+    command_line.check_overrides(argv)
+  config = command_line.check_overrides(argv[:-1] + ["--config.optim.lr=0.1"])  # valid keys pass
   assert config.model_name == "ViT-test"
 
 
@@ -76,8 +76,11 @@ def test_configs_load_with_commented_common_fields(spec):
   own, bare = _commented_assignments(os.path.join(CONFIGS, path))
   assert own and not bare, bare
   base, _ = _commented_assignments(os.path.join(CONFIGS, "common.py"))
-  leaves = [k for k in preflight.config_keys(c) if not hasattr(_field(c, k), "items")]
-  assert "optim.lr" in leaves and [k for k in leaves if k not in own | base] == []
+  leaves = [k for k in command_line.config_keys(c) if not hasattr(_field(c, k), "items")]
+  # An evaluator's fields are documented in its module; its entry carries the comment.
+  leaves = [".".join(k.split(".")[:2]) if k.startswith("evals.") else k for k in leaves]
+  assert "optim.lr" in leaves and "evals.val" in leaves
+  assert [k for k in leaves if k not in own | base] == []
 
 
 def _field(config, dotted):
@@ -120,12 +123,12 @@ def _shrink(c, tmp_path, npz):
 
 def test_finetune_from_npz_resizes_posemb_and_swaps_head(tmp_path, published_npz):
   c = _shrink(load_config_file("finetune.py", "b16,cifar100"), tmp_path, published_npz)
-  spec = train.abstract_model(c)
-  from vit_jax import optim
-  s = train.setup(c, str(tmp_path / "wd0"))
+  from vit_jax import optim, state as state_lib
+  c = job.with_templates(c)
+  spec = state_lib.abstract_model(c)
   tx = optim.make_optimizer(c)
-  _, shardings = train.state_shardings(c, spec, tx, s)
-  state = train.create_train_state(c, spec, tx, shardings)
+  _, shardings = state_lib.state_shardings(c, spec, tx, job.make_mesh(c))
+  state = state_lib.create_train_state(c, spec, tx, shardings)
   flat = checkpoint.read_npz(published_npz)
   params = jax.device_get(state["params"])
   posemb = params["Transformer"]["posembed_input"]["pos_embedding"]
@@ -216,7 +219,7 @@ def npz_files(tmp_path_factory):
     (["--config.progress_bar=maybe"], ["must be true or false"]),
     (["--config.model.dtype=float64"], ["config.model.dtype='float64'", "'bfloat16'"]),
     (["--config.grad_accum_steps=5"], ["does not divide config.batch_size"]),
-    (["--config.fewshot.shots=1,x"], ["config.fewshot.shots", "a tuple of positive integers"]),
+    (["--config.evals.test.every=-1"], ["config.evals.test.every", "an integer >= 0"]),
 ])
 def test_cli_refuses_a_mistake_in_one_line_and_leaves_no_workdir(tmp_path, npz_files, overrides, hints):
   wd = tmp_path / "wd"
@@ -263,7 +266,7 @@ def test_dataset_not_prepared_is_a_usage_error_checked_before_training(tmp_path)
   c = load_config_file("digits.py")
   c.dataset, c.num_classes, c.data_dir = "cifar10", 10, str(tmp_path / "empty")
   with pytest.raises(cli.UsageError, match=f"tfds build cifar10 --data_dir={tmp_path / 'empty'}"):
-    main.check_devices_and_data(c)
+    job.resolve(c)
   assert not (tmp_path / "empty").exists()
 
 
@@ -288,8 +291,8 @@ def test_cli_unexpected_error_keeps_its_traceback(tmp_path):
 
 
 def test_preflight_knows_the_datasets_vit_jax_registers():
-  from vit_jax.data import pipeline, vtab
-  assert set(preflight.OWN_DATASETS) == set(pipeline.OFFLINE_BUILDERS)
+  from vit_jax.data import datasets, vtab
+  assert set(preflight.OWN_DATASETS) == set(datasets.OFFLINE_BUILDERS)
   assert preflight.VTAB_TASKS == tuple(vtab.TASKS)
   preflight.check_dataset("cifar10:3.0.2")
   preflight.check_dataset("clevr/closest_object_distance")
@@ -347,14 +350,14 @@ def test_cli_trains_then_a_rerun_says_finished_with_the_final_metrics(tmp_path):
   assert json.loads(again.stdout.strip().splitlines()[-1]) == summary  # read back from metrics.jsonl
   assert _tree(wd) == before  # nothing retrained, rewritten or restored
   # More steps asked for: not finished (the job resumes; see test_train for resuming).
-  assert preflight.finished_metrics(str(wd), 7) is None
-  assert preflight.finished_metrics(str(wd), 6)["step"] == 6
+  assert workdir.finished_metrics(str(wd), 7) is None
+  assert workdir.finished_metrics(str(wd), 6)["step"] == 6
 
 
 _FAULTS_SCRIPT = r"""
 import resource, sys, json
-from vit_jax import main
-applied = main.reuse_cpu_step_memory() if sys.argv[1] == "reuse" else False
+from vit_jax import runtime
+applied = runtime.reuse_cpu_step_memory() if sys.argv[1] == "reuse" else False
 import jax, jax.numpy as jnp
 def loss(w, x):
   h = jnp.tanh(x @ w[0])
@@ -400,4 +403,4 @@ def test_reuse_cpu_step_memory_stops_per_step_page_faults():
 
 def test_reuse_cpu_step_memory_is_refused_once_jax_has_started():
   jax.devices()   # the CPU client exists now: too late to change how it dispatches
-  assert main.reuse_cpu_step_memory() is False
+  assert runtime.reuse_cpu_step_memory() is False

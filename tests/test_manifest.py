@@ -122,7 +122,8 @@ def test_pretrain_jft_mode_trains_on_a_manifest(tmp_path):
   c.dataset, c.data_dir, c.num_classes = f"manifest:{path}", str(tmp_path / "tfds"), -1
   c.img_size, c.batch_size, c.eval_batch_size = 32, 8, 8
   c.total_steps, c.warmup_steps, c.eval_every, c.checkpoint_every = 2, 1, 0, 0
-  c.fewshot.every, c.shuffle_buffer, c.progress_bar = 0, 8, False
+  del c.evals["fewshot"]
+  c.shuffle_buffer, c.progress_bar = 8, False
   c.model.dtype, c.model.scan = "float32", False
   wd = str(tmp_path / "wd")
   res = train.train_and_evaluate(c, wd)

@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from vit_jax import checkpoint, models
-from vit_jax.models import layers
+from vit_jax.models import ops, stacks
 import reference_linen as ref
 
 # Published parameter counts with a 1000-class head at 224px.
@@ -245,7 +245,7 @@ def _grad_temp_bytes(model) -> int:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU behaviour")
 def test_remat_saves_memory_on_cpu_as_the_warning_says():
-  # What layers.remat's warning says, checked on the compiled programs:
+  # What stacks.remat's warning says, checked on the compiled programs:
   # scanned, full remat cuts the backward's temporary memory; unrolled, it
   # does too from jaxlib 0.11.1, while before it XLA's CPU compiler merges the
   # recomputation back, the memory stays and remat warns. (If either half
@@ -258,7 +258,7 @@ def test_remat_saves_memory_on_cpu_as_the_warning_says():
         models.create("ViT-test", scan=True, remat_policy="full", **kw))
     unrolled_none = _grad_temp_bytes(models.create("ViT-test", **kw))
   assert scan_full < 0.8 * scan_none
-  if layers.CPU_REMAT_NEEDS_SCAN:
+  if stacks.CPU_REMAT_NEEDS_SCAN:
     with pytest.warns(UserWarning, match="saves no memory.*scan=True"):
       unrolled_full = _grad_temp_bytes(
           models.create("ViT-test", remat_policy="full", **kw))
@@ -304,6 +304,42 @@ def test_head_bias_init_and_zero_head():
   np.testing.assert_allclose(m(images()), -10.0)
 
 
+# (num_prefix_tokens, patch_grid, pixels_per_token) at 32px.
+TOKEN_LAYOUTS = {"ViT-test": (1, (4, 4), 8), "ViT-test-gap": (0, (4, 4), 8),
+                 "ViT-test-map": (0, (4, 4), 8), "R+ViT-test": (1, (2, 2), 16),
+                 "Mixer-test": (0, (4, 4), 8), "BiT-test": (0, None, None)}
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_every_family_is_an_image_classifier(name):
+  # The interface the analyses and the loader rely on: the token layout, the
+  # pre-logits the head reads, float32 logits, and no head without classes.
+  model = randomize(models.create(name, num_classes=5, img_size=32, dtype=jnp.bfloat16))
+  assert isinstance(model, models.ImageClassifier)
+  assert (model.num_prefix_tokens, model.patch_grid, model.pixels_per_token) == TOKEN_LAYOUTS[name]
+  logits, inter = model(images(), return_intermediates=True)
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 5)
+  np.testing.assert_array_equal(logits, model.head(inter["pre_logits"]).astype(jnp.float32))
+  headless = models.create(name, num_classes=0, img_size=32, dtype=jnp.bfloat16)
+  assert not hasattr(headless, "head")
+  shared = nnx.to_pure_dict(nnx.state(model, nnx.Param))   # the same parameters but the head
+  del shared["head"]
+  state = nnx.state(headless, nnx.Param)
+  nnx.replace_by_pure_dict(state, shared)
+  nnx.update(headless, state)
+  np.testing.assert_array_equal(headless(images(), return_intermediates=True)[0],
+                                np.asarray(inter["pre_logits"], np.float32))
+
+
+def test_dtypes_by_name():
+  assert models.create("ViT-test", num_classes=3, img_size=32,
+                       dtype="bfloat16").config.dtype == jnp.bfloat16
+  for d in (jnp.float32, jnp.bfloat16, jnp.float16):
+    assert models.dtypes.dtype(models.dtypes.name(d)) == d
+  with pytest.raises(ValueError, match="'float64' is not one of float32, bfloat16, float16"):
+    models.create("ViT-test", num_classes=3, img_size=32, dtype="float64")
+
+
 def test_config_properties():
   cfg = models.get_config("R50+ViT-B_16", num_classes=1, img_size=384)
   assert cfg.pixels_per_token == 16 and cfg.patch_grid == (24, 24)
@@ -337,7 +373,7 @@ def test_padded_attention_is_exact(nq, nk):
   # cuDNN rejects odd token counts, so attention_cudnn pads the token inputs
   # and masks the padding. Through XLA on CPU, the padded computation must
   # equal plain attention, outputs and gradients (nq == 0: self-attention).
-  from vit_jax.models import attention
+  from vit_jax.models.ops import attention
   self_attention = nq == 0
   nq, nk = (9, 9) if self_attention else (nq, nk)
   kq, kk, kw, kg = jax.random.split(jax.random.key(nq * 1000 + nk), 4)
@@ -374,7 +410,7 @@ def test_cpu_head_major_attention_equals_xla_attention(nq, dtype):
   # The CPU path normalises the softmax after the second matmul; same values
   # and gradients as jax.nn.dot_product_attention (large logits included,
   # where an unshifted exp would overflow).
-  from vit_jax.models import attention
+  from vit_jax.models.ops import attention
   k = jax.random.split(jax.random.key(nq), 4)
   q = (jax.random.normal(k[0], (2, nq, 3, 8)) * 30).astype(dtype)
   kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
@@ -402,7 +438,7 @@ def test_xla_attention_keeps_probabilities_in_the_compute_dtype(dtype):
   # attention_xla (TPU, GPU without cuDNN) is jax.nn.dot_product_attention's
   # XLA computation (the same forward values), except that its backward pass
   # keeps the probabilities once, in the compute dtype: no float32 copy.
-  from vit_jax.models import attention
+  from vit_jax.models.ops import attention
   k = jax.random.split(jax.random.key(7), 4)
   q = (jax.random.normal(k[0], (2, 9, 3, 8)) * 4).astype(dtype)
   kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
@@ -431,7 +467,7 @@ def test_xla_attention_keeps_probabilities_in_the_compute_dtype(dtype):
 
 @pytest.mark.parametrize("name", ["ViT-test", "Mixer-test", "R+ViT-test"])
 def test_models_traced_for_tpu_compute_the_same_function(name):
-  # Traced for a TPU (layers.compiling_for, as vit_jax.aot does on a CPU
+  # Traced for a TPU (ops.compiling_for, as vit_jax.aot does on a CPU
   # host) the layers take the forms that suit it: the patch embedding a
   # convolution (its reshape + matmul form is faster on CPU, but on TPU its
   # padded tiles take 4x the image's memory), Dense layers dot_generals on
@@ -451,7 +487,7 @@ def test_models_traced_for_tpu_compute_the_same_function(name):
     return lowered, logits, grads
 
   cpu_text, cpu_logits, cpu_grads = run()
-  with layers.compiling_for("tpu"):
+  with ops.compiling_for("tpu"):
     tpu_text, tpu_logits, tpu_grads = run()
   if name == "ViT-test":
     assert "stablehlo.convolution" in tpu_text
@@ -466,13 +502,13 @@ def test_models_traced_for_tpu_compute_the_same_function(name):
 
 def test_compiling_for_rejects_an_unknown_platform():
   with pytest.raises(ValueError, match="not one of cpu, tpu, gpu"):
-    with layers.compiling_for("tpu-v5e"):
+    with ops.compiling_for("tpu-v5e"):
       pass
-  assert layers.target_platform() == jax.default_backend()
+  assert ops.target_platform() == jax.default_backend()
 
 
 def test_layer_norm_gradient_matches_float64_finite_differences():
-  # layers.layer_norm writes its backward pass out; it must be the gradient
+  # ops.layer_norm writes its backward pass out; it must be the gradient
   # of the LayerNorm function, and forward-over-reverse (Hessian-vector
   # products, vit_jax.analysis.hessian) must still work through it.
   k = jax.random.split(jax.random.key(0), 4)
@@ -486,8 +522,8 @@ def test_layer_norm_gradient_matches_float64_finite_differences():
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
     return (x - mean) / np.sqrt(var + 1e-6) * scale + bias
 
-  ours = lambda x, s, b: jnp.sum(layers.layer_norm(x, s, b, 1e-6, jnp.float32) * w)
-  np.testing.assert_allclose(layers.layer_norm(x, scale, bias, 1e-6, jnp.float32),
+  ours = lambda x, s, b: jnp.sum(ops.layer_norm(x, s, b, 1e-6, jnp.float32) * w)
+  np.testing.assert_allclose(ops.layer_norm(x, scale, bias, 1e-6, jnp.float32),
                              reference(x, scale, bias), atol=1e-5)
   grads = jax.grad(ours, argnums=(0, 1, 2))(x, scale, bias)
   # d/dparams of sum(w * LN): by central differences in float64.
@@ -508,7 +544,7 @@ def test_layer_norm_gradient_matches_float64_finite_differences():
   # Forward-over-reverse (Hessian-vector products) through the float32
   # LayerNorm against autodiff of the plain formula in float64.
   v = jax.random.normal(jax.random.key(9), x.shape)
-  grad = jax.grad(lambda x: jnp.sum(w * layers.layer_norm(
+  grad = jax.grad(lambda x: jnp.sum(w * ops.layer_norm(
       x, scale, bias, 1e-6, jnp.float32)))
   hvp = jax.jvp(grad, (x,), (v,))[1]
   with jax.enable_x64(True):
@@ -524,7 +560,7 @@ def test_layer_norm_gradient_matches_float64_finite_differences():
   # Of the activations, only x is kept for the backward pass (with per-row
   # statistics and per-feature vectors), also for bfloat16 inputs.
   for dtype in (jnp.float32, jnp.bfloat16):
-    shapes = saved_shapes(lambda x: layers.layer_norm(
+    shapes = saved_shapes(lambda x: ops.layer_norm(
         x, scale, bias, 1e-6, dtype), x.astype(dtype))
     assert [s for s in shapes if s not in ((4, 7, 1), (32,))] == [x.shape]
 
@@ -545,27 +581,27 @@ def saved_shapes(f, *args, computed_only: bool = False, with_dtypes: bool = Fals
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gelu_backward_keeps_one_array(dtype):
-  # layers.gelu_tanh is jax.nn.gelu(approximate=True) with a written-out
+  # ops.gelu_tanh is jax.nn.gelu(approximate=True) with a written-out
   # derivative: its backward pass keeps one array (autodiff keeps five).
   x = (jax.random.normal(jax.random.key(0), (6, 50)) * 3).astype(dtype)
   g = jax.random.normal(jax.random.key(1), (6, 50)).astype(dtype)
-  np.testing.assert_array_equal(layers.gelu_tanh(x),
+  np.testing.assert_array_equal(ops.gelu_tanh(x),
                                 jax.nn.gelu(x, approximate=True))
-  ours = jax.vjp(layers.gelu_tanh, x)[1](g)[0]
+  ours = jax.vjp(ops.gelu_tanh, x)[1](g)[0]
   autodiff = jax.vjp(lambda t: jax.nn.gelu(t, approximate=True),
                      x.astype(jnp.float32))[1](g.astype(jnp.float32))[0]
   assert ours.dtype == dtype
   tol = 1e-6 if dtype == jnp.float32 else 1e-2
   np.testing.assert_allclose(np.asarray(ours, np.float32), autodiff,
                              rtol=tol, atol=tol)
-  assert saved_shapes(layers.gelu_tanh, x) == [x.shape]
+  assert saved_shapes(ops.gelu_tanh, x) == [x.shape]
   # Forward-over-reverse (Hessian-vector products) goes through it: the
   # second derivative of sum(gelu) along ones, against autodiff's.
   hvp = lambda f: jax.jvp(jax.grad(lambda t: jnp.sum(f(t))),
                           (x.astype(jnp.float32),),
                           (jnp.ones(x.shape),))[1]
   np.testing.assert_allclose(
-      hvp(layers.gelu_tanh), hvp(lambda t: jax.nn.gelu(t, approximate=True)),
+      hvp(ops.gelu_tanh), hvp(lambda t: jax.nn.gelu(t, approximate=True)),
       rtol=1e-5, atol=1e-5)
 
 
@@ -607,7 +643,7 @@ def test_block_traced_for_tpu_keeps_activations_in_their_own_shape():
   def f(params, x):
     return nnx.merge(graphdef, params, rest)(x, drop_rate=0.0, key=None)[0]
 
-  with layers.compiling_for("tpu"):
+  with ops.compiling_for("tpu"):
     saved = saved_shapes(f, params, x, computed_only=True)
   assert not [s for s in saved if s[:1] == (10,)], saved
   # LayerNorm_0's output (one array for the query, key and value kernel
@@ -620,10 +656,10 @@ def test_block_traced_for_tpu_keeps_activations_in_their_own_shape():
 def test_scanned_stack_traced_for_tpu_keeps_row_views():
   # A scan stores what its backward pass reads as stacked loop outputs, where
   # the row views store densely what the 3-D form stores padded on TPU
-  # (layers.dense_dot): traced for a TPU, a scanned model's matmuls still
+  # (ops.platform.Forms): traced for a TPU, a scanned model's matmuls still
   # read rows (batch 2 x 17 tokens = 34), an unrolled one's do not.
   x = jnp.zeros((2, 32, 32, 3))
-  with layers.compiling_for("tpu"):
+  with ops.compiling_for("tpu"):
     for scan in (True, False):
       model = models.create("ViT-test", num_classes=3, img_size=32, scan=scan)
       graphdef, params = nnx.split(model)

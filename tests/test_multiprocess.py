@@ -17,8 +17,8 @@ import test_train
 WORKER = r"""
 import os, sys
 sys.path.insert(0, {tests!r})
-from vit_jax import main
-main.init_distributed({coord!r}, 2, int(sys.argv[1]), None)
+from vit_jax import runtime
+runtime.init_distributed({coord!r}, 2, int(sys.argv[1]), None)
 import jax
 assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
 import test_train

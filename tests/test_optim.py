@@ -1,5 +1,5 @@
 """Schedules (first step non-zero), SGD momentum / Adam, decoupled kernel-only weight decay,
-clipping and the EMA, against hand-computed values."""
+clipping, against hand-computed values."""
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,11 +18,16 @@ def _config(**optim_kw):
   return c
 
 
-def test_schedule_warmup_first_step_nonzero_then_decay():
+def test_schedule_warmup_from_zero_as_published_or_first_step_nonzero_then_decay():
   s = optim.lr_schedule(base_lr=1.0, total_steps=10, warmup_steps=4, decay="cosine")
   vals = [float(s(i)) for i in range(10)]
   assert vals[0] == pytest.approx(0.25) and vals[3] == pytest.approx(1.0)
   assert vals[4] == pytest.approx(1.0) and vals[7] == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)))
+  published = optim.lr_schedule(base_lr=1.0, total_steps=10, warmup_steps=4, decay="cosine",
+                                warmup_from_zero=True)
+  vals = [float(published(i)) for i in range(10)]
+  assert vals[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])  # step / warmup_steps
+  assert vals[7] == pytest.approx(0.5 * (1 + np.cos(np.pi * 0.5)))
   lin = optim.lr_schedule(base_lr=2.0, total_steps=10, warmup_steps=0, decay="linear")
   assert float(lin(0)) == pytest.approx(2.0) and float(lin(5)) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="schedule"):
@@ -51,8 +56,3 @@ def test_adam_bf16_first_moment_and_kernel_only_weight_decay():
   # Decoupled: wd * lr(t) / lr = 0.5 * 1/4 on kernels; biases untouched.
   np.testing.assert_allclose(u["dense"]["kernel"], -0.125 * np.ones((2, 2)), rtol=1e-6)
   np.testing.assert_allclose(u["dense"]["bias"], 0.0)
-
-
-def test_ema_update():
-  e = optim.ema_update({"a": jnp.array([0.0])}, {"a": jnp.array([1.0])}, 0.9)
-  np.testing.assert_allclose(e["a"], [0.1], rtol=1e-6)

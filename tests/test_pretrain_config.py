@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from vit_jax import train
+from vit_jax import job, train
 from vit_jax.data import pipeline
 from vit_jax.data import preprocess
 from test_train import InMemoryData, load_config_file
@@ -123,20 +123,21 @@ class SizedData(InMemoryData):
     super().__init__(**kw)
     self.train_examples = train_examples
 
-  def num_examples(self, config, split):
+  def num_examples(self, config, split, build=True):
     return self.train_examples if split == config.train_split else len(self.y)
 
 
 def test_epochs_become_steps_at_the_batch_size_and_train_split_size():
   c = load_config_file("pretrain.py", "S_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.0-sd_0.0")
   # tfds imagenet2012 train has 1,281,167 images; train[:99%] has 1,268,355.
-  c = train.resolve_epochs(c, SizedData(1_268_355))
+  c = job.with_dataset_metadata(c, SizedData(1_268_355))
   assert c.total_steps == 92_897  # round(300 * 1,268,355 / 4096)
   c = load_config_file("pretrain.py", "b16,i21k,none,epochs=30")
   c.batch_size = 1024
-  assert train.resolve_epochs(c, SizedData(10_000_000)).total_steps == 292_969
+  assert job.with_dataset_metadata(c, SizedData(10_000_000)).total_steps == 292_969
+  c = load_config_file("pretrain.py", "b16,i21k,none,epochs=30")
   c.total_steps = 1234  # an explicit step count wins
-  assert train.resolve_epochs(c, SizedData(10_000_000)).total_steps == 1234
+  assert job.with_dataset_metadata(c, SizedData(10_000_000)).total_steps == 1234
 
 
 def test_pretrain_config_trains_for_its_epochs(tmp_path):
@@ -145,7 +146,7 @@ def test_pretrain_config_trains_for_its_epochs(tmp_path):
   c.model.dtype = "float32"
   c.total_epochs, c.batch_size, c.eval_batch_size, c.warmup_steps = 0.5, 16, 32, 1
   c.log_every, c.eval_every, c.checkpoint_every, c.progress_bar = 1, 0, 0, False
-  c.fewshot.every = 0
+  del c.evals["fewshot"]
   res = train.train_and_evaluate(c, str(tmp_path / "wd"), data=SizedData(64))
   assert int(res["state"]["step"]) == 2  # half an epoch of 64 examples at batch 16
   assert np.isfinite(res["train/loss"])
@@ -165,7 +166,7 @@ def test_mixup_keeps_the_larger_weight_on_the_example_itself():
 
 
 def test_pretrain_preprocessing_runs_at_224():
-  c = train.resolve_config(load_config_file("pretrain.py", "b16,i1k,strong2"))
+  c = job.with_templates(load_config_file("pretrain.py", "b16,i1k,strong2"))
   image = tf.constant(np.random.RandomState(0).randint(0, 256, (260, 300, 3)).astype(np.uint8))
   example = {"image": image, "label": tf.constant(3, tf.int64), "_rng": tf.constant([0, 1], tf.int64)}
   for spec in (c.pp_train, c.pp_eval):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 import configs
-from vit_jax import train
+from configs import common
+from vit_jax import cli, job, train
+from vit_jax import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,7 +142,8 @@ def test_digits_config_learns(tmp_path):
   c.total_steps, c.warmup_steps, c.log_every, c.eval_every, c.checkpoint_every = 150, 20, 50, 0, 0
   c.model.dropout_rate = 0.0
   c.ema_decay = 0.9  # also exercises the EMA (evaluated instead of the raw params)
-  c.fewshot.every, c.fewshot.shots, c.fewshot.max_examples = 150, (5,), 300  # and the few-shot probe
+  c.evals.fewshot = common.fewshot_evaluator(every=150, shots=(5,))  # and the few-shot probe
+  c.evals.fewshot.max_examples = 300
   c.progress_bar = False
   res = train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert res["test/accuracy"] > 0.6, res
@@ -239,12 +242,12 @@ def check_restore_onto_another_mesh(uninterrupted):
   wd, full = uninterrupted
   c = tiny_config()
   c.mesh.data, c.mesh.fsdp, c.mesh.model = 1, 2, 2
-  s = train.setup(c, wd, devices=jax.devices()[:4])
-  spec = train.abstract_model(c)
+  j = job.resolve(c, devices=jax.devices()[:4], data=InMemoryData())
+  spec = state_lib.abstract_model(j.config)
   from vit_jax import optim
-  tx = optim.make_optimizer(c)
-  abstract, shardings = train.state_shardings(c, spec, tx, s)
-  ckpt = train.make_checkpointer(wd, c)
+  tx = optim.make_optimizer(j.config)
+  abstract, shardings = state_lib.state_shardings(j.config, spec, tx, j.mesh)
+  ckpt = train.make_checkpointer(wd, j.config)
   state, meta = ckpt.restore(abstract, shardings)
   ckpt.close()
   assert meta["step"] == 6 and int(state["step"]) == 6
@@ -267,8 +270,8 @@ def check_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
   assert model.config.name == "ViT-test" and model.config.num_classes == 4
   assert model.config.dropout_rate == pytest.approx(0.1)  # the run's create() overrides
   x = InMemoryData().x[:5]
-  spec = train.abstract_model(tiny_config())
-  expected = jax.jit(train.make_apply(spec))(jax.device_get(full["state"]["params"]), x)
+  spec = state_lib.abstract_model(job.with_templates(tiny_config()))
+  expected = jax.jit(state_lib.make_apply(spec))(jax.device_get(full["state"]["params"]), x)
   from flax import nnx
   got = nnx.jit(lambda m, images: m(images))(model, x)  # one compile instead of op-by-op
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-6)
@@ -276,13 +279,12 @@ def check_checkpoint_load_workdir_returns_the_trained_model(uninterrupted):
 
 def check_finetune_from_a_training_workdir_swaps_the_head(uninterrupted):
   wd, full = uninterrupted
-  c = tiny_config(pretrained=wd, num_classes=5)
-  s = train.setup(c, wd + "_ft")
-  spec = train.abstract_model(c)
+  j = job.resolve(tiny_config(pretrained=wd, num_classes=5), data=InMemoryData(num_classes=5))
+  spec = state_lib.abstract_model(j.config)
   from vit_jax import optim
-  tx = optim.make_optimizer(c)
-  _, shardings = train.state_shardings(c, spec, tx, s)
-  state = train.create_train_state(c, spec, tx, shardings)
+  tx = optim.make_optimizer(j.config)
+  _, shardings = state_lib.state_shardings(j.config, spec, tx, j.mesh)
+  state = state_lib.create_train_state(j.config, spec, tx, shardings)
   params, trained = jax.device_get(state["params"]), params_of(full)
   np.testing.assert_array_equal(params["embedding"]["kernel"], trained["embedding"]["kernel"])
   assert params["head"]["kernel"].shape[-1] == 5 and not params["head"]["kernel"].any()
@@ -297,7 +299,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path)
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
-  with pytest.raises(ValueError, match=r"batch_size=12 is not divisible by the 8 batch shards"):
+  with pytest.raises(cli.UsageError, match=r"batch_size=12 is not divisible by the 8 batch shards"):
     train.train_and_evaluate(tiny_config(batch_size=12), str(tmp_path), data=InMemoryData())
 
 

@@ -5,15 +5,16 @@
       --config.model.remat_policy=dots --json=/tmp/fit.json
 
 Builds the train step and eval step `python -m vit_jax.main` would run with the
-same flags (vit_jax.train.build_steps: same config resolution, model, optimizer,
-shardings and mesh) and compiles them with the TPU compiler for abstract devices
-of the named slice(s) (vit_jax.tpu_slices; needs libtpu, `pip install '.[tpu]'`).
-No data is read and no device memory is allocated. Prints the mesh, batch per
-chip, HBM per chip (parameters, optimizer state, temporaries) against the chip's
-capacity, model FLOPs, a roofline lower bound on the step time, the collectives
-per step on each network (ICI inside a slice, DCN between slices) and the compile
-time (vit_jax.fit_report). With --num_slices the devices span that many slices,
-as a multi-slice job's jax.devices() do, and the mesh is ICI x DCN as main builds it.
+same flags (vit_jax.job.resolve and vit_jax.steps.build: the same resolved config,
+model, optimizer, shardings and mesh) and compiles them with the TPU compiler for
+abstract devices of the named slice(s) (vit_jax.tpu_slices; needs libtpu,
+`pip install '.[tpu]'`). No data is read and no device memory is allocated. Prints
+the mesh, batch per chip, HBM per chip (parameters, optimizer state, temporaries)
+against the chip's capacity, model FLOPs, a roofline lower bound on the step time,
+the collectives per step on each network (ICI inside a slice, DCN between slices)
+and the compile time (vit_jax.fit_report). With --num_slices the devices span that
+many slices, as a multi-slice job's jax.devices() do, and the mesh is ICI x DCN as
+main builds it.
 
 Exit status 0 when the job fits; 1 when it does not, after compiling candidate
 settings (a larger fsdp axis, rematerialisation, gradient accumulation) and
@@ -22,14 +23,14 @@ printing the first that fits; 2 for a usage mistake (unknown topology, bad confi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 
 from absl import flags
-from ml_collections import config_flags
 
-from vit_jax import cli, collectives, fit_report, hardware, preflight, step_cost
+from vit_jax import cli, collectives, command_line, fit_report, hardware, step_cost
 from vit_jax.fit_report import GiB, Report, format_report, gib, memory_bytes, oom_bytes
 from vit_jax.tpu_slices import generation, quiet_libtpu, topology_devices
 
@@ -38,10 +39,6 @@ def _define_flags() -> dict:
   """The command line's flags (defined when run as a program, so that importing this module
   next to vit_jax.main, which has its own --config, is possible)."""
   return dict(
-      config=config_flags.DEFINE_config_file(
-          "config", None,
-          "Run config, as for vit_jax.main, e.g. configs/pretrain.py:b16,imagenet21k.",
-          lock_config=True),
       topology=flags.DEFINE_string(
           "topology", None, "TPU slice, e.g. v5e:4x4, v4:2x2x4, v5p:4x4x4, v3:4x4."),
       num_slices=flags.DEFINE_integer(
@@ -87,21 +84,16 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
 
 def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_bytes) -> Report:
   import jax
-  from vit_jax import train
+  from vit_jax import job as job_lib
+  from vit_jax import steps as steps_lib
   devices = devices if devices is not None else topology_devices(topology, num_slices)
-  config = train.resolve_config(config)
-  if config.get("total_epochs") and not config.get("total_steps"):
-    # Epochs become steps from the train split's size, which needs the data; the schedule's
-    # length changes constants of the program, not its shape or memory.
-    import ml_collections
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.total_steps = int(config.get("warmup_steps") or 0) + 1
+  # The job main would train: the same resolution, only without reading the dataset.
+  job = job_lib.resolve(config, devices=devices, read_data=False)
+  config, mesh = job.config, job.mesh
   try:
-    s = train.make_setup(config, devices)
-    steps = train.build_steps(config, s)
+    steps = steps_lib.build(job)
   except (ValueError, KeyError) as e:
     raise cli.UsageError(str(e).strip("'\"")) from e
-  mesh = s.mesh
   chip = hardware.tpu(generation(topology))
   capacity = int(hbm_bytes or chip.hbm_bytes)
   t0 = time.perf_counter()
@@ -111,11 +103,9 @@ def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_
   cache_enabled = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
   try:
-    compiled = train.compile_train_step(steps.train_step, steps.abstract_state, steps.shardings,
-                                        config, mesh)
+    compiled = steps_lib.compile_train_step(steps, job)
     if with_eval:
-      ev = train.compile_eval_step(steps.eval_step, steps.abstract_state, steps.shardings, config,
-                                   mesh)
+      ev = steps_lib.compile_eval_step(steps, job)
       eval_total = memory_bytes(ev)["total"]
   except Exception as e:  # noqa: BLE001
     if not fit_report.is_oom(e):
@@ -130,7 +120,7 @@ def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_
 
 def _report(config, name, topology, num_slices, devices, mesh, steps, chip, capacity, compiled,
             error, eval_total, compile_s) -> Report:
-  from vit_jax import train
+  from vit_jax import steps as steps_lib
   n = mesh.devices.size
   # As the compiled program takes the state (it may have chosen other shardings).
   state_shardings = compiled.input_shardings[0][0] if compiled is not None else steps.shardings
@@ -142,8 +132,8 @@ def _report(config, name, topology, num_slices, devices, mesh, steps, chip, capa
   if eval_total is not None:   # the optimizer state stays in HBM while the eval step runs
     eval_total += opt_b
   mem, nets, cost, roof = None, {"ici": {}, "dcn": {}, "loops_of_unknown_length": 0}, None, None
-  flops_per_image = train.model_flops_per_image(config)
-  peak = train.peak_flops(config, devices[0])
+  flops_per_image = steps_lib.model_flops_per_image(config)
+  peak = steps_lib.peak_flops(config, devices[0])
   if compiled is not None:
     mem = memory_bytes(compiled)
     total, temp = max(mem["total"], eval_total or 0), mem["temp"]
@@ -254,6 +244,9 @@ def _flags(change: dict) -> str:
 
 def main(argv):
   f = {k: v.value for k, v in _FLAGS.items()}
+  f["config"] = command_line.config_from_flags()
+  # What the job resolution derived (class count, epochs -> steps) is shown, as main shows it.
+  logging.getLogger("vit_jax").setLevel(logging.INFO)
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   if f["config"] is None or not f["topology"]:
@@ -287,7 +280,7 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  return preflight.parse_flags(argv)
+  return command_line.parse_flags(argv)
 
 
 def run():

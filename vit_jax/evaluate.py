@@ -1,184 +1,219 @@
-"""Evaluation: classification accuracy / loss over a whole split, and few-shot linear probes.
+"""Command line: evaluate a published .npz or a training workdir on a config's dataset.
 
-Classification eval counts every example exactly once: the input pipeline pads
-the last batch (on every host) and marks padding with ``mask == 0``; sums are
-taken over the global (multi-host) batch under ``jit`` so the result is the
-same whatever the number of devices or processes.
+  python -m vit_jax.evaluate --checkpoint=gs://vit_models/imagenet21k+imagenet2012/ViT-B_16.npz \
+      --config=configs/finetune.py:b16,imagenet2012 --out=eval/b16_imagenet
+  python -m vit_jax.evaluate --checkpoint=workdirs/c100 --config=configs/finetune.py:b16,cifar100 \
+      [--split='train[98%:]'] [--config.eval_batch_size=64 ...] --out=eval/c100
 
-ImageNet ReaL (Beyer et al. 2020, "Are we done with ImageNet?") relabels each
-ImageNet validation image with a set of plausible classes: a prediction is
-right when it is in the set, and images whose set is empty are left out.
-``make_eval_step(..., label_sets=True)`` scores multi-hot label sets that way.
+The job is resolved as `vit_jax.main` resolves it (vit_jax.job: the same preprocessing,
+mesh and parameter shardings), with nothing to train: the schedule's length and the train
+batch do not matter (``--config.total_steps=0`` is fine) and the train split is not read.
+The checkpoint's parameters are put straight onto the steps' shardings
+(checkpoint.load_params_into: position embeddings resized to config.img_size); its head
+must have the config's classes. Every example of the split (default: the config's
+test_split) is counted once. Writes OUT/eval.json:
 
-The few-shot probe follows the usual recipe (as in big_vision): embed images
-with the model's ``pre_logits``, pick k examples per class, fit a closed-form
-ridge regression onto +-1 one-hot targets, report test accuracy.
+  top1, top5, per_class (accuracy of each true class, null without examples),
+  confusion ([true][predicted] counts), count, loss
+  map, precision_at_1, count, loss            (config.multi_label, e.g. a manifest dataset)
+  <name>: {top1, top5, count, loss}           for each 'real' entry of config.evals
+                                              (ImageNet ReaL; --noreal skips them)
+
+with what was evaluated (checkpoint, config, dataset, split, model, device, date), and prints
+the scalars as one JSON line on stdout. A mistake in the command is one line, exit status 2.
+Multi-host: the --coordinator_address, --num_processes and --process_id of vit_jax.main.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+import contextlib
+import datetime
+import json
+import logging
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from absl import flags
 
-from vit_jax import sharding
+from vit_jax import cli
+from vit_jax import command_line
+from vit_jax import preflight
+
+FLAGS = flags.FLAGS
+log = logging.getLogger(__name__)
+EVAL_FILE = "eval.json"
+_NAME = "eval"  # the evaluated split's entry of config.evals
+# What eval.json says about the evaluation besides its numbers.
+DESCRIPTION = ("checkpoint", "dataset", "split", "model_name", "img_size", "num_classes",
+               "class_names", "device", "date")
+
+
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing vit_jax.evaluate defines none)."""
+  flags.DEFINE_string("checkpoint", None, "A published .npz (local or gs://) or a training workdir.")
+  flags.DEFINE_string("split", None, "Split to evaluate (default: the config's test_split).")
+  flags.DEFINE_string("out", None, "Directory for eval.json.")
+  flags.DEFINE_boolean("real", True, "Also run the config's ImageNet ReaL evaluations.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+  flags.DEFINE_integer("num_processes", None, "Total number of processes (multi-host).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+  flags.DEFINE_integer("num_cpu_devices", None, "Simulate this many CPU devices (CPU only).")
 
 
 # --------------------------------------------------------------------------
-# Losses and per-example metrics (shared with train.py)
+# The evaluation job
 # --------------------------------------------------------------------------
-def per_example_loss(logits, labels, *, multi_label: bool = False, label_smoothing: float = 0.0):
-  """Softmax cross-entropy (with label smoothing) or summed sigmoid cross-entropy."""
-  logits = logits.astype(jnp.float32)
-  labels = labels.astype(jnp.float32)
-  if multi_label:
-    return jnp.sum(-labels * jax.nn.log_sigmoid(logits) - (1.0 - labels) * jax.nn.log_sigmoid(-logits),
-                   axis=-1)
-  if label_smoothing:
-    labels = labels * (1.0 - label_smoothing) + label_smoothing / labels.shape[-1]
-  return -jnp.sum(labels * jax.nn.log_softmax(logits, axis=-1), axis=-1)
-
-
-def per_example_correct(logits, labels, *, multi_label: bool = False):
-  """Top-1 correctness; for multi-label: is the top-scored class one of the labels (prec@1)."""
-  top = jnp.argmax(logits, axis=-1)
-  if multi_label:
-    return (jnp.take_along_axis(labels, top[:, None], axis=-1)[:, 0] > 0).astype(jnp.float32)
-  return (top == jnp.argmax(labels, axis=-1)).astype(jnp.float32)
-
-
-# --------------------------------------------------------------------------
-# Classification eval
-# --------------------------------------------------------------------------
-def make_eval_step(apply_fn: Callable, *, mesh, param_shardings, multi_label: bool = False,
-                   label_sets: bool = False):
-  """jit(params, batch) -> {'loss_sum', 'correct_sum', 'count'} (replicated scalars).
-
-  ``apply_fn(params, images) -> logits``. ``batch`` has 'image', 'labels', 'mask'.
-  ``label_sets``: 'labels' are multi-hot sets of right answers (ImageNet ReaL): the top-1
-  class is right when it is in the set, examples with an empty set are not counted, and a
-  softmax model's loss is the cross-entropy against the set's uniform distribution.
-  """
-  def step(params, batch):
-    logits = apply_fn(params, batch["image"])
-    mask = batch["mask"].astype(jnp.float32)
-    labels = batch["labels"]
-    if label_sets:
-      has_labels = jnp.max(labels, axis=-1) > 0
-      mask = mask * has_labels.astype(jnp.float32)
-      if not multi_label:
-        labels = labels / jnp.maximum(jnp.sum(labels, axis=-1, keepdims=True), 1.0)
-    loss = per_example_loss(logits, labels, multi_label=multi_label)
-    correct = per_example_correct(logits, batch["labels"], multi_label=multi_label or label_sets)
-    return {"loss_sum": jnp.sum(loss * mask), "correct_sum": jnp.sum(correct * mask),
-            "count": jnp.sum(mask)}
-
-  bs = sharding.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(param_shardings, bs),
-                 out_shardings=sharding.replicated(mesh))
-
-
-def evaluate(eval_step: Callable, params, batches: Iterable[Mapping[str, np.ndarray]], mesh) -> dict:
-  """Runs eval_step over host-local batches; returns {'accuracy', 'loss', 'count'}."""
-  totals = None
-  for host_batch in batches:
-    out = eval_step(params, sharding.global_batch(host_batch, mesh))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  if totals is None:
-    raise ValueError("The evaluation split yielded no batches.")
-  totals = jax.tree.map(lambda x: float(np.asarray(x)), totals)
-  n = totals["count"]
-  return {"accuracy": totals["correct_sum"] / max(n, 1), "loss": totals["loss_sum"] / max(n, 1),
-          "count": int(round(n))}
-
-
-def real_eval_config(config):
-  """The config that reads config.real_eval (dataset, split, pp) through vit_jax.data.
-
-  A copy of `config` whose dataset is the ReaL dataset, whose test_split is its split and
-  whose pp_eval yields the multi-hot label sets; None when config.real_eval is not set.
-  """
-  real = config.get("real_eval")
-  if not real:
-    return None
+def evaluation_config(config, checkpoint_path: str, split: str | None = None, *,
+                      real: bool = True):
+  """A copy of `config` whose only evaluators are the split's (every metric) and, with
+  `real`, its ImageNet ReaL entries; nothing in it depends on training."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict(config.to_dict())
-  c.dataset = real.dataset
-  c.test_split = real.split
-  c.val_split = None
-  c.pp_eval = real.pp.format(img_size=config.img_size, num_classes=config.num_classes)
+  split = split or c.get("test_split")
+  if not split:
+    raise cli.UsageError(f"{c.dataset!r}: the config has no test_split; give --split=SPLIT.")
+  multi_label = bool(c.get("multi_label", False))
+  from vit_jax.evaluators import classification  # pylint: disable=g-import-not-at-top
+  evals = {_NAME: common.evaluator("classification", split=split,
+                                   metrics=classification.valid_metrics(multi_label=multi_label,
+                                                                        label_sets=False))}
+  for name, spec in (c.get("evals") or {}).items():
+    if real and spec is not None and spec.get("type") == "real" and not multi_label:
+      evals[name] = ml_collections.ConfigDict({**spec.to_dict(), "metrics": ("top5",)})
+  c.evals = ml_collections.ConfigDict(evals)
+  c.pretrained = checkpoint_path  # a workdir brings its architecture (vit_jax.job)
+  # Nothing trains: one train batch of the eval batch's size, a schedule of any length
+  # (the warm-up fits), and the evaluated split is the only one read.
+  c.total_steps = int(c.get("warmup_steps") or 0) + 1
+  if "total_epochs" in c:
+    c.total_epochs = 0
+  c.batch_size, c.grad_accum_steps = c.eval_batch_size, 1
+  c.train_split = split
   return c
 
 
-# --------------------------------------------------------------------------
-# Few-shot linear probe
-# --------------------------------------------------------------------------
-def make_feature_step(features_fn: Callable, *, mesh, param_shardings):
-  """jit(params, images) -> features (B, D), replicated so every host can read them."""
-  bs = sharding.batch_sharding(mesh)
-  return jax.jit(features_fn, in_shardings=(param_shardings, bs),
-                 out_shardings=sharding.replicated(mesh))
+def load_params(steps, checkpoint_path: str):
+  """The checkpoint's parameters on the steps' parameter shardings (UsageError when its head
+  does not have the model's classes or its keys do not fit the model)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import state as state_lib  # pylint: disable=g-import-not-at-top
+  shardings = steps.shardings["params"]
+  zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                       steps.spec.abstract_params), out_shardings=shardings)()
+  model = state_lib.params_to_model(steps.spec, zeros)  # filled in place, shard by shard
+  try:
+    summary = checkpoint.load_params_into(model, checkpoint_path)
+  except checkpoint.CheckpointMismatchError as e:
+    raise cli.UsageError(f"--checkpoint={checkpoint_path}: {e}") from None
+  log.info("Evaluating %s", summary)
+  if not summary.head_kept:
+    file_classes, model_classes = summary.head_classes
+    raise cli.UsageError(
+        f"--checkpoint={checkpoint_path} has a head of {file_classes} classes but the config's "
+        f"dataset has {model_classes}: evaluate a checkpoint trained on this dataset (a training "
+        "workdir, or a published imagenet21k+imagenet2012 file on imagenet2012).")
+  return jax.device_put(nnx.to_pure_dict(nnx.state(model, nnx.Param)), shardings)
 
 
-def extract_features(feature_step: Callable, params, batches, mesh,
-                     max_examples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Embeds a split; returns (features (n, D) float64, integer labels (n,)) without padding."""
-  feats, labels, seen = [], [], 0
-  for host_batch in batches:
-    gb = sharding.global_batch(host_batch, mesh)
-    f = np.asarray(feature_step(params, gb["image"]), np.float64)
-    lab = sharding.to_host(gb["labels"])
-    mask = sharding.to_host(gb["mask"]) > 0
-    feats.append(f[mask])
-    labels.append(np.argmax(lab[mask], axis=-1))
-    seen += int(mask.sum())
-    if max_examples and seen >= max_examples:
-      break
-  x, y = np.concatenate(feats), np.concatenate(labels)
-  if max_examples:
-    x, y = x[:max_examples], y[:max_examples]
-  return x, y
-
-
-def ridge_probe(x_train, y_train, x_test, y_test, *, num_classes: int, l2_reg: float) -> float:
-  """Closed-form ridge regression onto +-1 one-hot targets; returns test accuracy.
-
-  Features are centred and scaled by the train statistics; a bias is learned
-  through the centring. Uses the dual form when there are fewer examples
-  than features.
-  """
-  x_train = np.asarray(x_train, np.float64)
-  x_test = np.asarray(x_test, np.float64)
-  mean = x_train.mean(0, keepdims=True)
-  scale = x_train.std() + 1e-8
-  xtr, xte = (x_train - mean) / scale, (x_test - mean) / scale
-  targets = 2.0 * np.eye(num_classes)[np.asarray(y_train)] - 1.0
-  bias = targets.mean(0, keepdims=True)
-  t = targets - bias
-  n, d = xtr.shape
-  if n < d:
-    w = xtr.T @ np.linalg.solve(xtr @ xtr.T + l2_reg * np.eye(n), t)
-  else:
-    w = np.linalg.solve(xtr.T @ xtr + l2_reg * np.eye(d), xtr.T @ t)
-  pred = np.argmax(xte @ w + bias, axis=-1)
-  return float(np.mean(pred == np.asarray(y_test)))
-
-
-def fewshot(x_train, y_train, x_test, y_test, *, shots: Iterable[int], l2_reg: float,
-            num_classes: int | None = None, seed: int = 0) -> dict[str, float]:
-  """k-shot probe accuracies {'<k>shot': acc}; k examples per class drawn with ``seed``."""
-  y_train = np.asarray(y_train)
-  num_classes = int(num_classes or (max(y_train.max(), np.max(y_test)) + 1))
-  rng = np.random.default_rng(seed)
+def _rename(metrics: dict, prefix: str) -> dict:
   out = {}
-  for k in shots:
-    idx = []
-    for c in range(num_classes):
-      cand = np.flatnonzero(y_train == c)
-      if len(cand):
-        idx.extend(rng.choice(cand, size=min(k, len(cand)), replace=False))
-    idx = np.asarray(sorted(idx))
-    out[f"{k}shot"] = ridge_probe(x_train[idx], y_train[idx], x_test, y_test,
-                                  num_classes=num_classes, l2_reg=l2_reg)
+  for key, value in metrics.items():
+    if key.startswith(prefix + "/"):
+      key = key[len(prefix) + 1:]
+      out["top1" if key == "accuracy" else key] = value
   return out
+
+
+def evaluate(config, checkpoint_path: str, *, split: str | None = None, real: bool = True,
+             data=None, devices=None) -> dict:
+  """What OUT/eval.json holds for `checkpoint_path` evaluated on `split` of config's dataset.
+
+  `data`: the vit_jax.data API (default vit_jax.data; tests pass in-memory fakes).
+  """
+  from vit_jax import job as job_lib  # pylint: disable=g-import-not-at-top
+  from vit_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+  preflight.check_pretrained(checkpoint_path, "--checkpoint")
+  c = evaluation_config(config, checkpoint_path, split, real=real)
+  job = job_lib.resolve(c, devices=devices, data=data)
+  if data is None:
+    from vit_jax import data  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  steps = steps_lib.build(job)
+  evals = steps_lib.build_evaluators(job, steps, data)
+  params = load_params(steps, checkpoint_path)
+  metrics = {}
+  for e in evals:
+    metrics.update(e.run(params))
+  c = job.config
+  out = {"checkpoint": os.fspath(checkpoint_path), "dataset": c.dataset,
+         "split": c.evals[_NAME].split, "model_name": c.model_name, "img_size": c.img_size,
+         "num_classes": c.num_classes, **_rename(metrics, _NAME)}
+  if c.get("multi_label"):
+    out.pop("top1")  # the multi-label accuracy is precision_at_1
+  names = None
+  if hasattr(data, "label_names"):
+    try:
+      names = data.label_names(c, build=False)
+    except (ValueError, OSError) as e:  # a dataset without a label feature
+      log.warning("No class names for %s: %s", c.dataset, e)
+  if names and "per_class" in out:
+    out["class_names"] = list(names)
+  for name, spec in c.evals.items():
+    if name != _NAME and spec.type == "real":
+      out[name] = _rename(metrics, name)
+  devices = job.mesh.devices
+  out["device"] = f"{devices.size} x {devices.flat[0].device_kind}"
+  out["date"] = datetime.date.today().isoformat()
+  return out
+
+
+def scalars(result: dict) -> dict:
+  """The scalar metrics of an eval.json, nested ones as '<name>/<metric>'."""
+  flat = {}
+  for key, value in result.items():
+    if key in DESCRIPTION:
+      continue
+    if isinstance(value, dict):
+      flat.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      flat[key] = value
+  return flat
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+def main(argv):
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = command_line.config_from_flags()
+  if config is None or not FLAGS.checkpoint or not FLAGS.out:
+    raise cli.UsageError("--checkpoint, --config and --out are required, e.g. "
+                         "--checkpoint=ViT-B_16.npz --config=configs/finetune.py:b16,imagenet2012 "
+                         "--out=eval/b16")
+  if os.path.isfile(FLAGS.out):
+    raise cli.UsageError(f"--out={FLAGS.out} is a file; give a directory for {EVAL_FILE}.")
+  preflight.check_pretrained(FLAGS.checkpoint, "--checkpoint")  # before JAX starts
+  from vit_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.skip_absent_accelerators()
+  runtime.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.num_cpu_devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  with contextlib.redirect_stdout(sys.stderr):  # stdout: the final numbers only
+    result = evaluate(config, FLAGS.checkpoint, split=FLAGS.split, real=FLAGS.real)
+  if jax.process_index() == 0:
+    from vit_jax import results  # pylint: disable=g-import-not-at-top
+    # One line: a 1,000-class confusion matrix indented would be a million lines.
+    path = results.write_json(os.path.join(FLAGS.out, EVAL_FILE), result, indent=None)
+    log.info("Wrote %s", path)
+    print(json.dumps(scalars(result), sort_keys=True), flush=True)
+
+
+if __name__ == "__main__":
+  define_flags()
+  cli.run(main, flags_parser=command_line.parse_flags)

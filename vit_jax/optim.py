@@ -2,11 +2,13 @@
 
 ``config.optim`` fields (see configs/common.py): ``name`` ('sgd' | 'adam'),
 ``lr``, ``schedule`` ('cosine' | 'linear' | 'constant'), ``end_lr_fraction``,
-``momentum``, ``nesterov``, ``b1``, ``b2``, ``eps``, ``mu_dtype``,
-``weight_decay`` (decoupled, kernels only), ``grad_clip_norm``.
+``warmup_from_zero``, ``momentum``, ``nesterov``, ``b1``, ``b2``, ``eps``,
+``mu_dtype``, ``weight_decay`` (decoupled, kernels only), ``grad_clip_norm``.
 
-The schedule warms up linearly over ``config.warmup_steps`` and its *first*
-step already has a non-zero learning rate: ``lr * 1 / warmup_steps``.
+The schedule warms up linearly over ``config.warmup_steps``. As published (the
+original ViT code and big_vision, optax counting steps from 0) the first update has
+learning rate 0: ``lr * step / warmup_steps``; with ``warmup_from_zero=False`` the
+first update already moves: ``lr * (step + 1) / warmup_steps``, so no step is spent.
 Weight decay is decoupled (Loshchilov & Hutter): each step subtracts
 ``weight_decay * multiplier(step) * param`` where ``multiplier`` is the
 schedule divided by the base lr, independent of the base lr itself.
@@ -19,36 +21,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax.models import dtypes
+
+DECAYS = ("cosine", "linear", "constant")
+
 
 def lr_schedule(*, base_lr: float, total_steps: int, warmup_steps: int = 0,
-                decay: str = "cosine", end_lr_fraction: float = 0.0) -> Callable[[Any], jax.Array]:
-  """Linear warm-up (first step non-zero) then cosine / linear / constant decay."""
-  total_steps, warmup_steps = int(total_steps), int(warmup_steps)
-  if decay not in ("cosine", "linear", "constant"):
+                decay: str = "cosine", end_lr_fraction: float = 0.0,
+                warmup_from_zero: bool = False) -> optax.Schedule:
+  """Linear warm-up, then cosine / linear / constant decay to end_lr_fraction * base_lr."""
+  total_steps, warmup_steps, base_lr = int(total_steps), int(warmup_steps), float(base_lr)
+  if decay not in DECAYS:
     raise ValueError(f"config.optim.schedule={decay!r}; use 'cosine', 'linear' or 'constant'.")
+  span = max(total_steps - warmup_steps, 1)
+  end = float(end_lr_fraction) * base_lr
+  if decay == "cosine":
+    after = optax.cosine_decay_schedule(base_lr, span, alpha=float(end_lr_fraction))
+  elif decay == "linear":
+    after = optax.linear_schedule(base_lr, end, span)
+  else:
+    after = optax.constant_schedule(base_lr)
+  if not warmup_steps:
+    return after
+  if warmup_from_zero:
+    warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
+  else:  # step 0 at base_lr / warmup_steps, base_lr at step warmup_steps - 1
+    warmup = optax.linear_schedule(base_lr / warmup_steps, base_lr, warmup_steps - 1)
+  return optax.join_schedules([warmup, after], [warmup_steps])
 
-  def schedule(step):
-    step = jnp.asarray(step, jnp.float32)
-    warm = jnp.minimum(1.0, (step + 1.0) / max(warmup_steps, 1))
-    span = max(total_steps - warmup_steps, 1)
-    progress = jnp.clip((step - warmup_steps) / span, 0.0, 1.0)
-    if decay == "cosine":
-      frac = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-    elif decay == "linear":
-      frac = 1.0 - progress
-    else:
-      frac = jnp.ones_like(progress)
-    frac = end_lr_fraction + (1.0 - end_lr_fraction) * frac
-    return base_lr * warm * frac
 
-  return schedule
-
-
-def schedule_from_config(config) -> Callable[[Any], jax.Array]:
+def schedule_from_config(config) -> optax.Schedule:
   o = config.optim
   return lr_schedule(base_lr=o.lr, total_steps=config.total_steps,
                      warmup_steps=config.warmup_steps, decay=o.schedule,
-                     end_lr_fraction=o.get("end_lr_fraction", 0.0))
+                     end_lr_fraction=o.get("end_lr_fraction", 0.0),
+                     warmup_from_zero=bool(o.get("warmup_from_zero", False)))
 
 
 def kernel_mask(params) -> Any:
@@ -61,7 +68,7 @@ def kernel_mask(params) -> Any:
 
 
 def _dtype(name):
-  return None if name in (None, "", "float32") else jnp.dtype(name)
+  return None if name in (None, "", "float32") else dtypes.dtype(name)
 
 
 def make_optimizer(config, schedule: Callable | None = None) -> optax.GradientTransformation:
@@ -80,7 +87,7 @@ def make_optimizer(config, schedule: Callable | None = None) -> optax.GradientTr
     if o.get("momentum"):
       parts.append(optax.trace(decay=float(o.momentum), nesterov=bool(o.get("nesterov", False)),
                                accumulator_dtype=_dtype(o.get("mu_dtype"))))
-  elif name in ("adam", "adamw"):
+  elif name == "adam":
     parts.append(optax.scale_by_adam(b1=float(o.b1), b2=float(o.b2), eps=float(o.get("eps", 1e-8)),
                                      mu_dtype=_dtype(o.get("mu_dtype"))))
   else:
@@ -94,12 +101,3 @@ def make_optimizer(config, schedule: Callable | None = None) -> optax.GradientTr
     parts.append(optax.add_decayed_weights(lambda count: -wd * schedule(count) / base,
                                            mask=kernel_mask))
   return optax.chain(*parts)
-
-
-# --------------------------------------------------------------------------
-# Exponential moving average of the parameters
-# --------------------------------------------------------------------------
-def ema_update(ema, params, decay: float):
-  """ema <- decay * ema + (1 - decay) * params (in the ema's dtype)."""
-  return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
-                      ema, params)

@@ -14,18 +14,15 @@ still before the workdir is written.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import zipfile
 from typing import Any, Callable
 
 import numpy as np
 
-import configs
 from vit_jax import cli
 
-# Datasets that vit_jax registers with tfds itself (vit_jax.data.pipeline.OFFLINE_BUILDERS;
+# Datasets that vit_jax registers with tfds itself (vit_jax.data.datasets.OFFLINE_BUILDERS;
 # importing it would start TensorFlow).
 OWN_DATASETS = ("digits",)
 # The tasks of vit_jax.data.vtab.TASKS (as 'vtab:<task>'), listed here for the same reason.
@@ -37,97 +34,6 @@ VTAB_TASKS = (
     "smallnorb/label_elevation")
 # Dataset strings that name a local folder / file rather than a tfds dataset.
 PATH_DATASETS = ("imagefolder:", "manifest:")
-
-
-# --------------------------------------------------------------------------
-# Command lines with --config: a missing config file, an unknown --config.* key
-# or a malformed value fails in one line, before JAX and TensorFlow start
-# --------------------------------------------------------------------------
-def config_keys(config, prefix="") -> list[str]:
-  """Every dotted field name of a ConfigDict (nested dicts included)."""
-  out = []
-  for k, v in config.items():
-    name = f"{prefix}{k}"
-    out.append(name)
-    if hasattr(v, "items") and not isinstance(v, (str, bytes)):
-      out.extend(config_keys(v, name + "."))
-  return out
-
-
-def _config_spec(argv: list[str]) -> str | None:
-  spec = None
-  for a in argv[1:]:
-    if a.startswith("--config="):
-      spec = a.split("=", 1)[1]
-  return spec
-
-
-def check_overrides(argv: list[str]):
-  """Loads --config (as config_flags will) and checks every --config.<key> names a field.
-
-  Returns the config (None without --config); raises cli.UsageError for a config file that
-  does not exist, config arguments it refuses (ValueError) and unknown keys ("did you mean").
-  """
-  spec = _config_spec(argv)
-  if spec is None:
-    return None
-  path = spec.partition(":")[0]
-  try:
-    config = configs.load(spec)
-  except FileNotFoundError as e:
-    raise cli.UsageError(f"--config: {e}") from None
-  except ValueError as e:  # the config's own check of its arguments
-    # config_flags' parser re-raises it with the traceback in the message; show the config's own.
-    cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
-    message = str(cause).strip().splitlines()[-1].removeprefix("ValueError: ")
-    raise cli.UsageError(f"--config={spec}: {message}") from None
-  valid = config_keys(config)
-  for a in argv[1:]:
-    if a.startswith("--config."):
-      key = a[len("--config."):].split("=", 1)[0]
-      if key not in valid:
-        raise cli.UsageError(f"unknown config key --config.{key} for {spec}."
-                             f"{cli.did_you_mean(key, valid) or ' See the fields of ' + path + '.'}")
-  return config
-
-
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-          tuple: "a tuple, e.g. '(1, 2)'"}
-
-
-def _malformed(error, config) -> str:
-  """'--config.batch_size=abc: batch_size must be an integer.' from config_flags' error."""
-  match = re.match(r"flag --config\.([\w.]+)=(.*?): ", str(error), re.S)
-  if not match or config is None:
-    return str(error)
-  key, value = match.groups()
-  parent, _, leaf = key.rpartition(".")
-  try:
-    node = config
-    for part in filter(None, parent.split(".")):
-      node = node[part]
-    kind = _KINDS[node.get_type(leaf)]
-  except (KeyError, AttributeError, TypeError):  # a field type without a plain description
-    return str(error)
-  return f"--config.{key}={value}: {key} must be {kind}."
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flags.FLAGS(argv) for a command line with --config (vit_jax.main, vit_jax.aot).
-
-  The config is loaded and its --config.* keys checked first; --config then goes to
-  config_flags as the file configs.path resolves; a malformed value is one line.
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  config = check_overrides(argv)
-  # --config names a checkout's path or a shipped config; config_flags reads the file it resolves to.
-  argv = [("--config=" + configs.path(a[len("--config="):].partition(":")[0])
-           + "".join(a[len("--config="):].partition(":")[1:])) if a.startswith("--config=") else a
-          for a in argv]
-  try:
-    return flags.FLAGS(argv)
-  except flags.IllegalFlagValueError as e:
-    raise cli.UsageError(_malformed(e, config)) from None
 
 
 # --------------------------------------------------------------------------
@@ -166,7 +72,8 @@ _NON_NEGATIVE = (lambda v: _number(v) and v >= 0), "a number >= 0"
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (_POSITIVE[0], "a positive integer (the global batch of all devices together)"),
     "eval_batch_size": _POSITIVE,
-    "total_steps": _POSITIVE,
+    "total_steps": (_COUNT[0], "a positive integer (or 0 with total_epochs set)"),
+    "total_epochs": _NON_NEGATIVE,
     "warmup_steps": _COUNT,
     "grad_accum_steps": _POSITIVE,
     "img_size": (_size, "a positive integer (or a pair of them)"),
@@ -182,7 +89,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ema_decay": _FRACTION,
     "mixup.alpha": _NON_NEGATIVE,
     "optim.lr": _NON_NEGATIVE,
-    "optim.name": _one_of("sgd", "momentum", "adam", "adamw"),
+    "optim.name": _one_of("sgd", "momentum", "adam"),
     "optim.schedule": _one_of("cosine", "linear", "constant"),
     "model.dtype": _one_of("float32", "bfloat16", "float16"),
     "mesh.data": ((lambda v: _int(v) and (v == -1 or v > 0)), "a positive integer or -1 (all remaining devices)"),
@@ -192,9 +99,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
                       "a positive integer or -1 (the slices dcn_fsdp does not use)"),
     "mesh.dcn_fsdp": _POSITIVE,
     "sharding_rules": (_rules, "pairs (logical axis, mesh axis or None), e.g. (('embed', 'fsdp'),)"),
-    "fewshot.every": _COUNT,
-    "fewshot.shots": ((lambda v: isinstance(v, (tuple, list)) and all(_int(s) and s > 0 for s in v)),
-                      "a tuple of positive integers, e.g. (1, 5, 10)"),
+    "divergence.factor": _NON_NEGATIVE,
+    "divergence.patience": _POSITIVE,
 }
 
 
@@ -207,12 +113,45 @@ def _field(config, dotted: str):
   return value
 
 
+# Fields of each entry of config.evals.
+EVAL_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "every": _COUNT,
+    "shots": ((lambda v: isinstance(v, (tuple, list)) and all(_int(s) and s > 0 for s in v)),
+              "a tuple of positive integers, e.g. (1, 5, 10)"),
+    "max_examples": _POSITIVE,
+    "l2_reg": _NON_NEGATIVE,
+}
+
+
+def check_evals(config) -> None:
+  """Each entry of config.evals names an evaluator type and holds valid fields."""
+  from vit_jax.evaluators import TYPES  # pylint: disable=g-import-not-at-top
+  for name, spec in (config.get("evals") or {}).items():
+    if spec is None:
+      continue
+    if spec.get("type") not in TYPES:
+      raise cli.UsageError(f"config.evals.{name}.type={spec.get('type')!r}: must be one of "
+                           f"{', '.join(TYPES)}.{cli.did_you_mean(str(spec.get('type')), TYPES)}")
+    for key, (ok, must_be) in EVAL_RULES.items():
+      value = spec.get(key)
+      if value is not None and not ok(value):
+        raise cli.UsageError(f"config.evals.{name}.{key}={value!r}: must be {must_be}.")
+    try:  # the evaluator's own check of its fields (e.g. the metrics it can report)
+      getattr(TYPES[spec.type], "check", lambda c, s: None)(config, spec)
+    except ValueError as e:
+      raise cli.UsageError(f"config.evals.{name}: {e}") from None
+
+
 def check_values(config) -> None:
   """Each field of RULES holds a value it may hold; grad_accum_steps divides batch_size."""
   for key, (ok, must_be) in RULES.items():
     value = _field(config, key)
     if value is not None and not ok(value):
       raise cli.UsageError(f"config.{key}={value!r}: must be {must_be}.")
+  if not _field(config, "total_steps") and not _field(config, "total_epochs"):
+    raise cli.UsageError(f"config.total_steps={_field(config, 'total_steps')!r}: must be a "
+                         "positive integer (or set config.total_epochs).")
+  check_evals(config)
   accum, batch = _field(config, "grad_accum_steps"), _field(config, "batch_size")
   if accum and batch and batch % accum:
     raise cli.UsageError(f"config.grad_accum_steps={accum} does not divide config.batch_size={batch}: "
@@ -236,12 +175,21 @@ def check_model(config) -> None:
   from vit_jax.models import registry
   overrides = {k: (v.to_dict() if hasattr(v, "to_dict") else v)
                for k, v in (config.get("model") or {}).items() if v is not None}
+  num_classes = config.num_classes if (config.num_classes or -1) > 0 else 1  # -1: from the data
   try:
-    num_classes = config.num_classes if (config.num_classes or -1) > 0 else 1  # -1: from the data
     registry.get_config(config.model_name, num_classes=num_classes,
                         img_size=config.img_size, **overrides)
   except (ValueError, TypeError) as e:
     raise cli.UsageError(f"config.model: {e}") from None
+  # Built abstractly (shapes only, no memory): what the model itself refuses, such as an
+  # image size that its patches do not divide, is found here too.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  try:
+    nnx.eval_shape(lambda: registry.create(config.model_name, num_classes=num_classes,
+                                           img_size=config.img_size, **overrides))
+  except ValueError as e:
+    raise cli.UsageError(f"config.model_name={config.model_name!r} with config.img_size="
+                         f"{config.img_size}: {e}") from None
 
 
 def check_npz(path: str) -> None:
@@ -276,7 +224,8 @@ def check_pretrained(path: str | None, what: str = "config.pretrained") -> None:
     if not os.path.isdir(ckpt_dir):
       raise cli.UsageError(f"{what}: {path} is a directory without checkpoints/, so not a "
                            "training workdir; give a workdir or a published .npz.")
-    if not any(d.isdigit() for d in os.listdir(ckpt_dir)):  # orbax: one folder per step
+    from vit_jax import workdir  # pylint: disable=g-import-not-at-top
+    if not workdir.checkpoint_steps(local):
       raise cli.UsageError(f"{what}: the workdir {path} has no checkpoint yet.")
     return
   check_npz(local)
@@ -322,34 +271,23 @@ def check_dataset(name: str | None, data_dir: str | None = None) -> None:
                        f"{hint or ' See tfds.list_builders() for the tfds names.'}")
 
 
-def check_config(config) -> None:
-  """Every check of this module on a run config (vit_jax.main runs it before anything else)."""
+def check_wandb(config) -> None:
+  """config.wandb.project needs the wandb package."""
+  if (config.get("wandb") or {}).get("project"):
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec("wandb") is None:
+      raise cli.UsageError("config.wandb.project is set but wandb is not installed: "
+                           "pip install -e '.[wandb]' (or unset config.wandb.project).")
+
+
+def check_config(config, *, dataset: bool = True) -> None:
+  """Every check of this module on a run config (the first stage of vit_jax.job.resolve).
+
+  dataset=False leaves config.dataset to a data API of the caller's own (tests' fakes).
+  """
   check_values(config)
+  check_wandb(config)
   check_pretrained(config.get("pretrained"))
-  check_dataset(config.get("dataset"), config.get("data_dir"))
+  if dataset:
+    check_dataset(config.get("dataset"), config.get("data_dir"))
   check_model(config)  # the slowest: imports JAX
-
-
-# --------------------------------------------------------------------------
-# A finished job
-# --------------------------------------------------------------------------
-def finished_metrics(workdir: str, total_steps: int) -> dict | None:
-  """The final metrics (metrics.jsonl, last value of each) when workdir holds a checkpoint at
-  total_steps or later; None when the job has steps left (or the workdir is remote)."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if "://" in workdir or not os.path.isdir(ckpt_dir):
-    return None
-  steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()]  # orbax: one folder per step
-  if not steps or max(steps) < int(total_steps):
-    return None
-  metrics: dict = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        try:
-          metrics.update(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a kill
-          continue
-  metrics["step"] = max(steps)
-  return metrics

@@ -147,8 +147,7 @@ def sweep_lr(config, lrs: Iterable[float], root: str, cache: RunCache, *, data=N
     c.train_split = train_split or config.train_split
     c.val_split = val_split or config.val_split
     c.test_split = None
-    if "real_eval" in c:
-      c.real_eval = None  # scored on val only
+    c.evals = {k: v for k, v in (c.get("evals") or {}).items() if k == "val"}  # scored on val only
     if not c.val_split:
       raise ValueError("An lr sweep needs a val_split to choose on.")
     scores[float(lr)] = run(c, root, f"sweep_lr{lr:g}", cache, data=data)["val/accuracy"]
@@ -240,7 +239,7 @@ def check_command_line(argv, runs: int) -> None:
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from vit_jax import cli  # pylint: disable=g-import-not-at-top
-  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import job  # pylint: disable=g-import-not-at-top
   import configs  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   check_command_line(argv, f.runs)
@@ -249,7 +248,7 @@ def main(argv):
   except FileNotFoundError as e:
     raise cli.UsageError(str(e)) from None
   configs.override(config, parse_overrides(f.set))
-  preflight.check_config(config)
+  job.resolve(config)  # the job's checks once, before the first of its runs
   sweep_and_repeat(config, f.workdir, runs=f.runs, sweep=f.sweep,
                    final_train_split=f.final_train_split)
   print(open(os.path.join(f.workdir, "sweep_results.md")).read())

@@ -4,23 +4,127 @@ A training run's workdir holds checkpoints/<step>/ with two items: 'state'
 (the train state dict: params, opt_state, step, rng[, ema]; saved with
 orbax's StandardSave, so it restores onto any mesh) and 'meta' (JSON: step,
 input position, and the models.create() arguments that rebuild the model).
-`load_workdir` rebuilds the trained model from it (`checkpoint.load(workdir)`
-calls it). `Preemption` turns SIGTERM into a request to save and stop.
+`read_meta` and `restore_params` read them without a
+CheckpointManager (vit_jax.checkpoint rebuilds the trained model from them).
+A checkpoint that cannot be read is reported in one line (`read_problem`,
+`UnreadableCheckpointError`) and skipped on resume.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import signal
-import threading
+import re
+import sys
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from vit_jax import models
+from vit_jax import cli
+from vit_jax.models import dtypes
+
+
+def checkpoints_dir(workdir) -> str:
+  """Where a run's orbax checkpoints live: <workdir>/checkpoints."""
+  return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+
+
+class UnreadableCheckpointError(cli.UsageError):
+  """No checkpoint of a workdir can be read; the message names the step and the cause."""
+
+
+# Status words of tensorstore's and the file system's messages that name the real cause.
+_CAUSES = re.compile(r"OUT_OF_RANGE|NOT_FOUND|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|"
+                     r"PERMISSION_DENIED|No such file|Error reading|not valid|[Ss]tructure")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """The line of an error's message (or of its causes') that names the cause, else its
+  first line; orbax's messages run to hundreds of lines. Cut to `limit` characters."""
+  lines, e = [], error
+  while e is not None and len(lines) < 200:
+    lines += [l.strip() for l in str(e).splitlines() if l.strip()]
+    e = e.__cause__ or e.__context__
+  text = next((l for l in lines if _CAUSES.search(l)), lines[0] if lines else type(error).__name__)
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class _OrbaxErrorsInOneLine(logging.Filter):
+  """orbax's background threads log each failed write with its whole traceback; the run
+  reports the cause itself (vit_jax.train), so those records keep their first line."""
+
+  def filter(self, record):
+    if "/orbax/" in (record.pathname or "") and record.exc_info:
+      record.exc_info, record.exc_text = None, None
+      record.msg, record.args = first_line(Exception(record.getMessage())), ()
+    return True
+
+
+def orbax_errors_in_one_line() -> None:
+  """Installs _OrbaxErrorsInOneLine on the loggers orbax writes through (absl's), and
+  quiet_abandoned_io."""
+  quiet_abandoned_io()
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _OrbaxErrorsInOneLine) for f in logger.filters):
+    logger.addFilter(_OrbaxErrorsInOneLine())
+
+
+def quiet_abandoned_io() -> None:
+  """After a read or write fails, orbax closes its event loop while tensorstore still
+  completes the other reads and writes; each completion then raises 'Event loop is closed'
+  (or, at exit, 'sys.meta_path is None') into sys.unraisablehook: dozens of tracebacks
+  that bury the one real cause. Those (only those) are dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" or
+        isinstance(e, ImportError) and "sys.meta_path is None" in str(e)):
+      return
+    previous(unraisable)
+  hook._drops_closed_loop = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+
+
+# Files every checkpoint of a run has (orbax's layout of its 'state' and 'meta' items).
+_REQUIRED = ("state/_METADATA", "state/manifest.ocdbt", "meta")
+
+
+def missing_files(step_dir: str) -> str | None:
+  """'<step_dir>/state/_METADATA is missing' when a required file is not there, else None."""
+  for name in _REQUIRED:
+    if not os.path.exists(os.path.join(step_dir, name)):
+      return f"{os.path.join(step_dir, name)} is missing"
+  return None
+
+
+def read_problem(step_dir: str) -> str | None:
+  """Why the checkpoint in step_dir cannot be read (every array is read), or None."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  missing = missing_files(step_dir)
+  if missing:
+    return missing
+  path = os.path.join(step_dir, "state")
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.metadata(path).item_metadata.tree
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+    quiet_abandoned_io()
+    return first_line(e)
+  return None
+
+
+def newest_complete_step(directory: str) -> int | None:
+  """The newest step folder of a checkpoints/ directory with every required file."""
+  steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()), reverse=True) if (
+      os.path.isdir(directory)) else []
+  return next((s for s in steps if not missing_files(os.path.join(directory, str(s)))), None)
+
 
 class TrainCheckpointer:
   """orbax CheckpointManager under <workdir>/checkpoints/<step>/.
@@ -34,8 +138,7 @@ class TrainCheckpointer:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from orbax.checkpoint import checkpoint_managers as cm  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
-    self.directory = os.path.join(os.path.abspath(os.fspath(workdir)),
-                                  "checkpoints")
+    self.directory = checkpoints_dir(workdir)
     policies = [cm.LatestN(n=max(int(keep), 1))]
     if keep_best and int(keep_best) > 0:
       policies.append(cm.BestN(get_metric_fn=lambda m: m["val/accuracy"],
@@ -68,38 +171,52 @@ class TrainCheckpointer:
                       metrics=best, force=True)
 
   def restore(self, abstract_state, shardings=None, step: int | None = None):
-    """Restores (state, meta) onto `shardings` (any mesh); (None, None) if empty.
+    """Restores (state, meta) of the newest readable checkpoint onto `shardings` (any mesh);
+    (None, None) when there is none.
 
-    `abstract_state` is a tree of ShapeDtypeStructs; `shardings` the matching
-    tree of jax.sharding.Sharding (None: use the structs' own shardings).
+    `abstract_state` is a tree of ShapeDtypeStructs; `shardings` the matching tree of
+    jax.sharding.Sharding (None: use the structs' own shardings). A newer checkpoint that
+    cannot be read (a truncated or missing file) is named in a warning and moved aside to
+    `<step>.corrupt` once an older one restores; when none can be read,
+    UnreadableCheckpointError names the newest one and why, and nothing is moved.
     """
-    ocp = self._ocp
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None, None
     if shardings is not None:
       abstract_state = jax.tree.map(
           lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
           abstract_state, shardings)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
-    return out["state"], out["meta"]
+    steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
+    failed = []
+    for s in steps:
+      try:
+        out = self.manager.restore(s, args=self._ocp.args.Composite(
+            state=self._ocp.args.StandardRestore(abstract_state),
+            meta=self._ocp.args.JsonRestore()))
+      except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+        quiet_abandoned_io()
+        failed.append((s, missing_files(os.path.join(self.directory, str(s))) or first_line(e)))
+        continue
+      for bad, why in failed:
+        self._move_aside(bad, why, restored=s)
+      return out["state"], out["meta"]
+    if failed:
+      bad, why = failed[0]
+      raise UnreadableCheckpointError(
+          f"No checkpoint in {self.directory} can be read (newest: step {bad}: {why}). "
+          "If the run's model or optimizer changed, train in a new --workdir; otherwise "
+          "move the broken step folders aside.")
+    return None, None
 
-  def restore_meta(self, step: int | None = None) -> dict | None:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      return None
-    out = self.manager.restore(step, args=self._ocp.args.Composite(
-        meta=self._ocp.args.JsonRestore()))
-    return dict(out["meta"])
-
-  def restore_params(self, abstract_params, step: int | None = None,
-                     key: str = "params"):
-    """Only state[key] (e.g. 'params' or 'ema'), onto the structs' shardings."""
-    step = self.latest_step() if step is None else step
-    return _restore_params(os.path.join(self.directory, str(step)),
-                           abstract_params, key)
+  def _move_aside(self, step: int, why: str, restored: int) -> None:
+    path = os.path.join(self.directory, str(step))
+    if jax.process_index() == 0:
+      os.replace(path, f"{path}.corrupt")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    self.manager.reload()
+    logging.getLogger(__name__).warning(
+        "Checkpoint step %d cannot be read (%s): moved to %s.corrupt; resuming from step %d.",
+        step, why, path, restored)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -114,11 +231,10 @@ def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
                ) -> dict:
   """The JSON metadata saved with each training checkpoint."""
   def plain(v):
-    if isinstance(v, (jnp.dtype, np.dtype)) or (isinstance(v, type) and
-                                                 issubclass(v, np.generic)):
-      return str(jnp.dtype(v))
+    if isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic)):
+      return dtypes.name(v)
     if hasattr(v, "dtype") and not hasattr(v, "shape"):
-      return str(jnp.dtype(v))
+      return dtypes.name(v)
     return v
   return {"step": int(step), "data_position": int(step),
           "model_name": model_name, "num_classes": int(num_classes),
@@ -127,94 +243,26 @@ def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
           "has_ema": bool(has_ema)}
 
 
-def _model_from_meta(meta: Mapping[str, Any]):
-  """An abstract model (no memory) described by a checkpoint's metadata."""
-  overrides = {k: tuple(v) if isinstance(v, list) else v
-               for k, v in meta.get("model_overrides", {}).items()}
-  img_size = meta["img_size"]
-  img_size = tuple(img_size) if isinstance(img_size, list) else img_size
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: models.create(
-        meta["model_name"], num_classes=meta["num_classes"], img_size=img_size,
-        **overrides))
+# Reading a run's checkpoints (read only: no CheckpointManager, which would
+# set itself up, and warn, for writing).
+
+def read_meta(workdir, step: int) -> dict:
+  """The JSON metadata saved with one checkpoint (train_meta)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+    return dict(ckptr.restore(os.path.join(checkpoints_dir(workdir), str(step), "meta")))
 
 
-def _restore_params(step_dir: str, abstract_params, key: str):
-  """state[key] of one checkpoint, onto the structs' shardings."""
+def restore_params(workdir, step: int, abstract_params, key: str = "params"):
+  """state[key] ('params' or 'ema') of one checkpoint, onto the shardings of
+  `abstract_params` (a tree of ShapeDtypeStructs)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                      dtype=a.dtype), abstract_params)
+  path = os.path.join(checkpoints_dir(workdir), str(step), "state")
   with ocp.PyTreeCheckpointer() as ckptr:
-    out = ckptr.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
         item={key: abstract_params}, restore_args={key: restore_args},
         partial_restore=True))
   return out[key]
-
-
-def load_workdir(workdir, step: int | None = None, *, ema: bool | None = None
-                 ) -> nnx.Module:
-  """The trained model of a training run (latest checkpoint, or `step`).
-
-  The model is rebuilt from the checkpoint's metadata (model name and
-  models.create() arguments) and its parameters restored onto the first
-  local device. `ema`: load the EMA parameters (default: when the run kept
-  an EMA, as its evaluation did). Reads only: no CheckpointManager, which
-  would set itself up (and warn) for writing.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
-  steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
-  if step is None:
-    if not steps:
-      raise FileNotFoundError(
-          f"No training checkpoint under {directory}: train first with "
-          f"python -m vit_jax.main --config=... --workdir={workdir}")
-    step = max(steps)
-  elif step not in steps:
-    raise FileNotFoundError(f"No checkpoint of step {step} under {directory}; "
-                            f"there are: {sorted(steps)}")
-  step_dir = os.path.join(directory, str(step))
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-    meta = dict(ckptr.restore(os.path.join(step_dir, "meta")))
-  abstract = _model_from_meta(meta)
-  graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-  device = jax.local_devices()[0]
-  target = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(
-          a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-      nnx.to_pure_dict(abstract_params))
-  use_ema = meta.get("has_ema", False) if ema is None else ema
-  params = _restore_params(step_dir, target, "ema" if use_ema else "params")
-  nnx.replace_by_pure_dict(abstract_params, params)
-  return nnx.merge(graphdef, abstract_params, rest)
-
-
-class Preemption:
-  """Turns SIGTERM into a 'save and stop' request checked once per step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handler)
-    return self
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-    return False
-
-
-def any_process(flag: bool) -> bool:
-  """True on every process if any process saw the flag (SIGTERM may reach only one)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))

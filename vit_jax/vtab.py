@@ -123,14 +123,14 @@ def write_table(results: Mapping[str, Mapping], workdir: str, header: Mapping = 
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from vit_jax import preflight  # pylint: disable=g-import-not-at-top
+  from vit_jax import job  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   sweep_lib.check_command_line(argv, f.runs)
   tasks = check_tasks(f.tasks) if f.tasks else None
   overrides = sweep_lib.parse_overrides(f.set)
-  preflight.check_model_name(
-      task_config(f.model, tasks[0] if tasks else "cifar100", overrides=overrides).model_name)
-  preflight.check_pretrained(f.pretrained, "--pretrained")
+  # The first task's job checked before any run (its data is read when it trains).
+  job.resolve(task_config(f.model, tasks[0] if tasks else "cifar100", pretrained=f.pretrained,
+                          overrides=overrides), read_data=False)
   res = run_vtab(f.model, f.workdir, tasks=tasks, pretrained=f.pretrained, protocol=f.protocol,
                  runs=f.runs, overrides=overrides)
   print(open(os.path.join(f.workdir, "vtab_results.md")).read())

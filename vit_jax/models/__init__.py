@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import dtypes
+from vit_jax.models import ops
+from vit_jax.models.classifier import ImageClassifier
 from vit_jax.models.registry import create, create_from_config, family, get_config, names
 
 
@@ -41,5 +44,5 @@ def prepare_images(images, img_size) -> jax.Array:
   return jnp.clip(x, 0.0, 1.0) * 2.0 - 1.0
 
 
-__all__ = ["create", "create_from_config", "family", "get_config", "names",
-           "prepare_images"]
+__all__ = ["ImageClassifier", "create", "create_from_config", "dtypes", "family",
+           "get_config", "names", "ops", "prepare_images"]

@@ -14,7 +14,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax.models import classifier
+from vit_jax.models import families
 from vit_jax.models import layers
+from vit_jax.models import stacks
 
 Array = jax.Array
 
@@ -50,6 +53,10 @@ class MixerConfig:
     gh, gw = self.patch_grid
     return gh * gw
 
+  num_prefix_tokens = 0
+  pixels_per_token = property(lambda self: self.patch_size)
+  needs_rng = property(lambda self: bool(self.stochastic_depth))
+
 
 class MixerBlock(nnx.Module):
   """x + token-MLP(LN(x))^T, then x + channel-MLP(LN(x))."""
@@ -80,7 +87,7 @@ class MixerBlock(nnx.Module):
     return x, aux
 
 
-class Mixer(nnx.Module):
+class Mixer(classifier.ImageClassifier):
   """Patch stem, mixer blocks, LayerNorm, global average pool, head."""
 
   def __init__(self, cfg: MixerConfig, *, rngs: nnx.Rngs):
@@ -90,45 +97,63 @@ class Mixer(nnx.Module):
     self.stem = layers.Conv(3, cfg.hidden_size, (p, p), strides=(p, p),
                             padding="VALID",
                             axes=("patch", "patch", "channels", "embed"), **kw)
-    self.MixerBlock = layers.make_stack(lambda r: MixerBlock(cfg, rngs=r),
+    self.MixerBlock = stacks.make_stack(lambda r: MixerBlock(cfg, rngs=r),
                                         cfg.num_layers, cfg.scan, rngs)
     self.pre_head_layer_norm = layers.LayerNorm(cfg.hidden_size, **kw)
-    if cfg.num_classes:
-      self.head = layers.classifier_head(cfg.hidden_size, cfg.num_classes,
-                                         bias_init=cfg.head_bias_init, **kw)
+    self.init_head(cfg.hidden_size, rngs)
 
-  num_prefix_tokens = property(lambda self: 0)
-  patch_grid = property(lambda self: self.config.patch_grid)
-  pixels_per_token = property(lambda self: self.config.patch_size)
-
-  def __call__(self, images: Array, *, train: bool = False,
-               rng: Array | None = None, return_intermediates: bool = False):
+  def features(self, x: Array, *, key: Array | None, capture: bool):
     cfg = self.config
-    layers.check_images(images, cfg.name)
-    key = rng if train else None
-    if train and rng is None and cfg.stochastic_depth:
-      raise ValueError("train=True with stochastic depth needs rng=")
-    x = self.stem(images.astype(cfg.dtype))
+    image_hw = x.shape[1:3]
+    x = self.stem(x)
     n, h, w, d = x.shape
     if h * w != cfg.num_tokens:
       raise ValueError(f"{cfg.name} was built for {cfg.img_hw} images "
-                       f"({cfg.num_tokens} tokens), got {images.shape[1:3]}")
+                       f"({cfg.num_tokens} tokens), got {image_hw}")
     x = x.reshape(n, h * w, d)
     embedding = x
     layer_keys = None if key is None else jax.random.split(key, cfg.num_layers)
-    x, inter = layers.run_stack(
+    x, inter = stacks.run_stack(
         self.MixerBlock, x, scan=cfg.scan, num_layers=cfg.num_layers,
         keys=layer_keys,
         drop_rates=layers.drop_path_rates(cfg.stochastic_depth, cfg.num_layers),
-        remat_policy=cfg.remat_policy,
-        capture=return_intermediates)
+        remat_policy=cfg.remat_policy, capture=capture)
     encoded = self.pre_head_layer_norm(x)
-    x = jnp.mean(encoded, axis=1)
-    if return_intermediates:
-      inter = dict(inter, embedding=embedding, encoded=encoded, pre_logits=x)
-    if cfg.num_classes:
-      x = self.head(x)
-    logits = x.astype(jnp.float32)
-    if return_intermediates:
-      return logits, inter
-    return logits
+    if capture:
+      inter = dict(inter, embedding=embedding, encoded=encoded)
+    return jnp.mean(encoded, axis=1), inter
+
+
+# Published checkpoints: a parameter's model path is its key, with the blocks
+# numbered 'MixerBlock_{i}'.
+
+_STACKS = ("MixerBlock",)
+_TOKEN_MLP = "MixerBlock/0/token_mixing/Dense_0/kernel"
+
+
+def _read_architecture(tree) -> dict[str, Any]:
+  stem = tree["stem/kernel"]
+  return dict(
+      patch_size=int(stem.shape[0]), hidden_size=int(stem.shape[-1]),
+      num_layers=families.count(tree, r"MixerBlock/(\d+)/"),
+      tokens_mlp_dim=int(tree[_TOKEN_MLP].shape[-1]),
+      channels_mlp_dim=int(tree["MixerBlock/0/channel_mixing/Dense_0/kernel"].shape[-1]))
+
+
+def _read_img_size(tree, cfg: MixerConfig) -> int | None:
+  """The token-mixing MLP's width is the token count: its grid times the patch."""
+  if _TOKEN_MLP not in tree:
+    return None
+  return families.grid_side(tree[_TOKEN_MLP].shape[0], "tokens") * cfg.patch_size
+
+
+FAMILY = families.Family(
+    name="mixer", title="Mixer", config=MixerConfig, model=Mixer,
+    architecture_fields=("hidden_size", "num_layers", "tokens_mlp_dim",
+                         "channels_mlp_dim", "patch_size"),
+    published_key=lambda path: families.number_layers(path, _STACKS),
+    model_path=lambda key: families.split_layers(key, _STACKS),
+    detect=lambda flat: ("stem/kernel" in flat
+                         and families.number_layers(_TOKEN_MLP, _STACKS) in flat),
+    stacks=_STACKS, read_architecture=_read_architecture, read_img_size=_read_img_size,
+    fixed_resolution="the token-mixing MLP")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax.models import dtypes
 from vit_jax.models import mixer
 from vit_jax.models import resnet
 from vit_jax.models import vit
@@ -75,19 +75,11 @@ MODELS["Mixer-test"] = ("mixer", dict(hidden_size=32, num_layers=2,
                                       patch_size=8))
 MODELS["BiT-test"] = ("bit", dict(layers=(1, 1)))
 
+FAMILIES = {f.name: f for f in (vit.FAMILY, mixer.FAMILY, resnet.FAMILY)}
+
 # The config fields that set the parameters' shapes and how they are used
 # (not dtype, dropout, scan ...): what a fine-tune must take from its source.
-ARCHITECTURE_FIELDS = {
-    "vit": ("hidden_size", "num_layers", "num_heads", "mlp_dim", "patch_size",
-            "classifier", "posemb", "resnet_layers", "resnet_width"),
-    "mixer": ("hidden_size", "num_layers", "tokens_mlp_dim",
-              "channels_mlp_dim", "patch_size"),
-    "bit": ("layers", "width"),
-}
-
-_CONFIG_CLASSES = {"vit": vit.ViTConfig, "mixer": mixer.MixerConfig,
-                   "bit": resnet.BiTConfig}
-_MODEL_CLASSES = {"vit": vit.ViT, "mixer": mixer.Mixer, "bit": resnet.BiT}
+ARCHITECTURE_FIELDS = {name: f.architecture_fields for name, f in FAMILIES.items()}
 
 
 def names() -> list[str]:
@@ -109,7 +101,7 @@ def family(name: str) -> str:
 def get_config(name: str, *, num_classes: int, img_size=224, **overrides):
   """The frozen config dataclass of a named model with overrides applied."""
   fam, fields = _lookup(name)
-  cls = _CONFIG_CLASSES[fam]
+  cls = FAMILIES[fam].config
   valid = {f.name for f in dataclasses.fields(cls)} - {"name", "family"}
   unknown = set(overrides) - valid
   if unknown:
@@ -117,7 +109,7 @@ def get_config(name: str, *, num_classes: int, img_size=224, **overrides):
                      f"({fam}); valid: {sorted(valid)}")
   for k in ("dtype", "param_dtype"):
     if isinstance(overrides.get(k), str):
-      overrides[k] = jnp.dtype(overrides[k])
+      overrides[k] = dtypes.dtype(overrides[k])
   if isinstance(img_size, (list, tuple)):
     img_size = tuple(int(s) for s in img_size)
   return cls(name=name, num_classes=num_classes, img_size=img_size,
@@ -125,7 +117,21 @@ def get_config(name: str, *, num_classes: int, img_size=224, **overrides):
 
 
 def create_from_config(cfg, rngs: nnx.Rngs | None = None):
-  return _MODEL_CLASSES[cfg.family](cfg, rngs=rngs or nnx.Rngs(0))
+  return FAMILIES[cfg.family].model(cfg, rngs=rngs or nnx.Rngs(0))
+
+
+def match(family_name: str, fields: dict[str, Any]) -> str | None:
+  """The registered name whose architecture is `fields` (None when none is):
+  what a checkpoint whose shapes gave `fields` is called."""
+  cls = FAMILIES[family_name].config
+  defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+  arch = {"resnet_layers": None, **{k: v for k, v in fields.items()
+                                     if k not in ("img_size", "representation_size")}}
+  for name, (fam, entry) in MODELS.items():
+    if fam == family_name and all({**defaults, **entry}.get(k) == v
+                                  for k, v in arch.items()):
+      return name
+  return None
 
 
 def create(name: str, *, num_classes: int, img_size=224,

@@ -7,20 +7,25 @@ Two published variants live here:
   `block{s}/unit{u}/{conv,gn}{1,2,3,_proj}` as in the published files.
 - `BiT`: Big Transfer ResNet-v2 classifiers (Kolesnikov et al. 2020;
   pre-activation bottleneck units, weight standardization w / sqrt(var + eps),
-  explicit symmetric padding), with the same module names; `bit_published_key`
-  maps them to the keys of the published BiT .npz files.
+  explicit symmetric padding), with the same module names; its family
+  declaration (at the end) maps them to the keys of the published BiT files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vit_jax.models import classifier
+from vit_jax.models import families
 from vit_jax.models import layers
+from vit_jax.models import stacks
+from vit_jax.models.resnet_layers import GroupNorm, StdConv, max_pool
 
 Array = jax.Array
 
@@ -37,20 +42,19 @@ class BottleneckUnit(nnx.Module):
   def __init__(self, in_features: int, features: int, strides: int, *,
                rngs: nnx.Rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    conv = lambda i, o, k, s=1: layers.Conv(i, o, (k, k), strides=(s, s),
-                                            use_bias=False, standardize=True,
-                                            **kw)
+    conv = lambda i, o, k, s=1: StdConv(i, o, (k, k), strides=(s, s),
+                                        use_bias=False, **kw)
     out = features * 4
     self.needs_projection = in_features != out or strides != 1
     if self.needs_projection:
       self.conv_proj = conv(in_features, out, 1, strides)
-      self.gn_proj = layers.GroupNorm(out, **kw)
+      self.gn_proj = GroupNorm(out, **kw)
     self.conv1 = conv(in_features, features, 1)
-    self.gn1 = layers.GroupNorm(features, **kw)
+    self.gn1 = GroupNorm(features, **kw)
     self.conv2 = conv(features, features, 3, strides)
-    self.gn2 = layers.GroupNorm(features, **kw)
+    self.gn2 = GroupNorm(features, **kw)
     self.conv3 = conv(features, out, 1)
-    self.gn3 = layers.GroupNorm(out, scale_init=layers.zeros, **kw)
+    self.gn3 = GroupNorm(out, scale_init=layers.zeros, **kw)
 
   def __call__(self, x: Array) -> Array:
     residual = x
@@ -82,7 +86,7 @@ class Stage(nnx.Module):
     outputs = []
     for unit in self.units():
       graphdef, state = nnx.split(unit)
-      x = layers.remat(lambda st, y, g=graphdef: nnx.merge(g, st)(y),
+      x = stacks.remat(lambda st, y, g=graphdef: nnx.merge(g, st)(y),
                        remat_policy)(state, x)
       if capture:
         outputs.append(x)
@@ -96,9 +100,9 @@ class HybridStem(nnx.Module):
                rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
     width = 64 * width_factor
-    self.conv_root = layers.Conv(3, width, (7, 7), strides=(2, 2),
-                                 use_bias=False, standardize=True, **kw)
-    self.gn_root = layers.GroupNorm(width, **kw)
+    self.conv_root = StdConv(3, width, (7, 7), strides=(2, 2), use_bias=False,
+                             **kw)
+    self.gn_root = GroupNorm(width, **kw)
     self.num_stages = len(stage_layers)
     in_features = width
     for s, num_units in enumerate(stage_layers):
@@ -111,7 +115,7 @@ class HybridStem(nnx.Module):
 
   def __call__(self, x: Array):
     x = jax.nn.relu(self.gn_root(self.conv_root(x)))
-    x = layers.max_pool(x, 3, 2, "SAME")
+    x = max_pool(x, 3, 2, "SAME")
     aux = {"stem": x, "stages": []}
     for s in range(self.num_stages):
       x, _ = getattr(self, f"block{s + 1}")(x)
@@ -137,11 +141,16 @@ class BiTConfig:
   head_bias_init: float = 0.0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  remat_policy: str = "none"  # per residual unit; see layers.REMAT_POLICIES
+  remat_policy: str = "none"  # per residual unit; see stacks.REMAT_POLICIES
   family: str = "bit"
 
+  num_prefix_tokens = 0
+  patch_grid = None
+  pixels_per_token = None
+  needs_rng = False
+
   def __post_init__(self):
-    layers.check_remat_policy(self.remat_policy)
+    stacks.check_remat_policy(self.remat_policy)
 
   @property
   def hidden_size(self) -> int:
@@ -154,10 +163,9 @@ class BiTConfig:
 
 def _conv_bit(i, o, k, s=1, *, rngs, dtype, param_dtype):
   pad = ((k - 1) // 2, (k - 1) // 2)
-  return layers.Conv(i, o, (k, k), strides=(s, s), padding=(pad, pad),
-                     use_bias=False, standardize=True, ws_eps=BIT_WS_EPS,
-                     ws_sqrt_var=True, rngs=rngs, dtype=dtype,
-                     param_dtype=param_dtype)
+  return StdConv(i, o, (k, k), strides=(s, s), padding=(pad, pad),
+                 use_bias=False, eps=BIT_WS_EPS, sqrt_var=True, rngs=rngs,
+                 dtype=dtype, param_dtype=param_dtype)
 
 
 class PreActUnit(nnx.Module):
@@ -167,7 +175,7 @@ class PreActUnit(nnx.Module):
   def __init__(self, in_features: int, features: int, strides: int, *,
                rngs: nnx.Rngs, dtype, param_dtype):
     kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-    gn = lambda c: layers.GroupNorm(c, epsilon=BIT_GN_EPS, **kw)
+    gn = lambda c: GroupNorm(c, epsilon=BIT_GN_EPS, **kw)
     out = features * 4
     self.needs_projection = in_features != out or strides != 1
     self.gn1 = gn(in_features)
@@ -188,7 +196,7 @@ class PreActUnit(nnx.Module):
     return y + shortcut
 
 
-class BiT(nnx.Module):
+class BiT(classifier.ImageClassifier):
   """BiT ResNet-v2 classifier: root, pre-activation stages, GN+ReLU, GAP, head."""
 
   def __init__(self, cfg: BiTConfig, *, rngs: nnx.Rngs):
@@ -202,55 +210,61 @@ class BiT(nnx.Module):
       setattr(self, f"block{s + 1}", Stage(
           PreActUnit, in_features, features, num_units, 1 if s == 0 else 2, **kw))
       in_features = features * 4
-    self.norm = layers.GroupNorm(in_features, epsilon=BIT_GN_EPS, **kw)
-    if cfg.num_classes:
-      self.head = layers.classifier_head(in_features, cfg.num_classes,
-                                         bias_init=cfg.head_bias_init, **kw)
+    self.norm = GroupNorm(in_features, epsilon=BIT_GN_EPS, **kw)
+    self.init_head(in_features, rngs)
 
-  num_prefix_tokens = property(lambda self: 0)
-  patch_grid = property(lambda self: None)
-  pixels_per_token = property(lambda self: None)
-
-  def __call__(self, images: Array, *, train: bool = False,
-               rng: Array | None = None, return_intermediates: bool = False):
-    del train, rng  # BiT has no dropout.
+  def features(self, x: Array, *, key: Array | None, capture: bool):
+    del key  # BiT has no dropout.
     cfg = self.config
-    layers.check_images(images, cfg.name)
-    x = self.conv_root(images.astype(cfg.dtype))
+    x = self.conv_root(x)
     # Zero padding then VALID pooling, as the published BiT root block.
-    x = layers.max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), 3, 2,
-                        "VALID")
+    x = max_pool(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), 3, 2, "VALID")
     inter: dict[str, Any] = {"stem": x, "units": [], "stages": []}
     for s in range(len(cfg.layers)):
       x, unit_outputs = getattr(self, f"block{s + 1}")(
-          x, capture=return_intermediates, remat_policy=cfg.remat_policy)
+          x, capture=capture, remat_policy=cfg.remat_policy)
       inter["units"].extend(unit_outputs)
       inter["stages"].append(x)
     x = jax.nn.relu(self.norm(x))
-    x = jnp.mean(x, axis=(1, 2))
-    inter["pre_logits"] = x
-    if cfg.num_classes:
-      x = self.head(x)
-    logits = x.astype(jnp.float32)
-    if return_intermediates:
-      return logits, inter
-    return logits
+    return jnp.mean(x, axis=(1, 2)), inter
 
 
-def bit_published_key(path: str) -> str:
-  """Our BiT parameter path -> key in the published BiT-M/S .npz files."""
-  parts = path.split("/")
-  if parts[0] == "conv_root":
-    return "resnet/root_block/standardized_conv2d/kernel"
-  if parts[0] == "norm":
-    return f"resnet/group_norm/{ {'scale': 'gamma', 'bias': 'beta'}[parts[1]] }"
-  if parts[0] == "head":
-    return f"resnet/head/conv2d/{parts[1]}"
-  block, unit, layer, leaf = parts
-  unit = f"unit{int(unit[4:]):02d}"
-  sub = {"gn1": "a", "conv1": "a", "gn2": "b", "conv2": "b", "gn3": "c",
-         "conv3": "c", "conv_proj": "a/proj"}[layer]
-  if layer.startswith("gn"):
-    return f"resnet/{block}/{unit}/{sub}/group_norm/" + {
-        "scale": "gamma", "bias": "beta"}[leaf]
-  return f"resnet/{block}/{unit}/{sub}/standardized_conv2d/kernel"
+# ---------------------------------------------------------------------------
+# Published checkpoints: the BiT-M/S .npz files name the parameters
+# 'resnet/block{s}/unit{uu}/{a,b,c}/...' and store the head as a 1x1
+# convolution.
+# ---------------------------------------------------------------------------
+
+_TOP = {"conv_root/kernel": "resnet/root_block/standardized_conv2d/kernel",
+        "norm/scale": "resnet/group_norm/gamma", "norm/bias": "resnet/group_norm/beta",
+        "head/kernel": "resnet/head/conv2d/kernel", "head/bias": "resnet/head/conv2d/bias"}
+_UNIT = {"conv_proj/kernel": "a/proj/standardized_conv2d/kernel"}   # within a unit
+for _i, _sub in enumerate("abc", 1):
+  _UNIT.update({f"gn{_i}/scale": f"{_sub}/group_norm/gamma",
+                f"gn{_i}/bias": f"{_sub}/group_norm/beta",
+                f"conv{_i}/kernel": f"{_sub}/standardized_conv2d/kernel"})
+_TOP_INV = {v: k for k, v in _TOP.items()}
+_UNIT_INV = {v: k for k, v in _UNIT.items()}
+
+
+def _rename(key: str, top: dict, unit: dict, unit_re: str, unit_fmt: str) -> str | None:
+  if key in top:
+    return top[key]
+  m = re.fullmatch(unit_re, key)
+  if m and m.group(3) in unit:
+    return unit_fmt.format(m.group(1), int(m.group(2)), unit[m.group(3)])
+  return None   # not a BiT parameter
+
+
+FAMILY = families.Family(
+    name="bit", title="BiT", config=BiTConfig, model=BiT,
+    architecture_fields=("layers", "width"),
+    published_key=lambda path: _rename(path, _TOP, _UNIT, r"(block\d+)/unit(\d+)/(.+)",
+                                       "resnet/{}/unit{:02d}/{}") or path,
+    model_path=lambda key: _rename(key, _TOP_INV, _UNIT_INV, r"resnet/(block\d+)/unit(\d+)/(.+)",
+                                   "{}/unit{}/{}"),
+    # The published head is a 1x1 convolution.
+    published_value=lambda path, v: v[None, None] if path == "head/kernel" else v,
+    model_value=lambda path, v: (v.reshape(v.shape[-2:]) if path == "head/kernel" and v.ndim == 4
+                                 else v),
+    detect=lambda flat: any(k.startswith("resnet/") for k in flat))

@@ -15,17 +15,25 @@ embedding added after the class token is prepended.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from vit_jax.models import attention
+from vit_jax.models import classifier
+from vit_jax.models import families
 from vit_jax.models import layers
+from vit_jax.models import ops
+from vit_jax.models import posemb
 from vit_jax.models import resnet
+from vit_jax.models import stacks
+
+log = logging.getLogger(__name__)
 
 Array = jax.Array
 
@@ -56,7 +64,7 @@ class ViTConfig:
   dtype: Any = jnp.float32          # compute dtype
   param_dtype: Any = jnp.float32
   scan: bool = False                # stack the blocks and run them with lax.scan
-  remat_policy: str = "none"        # see layers.REMAT_POLICIES
+  remat_policy: str = "none"        # see stacks.REMAT_POLICIES
   # None: the fastest exact path per platform (cuDNN on NVIDIA GPUs in bf16/
   # fp16, head-major einsums on CPU, else XLA); or 'xla' / 'cudnn'.
   attention_impl: str | None = None
@@ -71,9 +79,9 @@ class ViTConfig:
     if self.posemb == "sincos2d" and self.hidden_size % 4:
       raise ValueError(f"posemb='sincos2d' needs hidden_size divisible by 4, "
                        f"not {self.hidden_size}")
-    if self.attention_impl not in attention.IMPLEMENTATIONS:
+    if self.attention_impl not in ops.attention.IMPLEMENTATIONS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of "
-                       f"{attention.IMPLEMENTATIONS} (None picks the fastest exact path "
+                       f"{ops.attention.IMPLEMENTATIONS} (None picks the fastest exact path "
                        "for the platform)")
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
@@ -100,6 +108,11 @@ class ViTConfig:
   @property
   def num_prefix_tokens(self) -> int:
     return 1 if self.classifier in ("token", "token_unpooled") else 0
+
+  @property
+  def needs_rng(self) -> bool:
+    return bool(self.dropout_rate or self.attention_dropout_rate
+                or self.stochastic_depth)
 
 
 class EncoderBlock(nnx.Module):
@@ -139,66 +152,18 @@ class EncoderBlock(nnx.Module):
     return x, aux
 
 
-class AddPositionEmbs(nnx.Module):
-  """Learned position embedding (1, tokens, D), initialised N(0, 0.02)."""
-
-  def __init__(self, num_tokens: int, features: int, *, rngs: nnx.Rngs,
-               param_dtype=jnp.float32):
-    self.pos_embedding = layers.param(
-        rngs, jax.nn.initializers.normal(stddev=0.02), (1, num_tokens, features),
-        (None, None, "embed"), param_dtype)
-
-  def __call__(self, x: Array) -> Array:
-    return x + self.pos_embedding[...].astype(x.dtype)
-
-
-def posemb_sincos_2d(grid: tuple[int, int], features: int,
-                     temperature: float = 10_000.) -> np.ndarray:
-  """Fixed 2-D sin-cos position embedding (1, gh*gw, features), big_vision's.
-
-  A quarter of the features each for sin(x), cos(x), sin(y), cos(y) of the
-  patch column x and row y, at frequencies spaced geometrically from 1 down
-  to 1/temperature.
-  """
-  quarter = features // 4
-  freqs = temperature ** -(np.arange(quarter) / max(quarter - 1, 1))
-  rows, cols = np.mgrid[:grid[0], :grid[1]]
-  x = cols.reshape(-1, 1) * freqs
-  y = rows.reshape(-1, 1) * freqs
-  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-  return pe[None].astype(np.float32)
-
-
-class SinCosPositionEmbs(nnx.Module):
-  """Fixed 2-D sin-cos position embedding; the prefix (class) tokens get none,
-  as in big_vision, which adds it before prepending the class token."""
-
-  def __init__(self, grid: tuple[int, int], features: int, num_prefix: int):
-    self.grid, self.features, self.num_prefix = tuple(grid), features, num_prefix
-
-  @property
-  def pos_embedding(self) -> np.ndarray:
-    """(1, prefix + gh*gw, D), zero rows for the prefix tokens."""
-    pe = posemb_sincos_2d(self.grid, self.features)
-    return np.concatenate(
-        [np.zeros((1, self.num_prefix, self.features), np.float32), pe], axis=1)
-
-  def __call__(self, x: Array) -> Array:
-    return x + jnp.asarray(self.pos_embedding, x.dtype)
-
-
 class Encoder(nnx.Module):
   """Position embedding, the block stack and the final LayerNorm."""
 
   def __init__(self, cfg: ViTConfig, num_tokens: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     if cfg.posemb == "sincos2d":
-      self.posembed_input = SinCosPositionEmbs(
+      self.posembed_input = posemb.SinCosPositionEmbs(
           cfg.patch_grid, cfg.hidden_size, num_tokens - math.prod(cfg.patch_grid))
     else:
-      self.posembed_input = AddPositionEmbs(num_tokens, cfg.hidden_size, rngs=rngs,
+      self.posembed_input = posemb.AddPositionEmbs(num_tokens, cfg.hidden_size, rngs=rngs,
                                             param_dtype=cfg.param_dtype)
-    self.encoderblock = layers.make_stack(
+    self.encoderblock = stacks.make_stack(
         lambda r: EncoderBlock(cfg, rngs=r), cfg.num_layers, cfg.scan, rngs)
     self.encoder_norm = layers.LayerNorm(cfg.hidden_size, rngs=rngs,
                                          dtype=cfg.dtype,
@@ -214,7 +179,7 @@ class Encoder(nnx.Module):
     embedding = x
     x = layers.dropout(x, cfg.dropout_rate, k_emb)
     layer_keys = None if key is None else jax.random.split(k_layers, cfg.num_layers)
-    x, aux = layers.run_stack(
+    x, aux = stacks.run_stack(
         self.encoderblock, x, scan=cfg.scan, num_layers=cfg.num_layers,
         keys=layer_keys,
         drop_rates=layers.drop_path_rates(cfg.stochastic_depth, cfg.num_layers),
@@ -252,7 +217,7 @@ class MAPHead(nnx.Module):
     return x[:, 0]
 
 
-class ViT(nnx.Module):
+class ViT(classifier.ImageClassifier):
   """Vision Transformer; with `resnet_layers` set, a ResNet+ViT hybrid."""
 
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
@@ -279,26 +244,12 @@ class ViT(nnx.Module):
       self.pre_logits = layers.Dense(features, cfg.representation_size,
                                      axes=("embed", "mlp"), rngs=rngs, **kw)
       features = cfg.representation_size
-    if cfg.num_classes:
-      self.head = layers.classifier_head(features, cfg.num_classes,
-                                         bias_init=cfg.head_bias_init,
-                                         rngs=rngs, **kw)
+    self.init_head(features, rngs)
 
-  # Convenience views of the config used by analyses.
-  num_prefix_tokens = property(lambda self: self.config.num_prefix_tokens)
-  patch_grid = property(lambda self: self.config.patch_grid)
-  pixels_per_token = property(lambda self: self.config.pixels_per_token)
-
-  def __call__(self, images: Array, *, train: bool = False,
-               rng: Array | None = None, return_intermediates: bool = False):
+  def features(self, x: Array, *, key: Array | None, capture: bool):
     cfg = self.config
-    layers.check_images(images, cfg.name)
-    key = rng if train else None
-    if train and rng is None and (cfg.dropout_rate or cfg.attention_dropout_rate
-                                  or cfg.stochastic_depth):
-      raise ValueError("train=True with dropout / stochastic depth needs rng=")
+    image_hw = x.shape[1:3]
     inter: dict[str, Any] = {}
-    x = images.astype(cfg.dtype)
     if cfg.resnet_layers is not None:
       x, stem_aux = self.stem(x)
       inter.update(stem_aux)
@@ -307,8 +258,8 @@ class ViT(nnx.Module):
     if (h, w) != cfg.patch_grid:
       raise ValueError(
           f"{cfg.name} was built for {cfg.img_hw} images ({cfg.patch_grid} "
-          f"patches) but got {images.shape[1:3]}; create or load the model "
-          f"with img_size={images.shape[1:3]} (position embeddings are resized)")
+          f"patches) but got {image_hw}; create or load the model "
+          f"with img_size={image_hw} (position embeddings are resized)")
     x = x.reshape(n, h * w, d)
     if cfg.num_prefix_tokens:
       cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (n, 1, d))
@@ -318,10 +269,10 @@ class ViT(nnx.Module):
     # token): the same logits and gradients with ~1/12 less work for
     # ViT-B. Not with dropout in training, whose masks are drawn for the
     # shape of the whole sequence.
-    class_token_only = (cfg.classifier == "token" and not return_intermediates
+    class_token_only = (cfg.classifier == "token" and not capture
                         and (key is None or not (cfg.dropout_rate or
                                                  cfg.attention_dropout_rate)))
-    x, aux = self.Transformer(x, key=key, capture=return_intermediates,
+    x, aux = self.Transformer(x, key=key, capture=capture,
                               out_tokens=1 if class_token_only else None)
     inter.update(aux)
 
@@ -333,10 +284,77 @@ class ViT(nnx.Module):
       x = self.MAPHead_0(x)
     if cfg.representation_size is not None:
       x = jnp.tanh(self.pre_logits(x))
-    inter["pre_logits"] = x
-    if cfg.num_classes:
-      x = self.head(x)
-    logits = x.astype(jnp.float32)
-    if return_intermediates:
-      return logits, inter
-    return logits
+    return x, inter
+
+
+# ---------------------------------------------------------------------------
+# Published checkpoints: a parameter's model path is its key, with the layers
+# numbered 'Transformer/encoderblock_{i}' and a hybrid's ResNet at the top
+# level ('conv_root', 'gn_root', 'block{s}/unit{u}').
+# ---------------------------------------------------------------------------
+
+_STACKS = ("Transformer/encoderblock",)
+_STEM = re.compile(r"(conv_root|gn_root|block\d+)/")
+_QUERY = "Transformer/encoderblock/0/MultiHeadDotProductAttention_1/query/kernel"
+_POSEMB = "Transformer/posembed_input/pos_embedding"
+
+
+def _published_key(path: str) -> str:
+  key = families.number_layers(path, _STACKS)
+  if key.startswith("stem/") and _STEM.match(key[len("stem/"):]):
+    return key[len("stem/"):]
+  return key
+
+
+def _model_path(key: str) -> str:
+  return "stem/" + key if _STEM.match(key) else families.split_layers(key, _STACKS)
+
+
+def _detect(flat) -> bool:
+  return "embedding/kernel" in flat and families.number_layers(_QUERY, _STACKS) in flat
+
+
+def _read_architecture(tree) -> dict[str, Any]:
+  """A ViT's create() fields from its parameter shapes. Without a class
+  token or MAP head it is taken to pool by 'gap' ('unpooled' has the same
+  parameters): logged."""
+  hidden, heads, _ = tree[_QUERY].shape
+  fields = dict(
+      hidden_size=int(hidden), num_heads=int(heads),
+      num_layers=families.count(tree, r"Transformer/encoderblock/(\d+)/"),
+      mlp_dim=int(tree["Transformer/encoderblock/0/MlpBlock_3/Dense_0/kernel"].shape[-1]),
+      patch_size=int(tree["embedding/kernel"].shape[0]))
+  if "stem/conv_root/kernel" in tree:  # ResNet hybrid
+    fields["resnet_layers"] = tuple(
+        families.count(tree, rf"stem/block{s}/unit(\d+)/")
+        for s in range(1, families.count(tree, r"stem/block(\d+)/unit") + 1))
+    fields["resnet_width"] = int(tree["stem/conv_root/kernel"].shape[-1]) // 64
+  if "cls" in tree:
+    fields["classifier"] = "token"
+  elif "MAPHead_0/probe" in tree:
+    fields["classifier"] = "map"
+  else:
+    fields["classifier"] = "gap"
+    log.warning("Guessed classifier='gap' (no class token or MAP head in the "
+                "file; 'unpooled' has the same parameters)")
+  if "pre_logits/kernel" in tree:
+    fields["representation_size"] = int(tree["pre_logits/kernel"].shape[-1])
+  return fields
+
+
+def _read_img_size(tree, cfg: ViTConfig) -> int | None:
+  """The learned position embedding's grid times the pixels per token."""
+  if _POSEMB not in tree:
+    return None
+  n = tree[_POSEMB].shape[1] - (1 if "cls" in tree else 0)
+  return families.grid_side(n, "position embeddings") * cfg.pixels_per_token
+
+
+FAMILY = families.Family(
+    name="vit", title="ViT", config=ViTConfig, model=ViT,
+    architecture_fields=("hidden_size", "num_layers", "num_heads", "mlp_dim",
+                         "patch_size", "classifier", "posemb", "resnet_layers",
+                         "resnet_width"),
+    published_key=_published_key, model_path=_model_path, detect=_detect,
+    stacks=_STACKS, representation="pre_logits", posemb=_POSEMB,
+    read_architecture=_read_architecture, read_img_size=_read_img_size)
