@@ -37,16 +37,13 @@ def test_logical_rules_divisibility_and_unknown_names():
   assert sharding.logical_to_spec(None, (4, 4), mesh, rules) == P()
 
 
-def test_param_specs_with_regex_overrides():
+def test_param_specs_from_logical_rules():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
   params = {"head": {"kernel": jax.ShapeDtypeStruct((32, 10), np.float32)},
             "block": {"fc": {"kernel": jax.ShapeDtypeStruct((32, 64), np.float32)}}}
   logical = {"head": {"kernel": P("embed", "classes")}, "block": {"fc": {"kernel": P("embed", "mlp")}}}
   specs = sharding.param_specs(params, logical, mesh)
   assert specs["head"]["kernel"] == P("fsdp") and specs["block"]["fc"]["kernel"] == P("fsdp", "model")
-  specs = sharding.param_specs(params, logical, mesh, overrides=[("head/.*", "replicate"),
-                                                                  ("block/.*", "fsdp")])
-  assert specs["head"]["kernel"] == P() and specs["block"]["fc"]["kernel"] == P(None, "fsdp")
 
 
 def test_global_batch_round_trip_and_divisibility():

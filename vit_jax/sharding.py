@@ -3,14 +3,10 @@
 Every model parameter carries logical axis names (``embed``, ``mlp``, ``heads``,
 ``kv``, ``classes``, ``layers``, ``patch``, ``channels``, ``conv_out``, ...).
 This module maps them onto the three mesh axes ``data``, ``fsdp`` and ``model``
-with a short list of rules, much like big_vision's (regex, tactic) rules:
+with a short list of rules:
 
 * ``config.sharding_rules``: ``(logical_name, mesh_axis_or_None)`` pairs.
   A logical name without a rule is replicated.
-* ``config.sharding_overrides``: ``(regex, tactic)`` pairs matched against the
-  parameter path (``'encoder/layers_0/mlp/fc1/kernel'``); tactic ``'replicate'``
-  replicates the whole parameter, ``'fsdp'`` shards its largest divisible dim
-  over ``fsdp``. The first matching regex wins and beats the logical rules.
 
 A dimension is only sharded when its size is divisible by the mesh axis size,
 and a mesh axis is used at most once per parameter; otherwise that dimension
@@ -35,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -168,18 +163,6 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
 # --------------------------------------------------------------------------
 # Logical axes -> mesh axes
 # --------------------------------------------------------------------------
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                     rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> P:
   """Maps one parameter's logical axis names to a mesh PartitionSpec."""
@@ -201,42 +184,19 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], 
   return P(*out)
 
 
-def _tactic_spec(tactic: str, shape: Sequence[int], mesh: Mesh) -> P:
-  if tactic == "replicate":
-    return P()
-  if tactic in ("fsdp", "model", "data"):
-    n = mesh.shape[tactic]
-    best = None
-    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
-      if n > 1 and shape[i] % n == 0:
-        best = i
-        break
-    spec = [None] * len(shape)
-    if best is not None:
-      spec[best] = tactic
-    return P(*spec)
-  raise ValueError(f"Unknown sharding tactic {tactic!r}; use 'replicate', 'fsdp', 'model' or 'data'.")
-
-
 def param_specs(abstract_params, logical_specs, mesh: Mesh,
-                rules: Iterable[tuple[str, Any]] = DEFAULT_RULES,
-                overrides: Iterable[tuple[str, str]] = ()) -> Any:
+                rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """PartitionSpecs for a params tree given its logical-axis tree.
 
   ``abstract_params``: pytree of arrays / ShapeDtypeStructs.
   ``logical_specs``: same structure, leaves are PartitionSpecs (or tuples)
   of logical names, or None.
   """
-  rules, overrides = tuple(rules), tuple(overrides)
-  compiled = [(re.compile(rx), t) for rx, t in overrides]
+  rules = tuple(rules)
   flat_specs = dict(jax.tree_util.tree_flatten_with_path(
       logical_specs, is_leaf=lambda x: x is None or isinstance(x, (P, tuple)))[0])
 
   def one(path, leaf):
-    name = _path_str(path)
-    for rx, tactic in compiled:
-      if rx.fullmatch(name) or rx.match(name):
-        return _tactic_spec(tactic, leaf.shape, mesh)
     logical = flat_specs.get(path)
     return logical_to_spec(tuple(logical) if logical is not None else None,
                            leaf.shape, mesh, rules)
