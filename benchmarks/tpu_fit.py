@@ -12,7 +12,6 @@ CPU-only machine with libtpu installed (pip install -e '.[tpu]').
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -170,15 +169,21 @@ def write_readme(markdown: str) -> None:
     f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--only", default="", help="comma-separated job names")
-  parser.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
-  parser.add_argument("--redo", action="store_true", help="compile jobs already in the JSON too")
-  parser.add_argument("--table", action="store_true", help="print the README table and exit")
-  parser.add_argument("--readme", action="store_true",
-                      help="write the table into README.md (between its tpu_fit markers) and exit")
-  args = parser.parse_args()
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("only", "", "comma-separated job names")
+  flags.DEFINE_integer("timeout", 3600, "seconds per compile", lower_bound=1)
+  flags.DEFINE_boolean("redo", False, "compile jobs already in the JSON too")
+  flags.DEFINE_boolean("table", False, "print the README tables and exit")
+  flags.DEFINE_boolean("readme", False,
+                       "write the tables into README.md (between its tpu_fit markers) and exit")
+
+
+def main(argv):
+  from absl import flags
+  from vit_jax import command_line
+  command_line.check_no_arguments(argv)
+  args = flags.FLAGS
   results = load()
   tables = f"{table(results)}\n\nMulti-slice (ICI x DCN mesh):\n\n{multislice_table(results)}"
   if args.table:
@@ -206,4 +211,6 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  from vit_jax import cli
+  _define_flags()
+  cli.run(main)
