@@ -23,6 +23,11 @@ def base() -> ml_collections.ConfigDict:
   c.img_size = 224  # input resolution the model is built for (posemb is resized to it)
   c.head_zero_init = True  # zero the classifier head (kernel and bias) before training
   c.pretrained = config_dict.placeholder(str)  # published .npz or a training workdir; None = from scratch
+  c.trainable = config_dict.placeholder(str)  # regex over published parameter names (e.g. 'head/.*'); the rest is frozen; None = all
+  c.lora = ml_collections.ConfigDict()  # low-rank adapters on the encoder blocks (vit_jax/lora.py)
+  c.lora.rank = 0  # rank of each adapter (0 = off)
+  c.lora.alpha = config_dict.placeholder(float)  # adapters scaled by alpha / rank (None = rank: scale 1)
+  c.lora.targets = 'qkv'  # adapted kernels, comma-separated: 'qkv', 'out' (attention output), 'mlp'
 
   # ---- Data (read by vit_jax.data) ----------------------------------------
   c.dataset = 'cifar100'  # tfds name, 'digits' or 'vtab:<task>'
@@ -67,6 +72,7 @@ def base() -> ml_collections.ConfigDict:
   c.optim.mu_dtype = 'float32'  # dtype of the first moment / momentum ('bfloat16' halves its memory)
   c.optim.weight_decay = 0.0  # decoupled weight decay on kernels only (scaled by lr(t)/lr)
   c.optim.grad_clip_norm = 1.0  # clip the global gradient norm (0 = off)
+  c.optim.layer_decay = config_dict.placeholder(float)  # block i (0..L-1) at lr*decay**(L-i), head lr, embeddings lr*decay**(L+1) (BEiT); None = off
   c.label_smoothing = 0.0  # softmax label smoothing
   c.ema_decay = 0.0  # EMA of parameters, evaluated instead of the raw ones when > 0
   c.divergence = ml_collections.ConfigDict()  # stop a diverging run (NaN/Inf always stops it)

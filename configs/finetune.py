@@ -1,14 +1,29 @@
-"""Fine-tuning a published checkpoint: `finetune.py:<model>,<dataset>[,<crop>]`.
+"""Fine-tuning a published checkpoint: `finetune.py:<model>,<dataset>[,<crop> or <mode>]`.
 
   python -m vit_jax.main --config=configs/finetune.py:b16,cifar100 --workdir=DIR \
       --config.pretrained=ViT-B_16.npz
+  python -m vit_jax.main --config=configs/finetune.py:b16,cifar100,lora --workdir=DIR \
+      --config.pretrained=ViT-B_16.npz     # adapters and the head train, the rest is frozen
   python -m vit_jax.sweep --config=configs/finetune.py:b16,cifar100 --workdir=DIR \
       --set=pretrained=ViT-B_16.npz        # the published lr sweep (LR_SWEEP), then test
 
 `<dataset>` is one of DATASETS or any other dataset string of vit_jax.data (a tfds name,
 'imagefolder:ROOT', ...; set --config.num_classes when it cannot be read from tfds
-metadata). `<crop>` picks the train augmentation: 'inception' (default, as published),
-'resize_crop' or 'resmall_crop' (big_vision's alternatives); each is followed by a flip.
+metadata). `<crop>` (or crop=...) picks the train augmentation: 'inception' (default, as
+published), 'resize_crop' or 'resmall_crop' (big_vision's alternatives); each is followed
+by a flip. `<mode>` (or mode=...) picks what trains (MODES):
+  full         every parameter, as published (default)
+  head         the classifier head only (a linear probe of the frozen model):
+               config.trainable='head/.*'
+  layer_decay  every parameter, block i of L at lr * decay ** (L - i), the embeddings at
+               lr * decay ** (L + 1) (vit_jax/trainable.py): decay 0.65; 0.75 for the
+               LARGE_MODELS; MAE's fine-tuning values for base and large / huge
+               (facebookresearch/mae FINETUNE.md; BEiT fine-tunes base with 0.65 too)
+  lora         rank-8 adapters (alpha 8) on the attention's query, key and value kernels and
+               the head; the rest is frozen (vit_jax/lora.py). The exported model
+               (checkpoint.load(workdir), save_npz) has the adapters merged in.
+The modes keep the published recipe otherwise, lr included: nothing is published for them
+on these checkpoints, so sweep the lr (vit_jax.sweep) for a mode as for full fine-tuning.
 
 Settings and where they come from (ViT = Dosovitskiy et al. 2021, App. B.1.1 and Table 4;
 official = google-research/vision_transformer vit_jax/; bv = big_vision configs/transfer.py):
@@ -37,9 +52,21 @@ official = google-research/vision_transformer vit_jax/; bv = big_vision configs/
     imagenet {0.003, 0.01, 0.03, 0.06}
   imagenet: ReaL accuracy on              ViT Tables 5-6 report it; bv :139-143 (its eval)
     imagenet2012_real's validation split
+  SGD momentum in bfloat16                official train.py:143 (accumulator_dtype='bfloat16';
+                                          configs/common.py:43 declares it); float32 is an
+                                          option: --config.optim.mu_dtype=float32 (exact; twice
+                                          the state, yet less HBM per chip in the compiled
+                                          B/16 step: benchmarks/RESULTS.md)
+  the step: clip -> SGD momentum -> lr,   official train.py:138-145 (optax chain) and :37-70
+    warm-up from lr 0 (lr * step /        (make_update_fn); utils.py:78-94 (schedule); the
+    warmup_steps, steps counted from 0)   same update within float32 rounding
+                                          (tests/test_published_step.py)
 Deliberate deviations:
-  SGD momentum kept in float32            official keeps it in bfloat16 (configs/common.py:43);
-                                          float32 is exact and costs one param-sized buffer
+  the whole batch in one pass             official configs/common.py:45 accumulates 8
+                                          micro-batches "to save on memory"; the mean
+                                          gradient is the same up to float32 rounding
+                                          (tests/test_train.py; --config.grad_accum_steps=8
+                                          accumulates as it does)
   final runs train on the train split     as the official code does; the paper's final runs
     minus the dev split                   train on the entire train split (App. B.1.1):
                                           `vit_jax.sweep --final_train_split=train`
@@ -61,6 +88,8 @@ LARGE_MODELS = ('ViT-L_16', 'ViT-H_14', 'R50+ViT-L_32')
 # The published lr grids (ViT Table 4); vit_jax.sweep trains each and keeps the best on val.
 LR_SWEEP = (0.001, 0.003, 0.01, 0.03)
 LR_SWEEP_IMAGENET = (0.003, 0.01, 0.03, 0.06)
+# What trains: config fields each mode sets (the module docstring says why).
+MODES = ('full', 'head', 'layer_decay', 'lora')
 # Train augmentations before the flip; '{resize}' is img_size * 448 / 384.
 CROPS = {
     'inception': 'inception_crop({img_size})',  # published default
@@ -80,11 +109,18 @@ def _tfds_num_classes(name, data_dir=None):
 
 
 def get_config(arg='b16,cifar100'):
-  args = common.parse_args(arg, ('model', 'dataset', 'crop'),
-                           {'model': 'b16', 'dataset': 'cifar100', 'crop': 'inception'})
-  name, crop = args['dataset'], args['crop']
+  args = common.parse_args(arg, ('model', 'dataset', 'crop_or_mode'),
+                           {'model': 'b16', 'dataset': 'cifar100', 'crop': 'inception',
+                            'mode': 'full', 'crop_or_mode': None}, keys=('crop', 'mode'))
+  third = args['crop_or_mode']
+  if third is not None:
+    args['mode' if third in MODES else 'crop'] = third
+  name, crop, mode = args['dataset'], args['crop'], args['mode']
   if crop not in CROPS:
-    raise ValueError(f'Unknown crop {crop!r}; use one of {", ".join(CROPS)}.')
+    raise ValueError(f'Unknown crop {crop!r}; use one of {", ".join(CROPS)} (or a mode: '
+                     f'{", ".join(MODES)}).')
+  if mode not in MODES:
+    raise ValueError(f'Unknown mode {mode!r}; use one of {", ".join(MODES)}.')
   if name in DATASETS:
     num_classes, steps, warmup, train, val, test = DATASETS[name]
   elif name.startswith('imagefolder:'):  # splits from the folder; classes from the data (-1)
@@ -136,8 +172,19 @@ def get_config(arg='b16,cifar100'):
   c.optim.lr = 0.01 if (name == 'cifar10' and model == 'ViT-B_16') or name.startswith(
       'oxford') else 0.03  # published defaults (see the docstring); LR_SWEEP for the sweep
   c.optim.momentum = 0.9  # momentum
+  c.optim.mu_dtype = 'bfloat16'  # momentum dtype, as published ('float32': exact; see the docstring)
   c.optim.schedule = 'cosine'  # cosine decay after warm-up
   c.optim.end_lr_fraction = 0.0  # decays to 0
   c.optim.weight_decay = 0.0  # none
   c.optim.grad_clip_norm = 1.0  # global norm clip
+
+  if mode == 'head':
+    c.trainable = 'head/.*'  # a linear probe: only the new head trains
+  elif mode == 'layer_decay':
+    c.optim.layer_decay = 0.75 if model in LARGE_MODELS else 0.65  # MAE's values (docstring)
+  elif mode == 'lora':
+    c.trainable = 'head/.*'  # the new head trains beside the adapters; the base is frozen
+    c.lora.rank = 8  # adapter rank
+    c.lora.alpha = 8.0  # scale alpha / rank = 1
+    c.lora.targets = 'qkv'  # query, key and value kernels of every block
   return c

@@ -30,6 +30,11 @@ loss), utils = big_vision/utils.py @95ccb15:
   lr 0.001, Adam b1 0.9 b2 0.999, batch 4096, 10k linear warm-up then cosine
     decay, global-norm clip 1.0          paper Sec. 3.4; i21k:79, 105-111
   Adam first moment in bfloat16          i21k:106
+  the step: clip -> Adam -> lr -> decoupled weight decay on kernels -> schedule, warm-up
+    from lr 0 (step / warmup_steps, steps counted from 0)
+                                         big_vision/optax.py:75-149, utils:1102-1141 (@0127fb6);
+                                         the same update within float32 rounding
+                                         (tests/test_published_step.py)
   epochs: 300 (i1k, i21k) or 30 (i21k)   paper Sec. 3.4; i21k:57
   224 px Inception crop + left-right flip, shuffle buffer 250k
                                          paper Sec. 3.4; i21k:80, 85
@@ -55,6 +60,13 @@ Deliberate deviations:
   * The model keeps the class-token head of the published AugReg files and no
     pre-logits layer (paper Sec. 3.2); today's big_vision vit_i21k.py trains a
     GAP head instead.
+  * The class token has a position-embedding row, as in the published AugReg
+    files (big_vision's models/vit.py:341-351 @0127fb6 folds that row into the
+    token when it reads them). Today's big_vision adds the position embedding
+    before it prepends the token (models/vit.py:219-225), so there the token's
+    input moves by the token's own update; here by the token's and its row's,
+    which get the same gradient: twice as far per step (2.0x, measured over 5
+    Adam steps of ViT-Ti/16 at 32 px; benchmarks/RESULTS.md).
   * Train images are decoded, then cropped (decode|inception_crop): the same
     crop distribution as big_vision's fused decode_jpeg_and_inception_crop,
     which also reads non-JPEG datasets.

@@ -19,6 +19,9 @@ also states; official = google-research/vision_transformer):
   steps 2,500, lr 0.01 ('vit')          ViT Table 4 ("VTAB (19 tasks) | 2 500 | 0.01")
   SGD momentum 0.9, batch 512, cosine,  ViT App. B.1.1 and Table 4 caption
     no weight decay, grad-norm clip 1
+  the step of the official fine-tuning: official train.py:138-145 (clip, then optax.sgd with
+    momentum in bfloat16), utils.py:78-94 (warm-up from lr 0: lr * step / warmup_steps);
+    --config.optim.mu_dtype=float32 keeps an exact momentum (configs/finetune.py)
   resolution 384 on every task          ViT App. B.1.1 ("we do not use task-specific input
                                         resolutions ... high resolution (384 x 384)")
   train: resize + random crop + left-   BiT pre-processing, which ViT follows (App. B.1.1):
@@ -97,6 +100,7 @@ def get_config(arg='b16,cifar100'):
   c.optim.name = 'sgd'  # SGD with momentum
   c.optim.lr = 0.01  # ViT Table 4 ('sweep': one of LR_SWEEP)
   c.optim.momentum = 0.9  # momentum
+  c.optim.mu_dtype = 'bfloat16'  # momentum dtype of the official fine-tuning ('float32': exact)
   c.optim.schedule = 'cosine'  # cosine decay
   c.optim.weight_decay = 0.0  # none
   c.optim.grad_clip_norm = 1.0  # global norm clip

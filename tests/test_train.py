@@ -1,7 +1,9 @@
 """Train loop: learns, mesh-independent, exact resume, SIGTERM, NaN stop, clear errors."""
 import json
+import logging
 import os
 import signal
+import time
 
 import jax
 import numpy as np
@@ -88,9 +90,12 @@ def tiny_config(**kw):
   return c
 
 
+def metric_rows(workdir):
+  return [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
 def losses(workdir):
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
-  return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  return {r["step"]: r["train/loss"] for r in metric_rows(workdir) if "train/loss" in r}
 
 
 def params_of(results):
@@ -315,3 +320,22 @@ def test_checkpoints_keep_last_n_and_best_by_val_accuracy(tmp_path):
     ckpt.wait()
   assert ckpt.all_steps() == [1, 4]  # the best (step 1) and the latest (step 4)
   ckpt.close()
+
+
+def test_a_slow_input_is_measured_and_warned_about_once(tmp_path, caplog):
+  """A pipeline that takes 0.1 s per batch dominates the tiny model's step: the log rows say
+  most of each interval was input wait, the progress line shows it, and the remedies are
+  named once (not once per interval)."""
+  caplog.set_level(logging.INFO, logger="vit_jax.train")
+  c = tiny_config(total_steps=8, checkpoint_every=0, progress_bar=True)
+  train.train_and_evaluate(c, str(tmp_path / "wd"),
+                           data=InMemoryData(on_batch=lambda k: time.sleep(0.1)))
+  rows = [r for r in metric_rows(str(tmp_path / "wd")) if "train/data_wait_fraction" in r]
+  assert len(rows) == 8 and min(r["train/data_wait_fraction"] for r in rows[1:]) > 0.5
+  warnings = [r for r in caplog.records if "input pipeline is the bottleneck" in r.getMessage()]
+  assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+  assert "more parallel reads" in warnings[0].getMessage()
+  assert any("input wait" in r.getMessage() and r.getMessage().count("%") == 1 and
+             int(r.getMessage().split("input wait ")[1].split("%")[0]) > 50
+             for r in caplog.records)
+

@@ -89,6 +89,10 @@ def evaluation_config(config, checkpoint_path: str, split: str | None = None, *,
     c.total_epochs = 0
   c.batch_size, c.grad_accum_steps = c.eval_batch_size, 1
   c.train_split = split
+  # The checkpoint's model is what runs: a LoRA workdir loads with its adapters merged.
+  if "lora" in c:
+    c.lora.rank = 0
+  c.trainable = None
   return c
 
 

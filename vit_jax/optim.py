@@ -3,7 +3,9 @@
 ``config.optim`` fields (see configs/common.py): ``name`` ('sgd' | 'adam'),
 ``lr``, ``schedule`` ('cosine' | 'linear' | 'constant'), ``end_lr_fraction``,
 ``warmup_from_zero``, ``momentum``, ``nesterov``, ``b1``, ``b2``, ``eps``,
-``mu_dtype``, ``weight_decay`` (decoupled, kernels only), ``grad_clip_norm``.
+``mu_dtype``, ``weight_decay`` (decoupled, kernels only), ``grad_clip_norm``,
+``layer_decay`` (vit_jax.trainable). The optimizer updates the parameters that train
+(``trainable.trained(config, params)``), and holds state for those only.
 
 The schedule warms up linearly over ``config.warmup_steps``. As published (the
 original ViT code and big_vision, optax counting steps from 0) the first update has
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vit_jax import trainable
 from vit_jax.models import dtypes
 
 DECAYS = ("cosine", "linear", "constant")
@@ -75,7 +78,9 @@ def make_optimizer(config, schedule: Callable | None = None) -> optax.GradientTr
   """The optax GradientTransformation of ``config.optim``.
 
   Chain: gradient-norm clip -> direction (SGD momentum or Adam) ->
-  ``-lr(step)`` -> decoupled weight decay on kernels.
+  ``-lr(step)`` -> decoupled weight decay on kernels -> each parameter's lr factor
+  (layer decay; frozen blocks of a scanned stack), when config.trainable or
+  config.optim.layer_decay asks for them.
   """
   o = config.optim
   schedule = schedule or schedule_from_config(config)
@@ -100,4 +105,6 @@ def make_optimizer(config, schedule: Callable | None = None) -> optax.GradientTr
     # a negative wd(t) gives p <- p - lr(t) * u - wd * lr(t) / lr * p.
     parts.append(optax.add_decayed_weights(lambda count: -wd * schedule(count) / base,
                                            mask=kernel_mask))
+  if trainable.scales_updates(config):  # as BEiT's lr_scale: the decay is scaled too
+    parts.append(trainable.scale_by_layer(config))
   return optax.chain(*parts)

@@ -15,6 +15,7 @@ still before the workdir is written.
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from typing import Any, Callable
 
@@ -32,6 +33,8 @@ VTAB_TASKS = (
     "clevr/closest_object_distance", "dmlab", "dsprites/label_x_position",
     "dsprites/label_orientation", "kitti/closest_vehicle_distance", "smallnorb/label_azimuth",
     "smallnorb/label_elevation")
+# The kernels LoRA adapts (vit_jax.lora.TARGETS, listed here for the same reason).
+LORA_TARGETS = ("qkv", "out", "mlp")
 # Dataset strings that name a local folder / file rather than a tfds dataset.
 PATH_DATASETS = ("imagefolder:", "manifest:")
 
@@ -55,6 +58,18 @@ def _size(v) -> bool:
   if isinstance(v, (tuple, list)):
     return len(v) == 2 and all(_int(s) and s > 0 for s in v)
   return _int(v) and v > 0
+
+
+def _regex(v) -> bool:
+  try:
+    re.compile(v)
+  except (re.error, TypeError):
+    return False
+  return isinstance(v, str)
+
+
+def _lora_targets(v) -> bool:
+  return isinstance(v, str) and all(t.strip() in LORA_TARGETS for t in v.split(","))
 
 
 def _rules(v) -> bool:
@@ -91,6 +106,13 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.lr": _NON_NEGATIVE,
     "optim.name": _one_of("sgd", "momentum", "adam"),
     "optim.schedule": _one_of("cosine", "linear", "constant"),
+    "optim.mu_dtype": _one_of("float32", "bfloat16"),
+    "optim.warmup_from_zero": _one_of(True, False),
+    "optim.layer_decay": ((lambda v: _number(v) and 0 < v <= 1), "a number in (0, 1]"),
+    "trainable": (_regex, "a regular expression over published parameter names, e.g. 'head/.*'"),
+    "lora.rank": _COUNT,
+    "lora.alpha": ((lambda v: _number(v) and v > 0), "a positive number"),
+    "lora.targets": (_lora_targets, "a comma-separated subset of qkv, out, mlp, e.g. 'qkv,mlp'"),
     "model.dtype": _one_of("float32", "bfloat16", "float16"),
     "mesh.data": ((lambda v: _int(v) and (v == -1 or v > 0)), "a positive integer or -1 (all remaining devices)"),
     "mesh.fsdp": _POSITIVE,
@@ -185,11 +207,22 @@ def check_model(config) -> None:
   # image size that its patches do not divide, is found here too.
   from flax import nnx  # pylint: disable=g-import-not-at-top
   try:
-    nnx.eval_shape(lambda: registry.create(config.model_name, num_classes=num_classes,
-                                           img_size=config.img_size, **overrides))
+    model = nnx.eval_shape(lambda: registry.create(config.model_name, num_classes=num_classes,
+                                                   img_size=config.img_size, **overrides))
   except ValueError as e:
     raise cli.UsageError(f"config.model_name={config.model_name!r} with config.img_size="
                          f"{config.img_size}: {e}") from None
+  check_trainable(config, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def check_trainable(config, params) -> None:
+  """config.trainable, config.optim.layer_decay and config.lora fit the model's parameters."""
+  from vit_jax import lora, trainable  # pylint: disable=g-import-not-at-top
+  try:
+    trainable.check(config, params)
+    lora.check(lora.settings(config), params)
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
 
 
 def check_npz(path: str) -> None:

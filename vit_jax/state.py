@@ -2,7 +2,9 @@
 
 The train state is a plain dict ``{'step', 'params', 'opt_state', 'rng'[, 'ema']}``;
 ``params`` is the model's nnx.Param state as a pure nested dict, so jit, orbax and
-optax see an ordinary pytree. The model is created abstractly (``nnx.eval_shape``,
+optax see an ordinary pytree (with config.lora, each adapted kernel's LoRA factors sit
+beside it: vit_jax.lora); ``opt_state`` covers the parameters that train only
+(vit_jax.trainable). The model is created abstractly (``nnx.eval_shape``,
 no memory), each parameter's sharding comes from its logical axes and the mesh, and
 the state is initialised under jit straight into those shardings (or restored onto
 them by orbax, or filled from config.pretrained).
@@ -20,7 +22,9 @@ import optax
 from flax import nnx
 
 from vit_jax import checkpoint
+from vit_jax import lora as lora_lib
 from vit_jax import sharding
+from vit_jax import trainable
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +52,27 @@ class ModelSpec:
   """The model split into a static graph and an abstract parameter tree."""
   graphdef: Any
   rest: Any                 # non-Param state (kept constant)
-  abstract_params: Any      # pure dict of ShapeDtypeStruct
+  abstract_params: Any      # pure dict of ShapeDtypeStruct (with LoRA factors, if any)
   logical_specs: Any        # pure dict of PartitionSpec of logical names
   param_template: Any       # nnx.State of the Params (abstract), to rebuild modules
+  lora: dict | None = None  # lora.settings(config): factors beside the kernels they adapt
 
 
 def abstract_model(config) -> ModelSpec:
-  """The model created abstractly (no memory allocated)."""
+  """The model created abstractly (no memory allocated), with config.lora's factors."""
   model = nnx.eval_shape(lambda: create_model(config))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   logical = nnx.to_pure_dict(nnx.get_partition_spec(params))
-  return ModelSpec(graphdef, rest, nnx.to_pure_dict(params), logical, params)
+  base, lora = nnx.to_pure_dict(params), lora_lib.settings(config)
+  return ModelSpec(graphdef, rest, lora_lib.abstract(base, lora),
+                   lora_lib.logical_specs(base, logical, lora), params, lora)
 
 
 def params_to_model(spec: ModelSpec, params) -> nnx.Module:
-  """Rebuilds an nnx module around a pure-dict params tree (works under jit)."""
+  """Rebuilds an nnx module around a pure-dict params tree (works under jit); LoRA factors
+  are merged into their kernels."""
   state = jax.tree.map(lambda x: x, spec.param_template)
-  nnx.replace_by_pure_dict(state, params)
+  nnx.replace_by_pure_dict(state, lora_lib.merge(params, spec.lora))
   return nnx.merge(spec.graphdef, state, spec.rest, copy=True)
 
 
@@ -92,8 +100,12 @@ def state_shardings(config, spec: ModelSpec, tx: optax.GradientTransformation, m
   pspecs = sharding.param_specs(spec.abstract_params, spec.logical_specs, mesh, rules)
   param_sh = sharding.named(mesh, pspecs)
   repl = sharding.replicated(mesh)
-  abstract_opt = jax.eval_shape(tx.init, spec.abstract_params)
-  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt, param_sh,
+  # The optimizer sees the parameters that train (vit_jax.trainable): none of its state
+  # is kept for frozen ones.
+  trains = trainable.mask(config, spec.abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, trainable.select(spec.abstract_params, trains))
+  opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract_opt,
+                                 trainable.select(param_sh, trains),
                                  transform_non_params=lambda _: repl)
   abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": spec.abstract_params,
               "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
@@ -122,11 +134,13 @@ def _head_zero(config, params):
 
 
 def init_params(config, shardings) -> Any:
-  """Parameters initialised under jit straight into their shardings."""
+  """Parameters initialised under jit straight into their shardings (LoRA factors too)."""
   def init():
     model = create_model(config, nnx.Rngs(config.seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return _head_zero(config, params) if config.get("head_zero_init") else params
+    params = _head_zero(config, params) if config.get("head_zero_init") else params
+    return lora_lib.init(params, lora_lib.settings(config),
+                         jax.random.fold_in(jax.random.PRNGKey(config.seed), 2))
   return jax.jit(init, out_shardings=shardings["params"])()
 
 
@@ -137,19 +151,21 @@ def load_pretrained(config, spec: ModelSpec, params, param_shardings):
   named key mismatches); what it took from the file is logged. The file's head is kept
   when it has the config's classes; only a new head is set by head_zero_init.
   """
-  model = params_to_model(spec, params)
+  model = params_to_model(spec, lora_lib.strip(params))
   summary = checkpoint.load_params_into(model, config.pretrained)
   log.info("config.pretrained: %s", summary)
   loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   if config.get("head_zero_init") and not summary.head_kept:  # a kept head stays trained
     loaded = _head_zero(config, loaded)
+  loaded = trainable.graft(loaded, lora_lib.factors(params))  # the new adapters stay
   return jax.device_put(loaded, param_shardings)
 
 
 def init_optimizer_state(config, tx, params, shardings) -> dict:
   """The rest of the train state (optimizer state, step, RNG, EMA) from placed params."""
   def init(params):
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+    state = {"step": jnp.zeros((), jnp.int32), "params": params,
+             "opt_state": tx.init(trainable.trained(config, params)),
              "rng": jax.random.PRNGKey(config.seed + 1)}
     if config.get("ema_decay", 0.0):
       state["ema"] = jax.tree.map(jnp.copy, params)

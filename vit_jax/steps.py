@@ -10,6 +10,7 @@ what the main job runs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -22,6 +23,9 @@ from vit_jax import optim
 from vit_jax import sharding
 from vit_jax import state as state_lib
 from vit_jax import train_step as train_step_lib
+from vit_jax import trainable
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -39,6 +43,14 @@ class Steps:
 def build(job) -> Steps:
   config, mesh = job.config, job.mesh
   spec = state_lib.abstract_model(config)
+  if spec.lora and not config.get("trainable"):
+    log.warning("config.lora.rank=%d with config.trainable=None: every base weight trains "
+                "beside the adapters; config.trainable='head/.*' trains the adapters and the "
+                "head only.", spec.lora["rank"])
+  if config.get("trainable") or spec.lora:
+    log.info("config.trainable=%r%s: %s", config.get("trainable"),
+             f", LoRA {spec.lora}" if spec.lora else "",
+             trainable.describe(config, spec.abstract_params))
   schedule = optim.schedule_from_config(config)
   tx = optim.make_optimizer(config, schedule)
   abstract_state, shardings = state_lib.state_shardings(config, spec, tx, mesh)

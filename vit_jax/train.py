@@ -26,6 +26,7 @@ from clu import periodic_actions
 from vit_jax import divergence
 from vit_jax import interrupts
 from vit_jax import job as job_lib
+from vit_jax import lora
 from vit_jax import results as results_lib
 from vit_jax import sharding
 from vit_jax import state as state_lib
@@ -61,7 +62,8 @@ def checkpoint_meta(config, step: int) -> dict:
   return train_state.train_meta(step=step, model_name=config.model_name,
                                 num_classes=config.num_classes, img_size=config.img_size,
                                 model_overrides=state_lib.model_overrides(config),
-                                has_ema=bool(config.get("ema_decay", 0.0)))
+                                has_ema=bool(config.get("ema_decay", 0.0)),
+                                lora=lora.settings(config))
 
 
 def _periodic(every, total, callback):

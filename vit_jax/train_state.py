@@ -227,9 +227,10 @@ class TrainCheckpointer:
 
 
 def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
-               model_overrides: Mapping[str, Any], has_ema: bool = False
-               ) -> dict:
-  """The JSON metadata saved with each training checkpoint."""
+               model_overrides: Mapping[str, Any], has_ema: bool = False,
+               lora: Mapping[str, Any] | None = None) -> dict:
+  """The JSON metadata saved with each training checkpoint (`lora`: the run's
+  vit_jax.lora.settings, whose factors its 'params' hold beside the kernels)."""
   def plain(v):
     if isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic)):
       return dtypes.name(v)
@@ -240,7 +241,7 @@ def train_meta(*, step: int, model_name: str, num_classes: int, img_size,
           "model_name": model_name, "num_classes": int(num_classes),
           "img_size": img_size if isinstance(img_size, int) else list(img_size),
           "model_overrides": {k: plain(v) for k, v in model_overrides.items()},
-          "has_ema": bool(has_ema)}
+          "has_ema": bool(has_ema), **({"lora": dict(lora)} if lora else {})}
 
 
 # Reading a run's checkpoints (read only: no CheckpointManager, which would

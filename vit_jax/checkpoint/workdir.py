@@ -2,7 +2,8 @@
 
 The checkpoint's metadata names the model (vit_jax.train_state.train_meta);
 its parameters are restored by orbax straight onto that model's abstract
-parameters, in the run's own layout.
+parameters, in the run's own layout. A LoRA run's factors are merged into their
+kernels (vit_jax.lora): the model is the one the run trained.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Mapping
 import jax
 from flax import nnx
 
+from vit_jax import lora
 from vit_jax import models
 from vit_jax import train_state
 from vit_jax import workdir as workdir_lib
@@ -55,7 +57,7 @@ def load(workdir, step: int | None = None, *, ema: bool | None = None) -> nnx.Mo
   graphdef, abstract_params, rest = nnx.split(abstract_model(meta), nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                        nnx.to_pure_dict(abstract_params))
+                        lora.abstract(nnx.to_pure_dict(abstract_params), meta.get("lora")))
   use_ema = meta.get("has_ema", False) if ema is None else ema
   try:
     params = train_state.restore_params(workdir, step, target, "ema" if use_ema else "params")
@@ -63,5 +65,5 @@ def load(workdir, step: int | None = None, *, ema: bool | None = None) -> nnx.Mo
     train_state.quiet_abandoned_io()
     raise train_state.UnreadableCheckpointError(
         f"checkpoint {step_dir} cannot be read: {train_state.first_line(e)}.") from None
-  nnx.replace_by_pure_dict(abstract_params, params)
+  nnx.replace_by_pure_dict(abstract_params, lora.merge(params, meta.get("lora")))
   return nnx.merge(graphdef, abstract_params, rest)

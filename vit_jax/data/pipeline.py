@@ -238,7 +238,7 @@ def eval_iterator(config, split: str, *, global_batch_size: int,
   """
   pi, pc = _process_info(process_index, process_count)
   host_batch = _host_batch(global_batch_size, pc)
-  total = num_examples(config, split)
+  total = datasets.num_examples(config, split)
   num_batches = math.ceil(math.ceil(total / pc) / host_batch)
 
   source, shard_size = _read_shard(config, split, pi, pc)
