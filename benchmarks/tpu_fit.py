@@ -2,17 +2,16 @@
 
     python -m benchmarks.tpu_fit                 # compile every job not yet in the JSON
     python -m benchmarks.tpu_fit --only pretrain-b16-v5e:16x16 --timeout 1800
-    python -m benchmarks.tpu_fit --table         # print the README table from the JSON
-    python -m benchmarks.tpu_fit --readme        # write it into README.md
+    python -m benchmarks.tpu_fit --table         # print the README tables from the JSON
+    python -m benchmarks.tpu_fit --readme        # write them into README.md
 
-Each job is one `python -m vit_jax.aot` run (train step only, no remedy search)
-in its own process; its report is added to benchmarks/results/tpu_fit.json as
+Each job is one `python -m vit_jax.aot` run (train step only, no remedy search;
+multi-slice jobs with --num_slices) in its own process, one after another; its report is added to benchmarks/results/tpu_fit.json as
 soon as it finishes, so an interrupted run keeps what it compiled. Runs on a
 CPU-only machine with libtpu installed (pip install -e '.[tpu]').
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -71,6 +70,14 @@ JOBS = [
      {"model.remat_policy": "none"}),
 ]
 
+# Multi-slice pre-training: (job name, config, topology of one slice, slices, overrides).
+MULTISLICE = [
+    (f"pretrain-{m}-{t}-x{n}", PRETRAIN.format(m), t, n, {})
+    for m in ("l16", "h14") for t in ("v5e:16x16", "v5p:4x4x8") for n in (2, 4)] + [
+    # Sharding the optimizer update over each slice (fsdp) instead of repeating it on every chip.
+    ("pretrain-l16-v5e:16x16-x2-fsdp16", PRETRAIN.format("l16"), "v5e:16x16", 2, {"mesh.fsdp": 16}),
+]
+
 
 def load() -> dict:
   if os.path.exists(RESULTS):
@@ -87,11 +94,11 @@ def save(results: dict, path: str = RESULTS) -> None:
   os.replace(tmp, path)   # never a half-written file
 
 
-def run_job(name, config, topology, overrides, timeout) -> dict:
+def run_job(name, config, topology, overrides, timeout, num_slices=1) -> dict:
   with tempfile.TemporaryDirectory() as d:
     out = os.path.join(d, "report.json")
     cmd = [sys.executable, "-m", "vit_jax.aot", f"--config={config}", f"--topology={topology}",
-           "--eval=false", "--max_candidates=0", f"--json={out}"]
+           f"--num_slices={num_slices}", "--eval=false", "--max_candidates=0", f"--json={out}"]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
     t = time.time()
     try:
@@ -124,6 +131,31 @@ def table(results: dict) -> str:
   return "\n".join(rows)
 
 
+def _ms(seconds, digits=0) -> str:
+  return "-" if seconds is None else f"{seconds * 1e3:.{digits}f}"
+
+
+def multislice_table(results: dict) -> str:
+  rows = ["| job | slices | mesh (data x fsdp) | batch per chip | GiB per chip | DCN MiB per chip "
+          "per step | DCN ms per step | roofline ms per step (compute, HBM) |",
+          "|---|---|---|---|---|---|---|---|"]
+  for name, config, topology, n, overrides in MULTISLICE:
+    r = results["jobs"].get(name)
+    if not r or "bytes_per_chip" not in r:
+      continue
+    roof = r.get("roofline") or {}
+    extra = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    gbit = (r.get("dcn_bandwidth_per_chip") or 0) * 8 / 1e9
+    rows.append(
+        f"| {config.split('/')[-1]}{' (' + extra + ')' if extra else ''} | "
+        f"{n} x {topology} ({r['num_devices']} devices) | "
+        f"{r['mesh']['data']} x {r['mesh']['fsdp']} | {r['per_chip_batch']:g} | "
+        f"{r['bytes_per_chip'] / 2**30:.1f} of {r['hbm_bytes_per_chip'] / 2**30:.0f} | "
+        f"{r['dcn_bytes_per_step'] / 2**20:.1f} | {_ms(roof.get('dcn_s'), 1)} at {gbit:g} Gbit/s | "
+        f"{_ms(roof.get('step_s'))} ({_ms(roof.get('compute_s'))}, {_ms(roof.get('hbm_s'))}) |")
+  return "\n".join(rows)
+
+
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 BEGIN, END = "<!-- tpu_fit table -->", "<!-- /tpu_fit table -->"
 
@@ -137,28 +169,36 @@ def write_readme(markdown: str) -> None:
     f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--only", default="", help="comma-separated job names")
-  parser.add_argument("--timeout", type=int, default=3600, help="seconds per compile")
-  parser.add_argument("--redo", action="store_true", help="compile jobs already in the JSON too")
-  parser.add_argument("--table", action="store_true", help="print the README table and exit")
-  parser.add_argument("--readme", action="store_true",
-                      help="write the table into README.md (between its tpu_fit markers) and exit")
-  args = parser.parse_args()
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_string("only", "", "comma-separated job names")
+  flags.DEFINE_integer("timeout", 3600, "seconds per compile", lower_bound=1)
+  flags.DEFINE_boolean("redo", False, "compile jobs already in the JSON too")
+  flags.DEFINE_boolean("table", False, "print the README tables and exit")
+  flags.DEFINE_boolean("readme", False,
+                       "write the tables into README.md (between its tpu_fit markers) and exit")
+
+
+def main(argv):
+  from absl import flags
+  from vit_jax import command_line
+  command_line.check_no_arguments(argv)
+  args = flags.FLAGS
   results = load()
+  tables = f"{table(results)}\n\nMulti-slice (ICI x DCN mesh):\n\n{multislice_table(results)}"
   if args.table:
-    print(table(results))
+    print(tables)
     return
   if args.readme:
-    write_readme(table(results))
+    write_readme(tables)
     return
   only = set(filter(None, args.only.split(",")))
-  for name, config, topology, overrides in JOBS:
+  jobs = [(name, c, t, 1, o) for name, c, t, o in JOBS] + MULTISLICE
+  for name, config, topology, num_slices, overrides in jobs:   # one compile at a time
     if (only and name not in only) or (name in results["jobs"] and not args.redo and not only):
       continue
-    print(f"{name}: compiling {config} for {topology} {overrides or ''}", flush=True)
-    report = run_job(name, config, topology, overrides, args.timeout)
+    print(f"{name}: compiling {config} for {num_slices} x {topology} {overrides or ''}", flush=True)
+    report = run_job(name, config, topology, overrides, args.timeout, num_slices)
     results = load()   # another run may have added jobs meanwhile
     results["jobs"][name] = report
     save(results)
@@ -171,4 +211,6 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  from vit_jax import cli
+  _define_flags()
+  cli.run(main)

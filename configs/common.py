@@ -84,6 +84,8 @@ def base() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # data-parallel axis size (-1 = all remaining devices)
   c.mesh.fsdp = 1  # fully-sharded data-parallel axis size (shards params over 'embed')
   c.mesh.model = 1  # tensor-parallel axis size (shards 'mlp' / 'heads')
+  c.mesh.dcn_data = -1  # TPU slices the data axis is split over (-1 = those dcn_fsdp leaves)
+  c.mesh.dcn_fsdp = 1  # TPU slices the fsdp axis is split over (>1 puts fsdp traffic on DCN)
   c.sharding_rules = (  # (logical axis, mesh axis or None); names without a rule are replicated
       ('embed', 'fsdp'), ('channels', 'fsdp'), ('mlp', 'model'), ('heads', 'model'),
       ('conv_out', 'model'), ('kv', None), ('classes', None), ('layers', None))

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import configs
-from vit_jax import aot, flops, job, models, state
+from vit_jax import (aot, collectives, fit_report, flops, hardware, hlo_text, job, models, state,
+                     step_cost)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.py")
@@ -175,16 +176,175 @@ def test_collectives_are_read_from_hlo_text():
   %rs = f32[256]{0} reduce-scatter(f32[1024]{0} %g2), dimensions={0}
   %add = f32[1024]{0} add(f32[1024]{0} %a, f32[1024]{0} %b)
   """
-  assert aot.collectives(hlo) == {
+  assert collectives.collectives(hlo) == {"ici": {
       "all-gather": {"count": 2, "bytes": 4 * 256 * 2 + 32 * 2},
       "all-reduce": {"count": 1, "bytes": 1024 * 4},
-      "reduce-scatter": {"count": 1, "bytes": 256 * 4}}
+      "reduce-scatter": {"count": 1, "bytes": 256 * 4}}, "dcn": {}, "loops_of_unknown_length": 0}
+
+
+@pytest.mark.parametrize("attrs,groups", [
+    ("replica_groups={{0,2},{1,3}}, dimensions={0}", [[0, 2], [1, 3]]),
+    ("replica_groups={}, to_apply=%add", [[0, 1, 2, 3]]),
+    ("replica_groups=[2,2]<=[4], dimensions={0}", [[0, 1], [2, 3]]),
+    ("replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['x'=2,'y'=2] {'x'}, dimensions={0}", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['x'=2,'y'=2], device_ids=([2,2]T(1,0)) {'x'}, dimensions={0}",
+     [[0, 1], [2, 3]]),
+    ("replica_groups=mesh['x'=4] {'x':(1)2}, dimensions={0}", [[0, 2], [1, 3]]),
+    ("replica_groups=mesh['x'=4] {'x':(2)2}, dimensions={0}", [[0, 1], [2, 3]]),
+    ("source_target_pairs={{0,1},{1,0},{2,3},{3,2}}", [[0, 1], [1, 0], [2, 3], [3, 2]]),
+])
+def test_replica_groups_in_each_form_name_the_same_devices(attrs, groups):
+  assert sorted(map(sorted, collectives.replica_groups(attrs, 4))) == sorted(map(sorted, groups))
+
+
+def test_a_collective_spanning_slices_is_dcn_and_a_loop_body_counts_per_iteration():
+  # Partitions 0,1 run on slice 0 and 2,3 on slice 1; the all-reduce pairs slices, the
+  # all-gather stays inside one. One loop's trip count is XLA's, the other read off it.
+  hlo = """HloModule m, num_partitions=4
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = f32[8] get-tuple-element(%p), index=1
+  %one = s32[] constant(1)
+  %j = s32[] add(%i, %one)
+  %ar = f32[8] all-reduce(%x), channel_id=1, replica_groups=[2,2]<=[2,2]T(1,0), use_global_device_ids=true
+  ROOT %t = (s32[], f32[8]) tuple(%j, %ar)
+}
+
+%body2 (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8] get-tuple-element(%p), index=1
+  %ag = f32[16] all-gather(%x), channel_id=2, replica_groups={{0,1},{2,3}}, dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%p, %x)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8] parameter(0)
+  %zero = s32[] constant(2)
+  %init = (s32[], f32[8]) tuple(%zero, %a)
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %w2 = (s32[], f32[8]) while(%init), condition=%cond, body=%body2, backend_config={"known_trip_count":{"n":"7"}}
+  ROOT %r = f32[8] get-tuple-element(%w), index=1
+}
+"""
+  nets = collectives.collectives(hlo, [0, 0, 1, 1])
+  assert nets["dcn"] == {"all-reduce": {"count": 3, "bytes": 3 * 8 * 4}}   # 2, 3, 4 < 5
+  assert nets["ici"] == {"all-gather": {"count": 7, "bytes": 7 * 16 * 4}}
+  assert nets["loops_of_unknown_length"] == 0
+  # One slice (or no slice map): nothing crosses DCN.
+  assert collectives.collectives(hlo)["dcn"] == {}
+
+
+def test_megascale_transfers_are_dcn_with_the_bytes_before_tile_padding():
+  hlo = """
+  %g = f32[16,4,16]{2,0,1:T(8,128)} fusion(%x), kind=kLoop, calls=%f
+  %z = f32[16,4,128]{2,0,1:T(8,128)} custom-call(%g), custom_call_target="ZeroCrop"
+  %b = f32[8,8,128]{2,1,0:T(8,128)} bitcast(%z)
+  %t = token[] after-all()
+  %s = (f32[8,8,128]{2,1,0:T(8,128)}, u32[], token[]) send(%b, %t), channel_id=3, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.5_0",_xla_megascale_transfer_type="ALL_REDUCE"}
+  %r = (f32[8,8,128]{2,1,0:T(8,128)}, u32[], token[]) recv(%t), channel_id=4, is_host_transfer=true, frontend_attributes={_xla_host_transfer_handler_name="xla_megascale_runtime",_xla_host_transfer_rendezvous="all-reduce.5_0",_xla_megascale_transfer_type="ALL_REDUCE"}
+  """
+  assert collectives.collectives(hlo)["dcn"] == {"all-reduce": {"count": 1, "bytes": 16 * 4 * 16 * 4}}
+  # As laid out in memory the array is what the compiler pads it to (the ZeroCrop's shape).
+  assert hlo_text.physical_bytes("f32[16,4,16]{2,0,1:T(8,128)}") == [16 * 4 * 128 * 4]
+  assert hlo_text.physical_bytes("bf16[197,768]{1,0:T(8,128)(2,1)}") == [208 * 768 * 2]
+
+
+@pytest.fixture(scope="module")
+def two_slices():
+  """Two v5e:2x2 slices (one host each); digits jobs with fsdp=4 and fsdp=1 inside them,
+  and fsdp=4 with bfloat16 matmuls."""
+  devices = aot.topology_devices("v5e:2x2", 2)
+  jobs = {f: aot.compile_job(tiny_config(**{"mesh.fsdp": f}), "v5e:2x2", 2, devices=devices,
+                             with_eval=False) for f in (4, 1)}
+  jobs["bf16"] = aot.compile_job(tiny_config(**{"mesh.fsdp": 4, "model.dtype": "bfloat16"}),
+                                 "v5e:2x2", 2, devices=devices, with_eval=False)
+  return jobs
+
+
+def test_two_slices_send_only_the_gradient_all_reduce_over_dcn(two_slices):
+  four, one = two_slices[4], two_slices[1]
+  assert four.mesh == {"data": 2, "fsdp": 4, "model": 1} and one.mesh["data"] == 8
+  full = param_bytes(tiny_config())
+  for r in (four, one):
+    assert set(r.dcn_collectives) == {"all-reduce"} and r.dcn_bytes_per_step == sum(
+        c["bytes"] for c in r.dcn_collectives.values())
+    # Reduced in float32 (the parameters' dtype), scattered over the slice's 4 chips first:
+    # each chip all-reduces a quarter of the gradient with its peer in the other slice, its
+    # fsdp shard or (data parallel) a quarter of its full copy; parameters smaller than a
+    # memory tile travel packed into one padded (8, 128) f32 buffer.
+    assert full / 4 <= r.dcn_bytes_per_step <= full / 4 + 2 * 8 * 128 * 4   # here 2 tiles
+    assert "all-gather" in r.ici_collectives and "reduce-scatter" in r.ici_collectives
+  assert four.param_bytes_per_chip <= four.dcn_bytes_per_step   # every parameter's shard
+  # With bfloat16 matmuls the gradients come out in bfloat16, and XLA reduces them before
+  # converting to the float32 parameters: half the bytes cross DCN.
+  half = two_slices["bf16"]
+  assert set(half.dcn_collectives) == {"all-reduce"}
+  assert full / 8 <= half.dcn_bytes_per_step <= full / 8 + 2 * 8 * 128 * 4
+  text = fit_report.format_report(four)
+  assert "DCN  all-reduce" in text and "ICI  all-gather" in text and "Gbit/s per chip" in text
+  assert four.roofline["dcn_s"] == pytest.approx(
+      four.dcn_bytes_per_step / hardware.TPUS["v5e"].dcn_bandwidth)   # a 2-slice ring: 1x
+
+
+def test_one_slice_has_no_dcn_traffic_and_a_roofline_no_faster_than_the_model_at_peak(
+    big_head_jobs):
+  r = big_head_jobs[4]
+  assert r.dcn_collectives == {} and r.dcn_bytes_per_step == 0
+  analysis = r.compiled.cost_analysis()
+  assert r.cost["flops"] == analysis["flops"] and r.cost["bytes_accessed"] == analysis[
+      "bytes accessed"]   # no loops: XLA's counts as they are
+  roof = r.roofline
+  assert roof["step_s"] == max(roof["compute_s"], roof["hbm_s"]) and roof["bound"] == "HBM"
+  # The compiler's FLOPs hold the model's (and the elementwise work): at most 100% MFU.
+  assert r.cost["flops"] >= r.flops_per_step / r.num_devices
+  assert 0 < roof["mfu_upper_bound"] <= 1
+
+
+def test_loop_bodies_count_once_per_iteration(two_slices):
+  # The fsdp=4 job on two slices again, its 2 layers scanned, and its batch in 2
+  # micro-batches: same model, same matmuls per step; the weights are gathered per
+  # layer, and per micro-batch.
+  base = two_slices[4]
+  devices = aot.topology_devices("v5e:2x2", 2)
+  jobs = {k: aot.compile_job(tiny_config(**{"mesh.fsdp": 4}, **change), "v5e:2x2", 2,
+                             devices=devices, with_eval=False)
+          for k, change in (("scan", {"model.scan": True}), ("accum", {"grad_accum_steps": 2}))}
+  matmuls = lambda r: step_cost.matmul_flops_per_step(r.compiled.as_text())
+  gathered = lambda r: r.ici_collectives["all-gather"]["bytes"]
+  for r in jobs.values():
+    assert r.loops_of_unknown_length == 0
+    assert matmuls(r) == pytest.approx(matmuls(base), rel=0.01)
+    # XLA's cost analysis counted the loop body once, short of the step; with the missed
+    # iterations added it holds every matmul of the step.
+    assert r.cost["flops_counted_once"] < 0.9 * base.cost["flops"]
+    assert r.cost["flops"] >= matmuls(base)
+  assert gathered(jobs["accum"]) == pytest.approx(2 * gathered(base), rel=0.02)
+  assert gathered(jobs["scan"]) == pytest.approx(gathered(base), rel=0.1)
+  assert jobs["scan"].dcn_bytes_per_step == pytest.approx(base.dcn_bytes_per_step, rel=0.01)
+
+
+def test_hardware_table_is_per_jax_device():
+  # A v3 chip (123 TFLOP/s, 32 GiB, 900 GB/s) is two JAX devices.
+  v3 = hardware.TPUS["v3"]
+  assert v3.devices_per_chip == 2 and v3.peak_bf16 == 123e12 / 2 and v3.hbm_bytes == 16 * 2 ** 30
+  assert flops.peak_flops("TPU v3", "bfloat16") == 61.5e12
+  assert hardware.peak_flops("TPU v5 lite") == 197e12 and hardware.peak_flops("TPU v5") == 459e12
 
 
 def test_out_of_memory_message_gives_the_bytes_needed():
   msg = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
          "hbm. Used 18.41G of 15.75G hbm. Exceeded hbm capacity by 2.66G.")
-  assert aot.oom_bytes(msg) == (int(18.41 * 2 ** 30), "total")
+  assert fit_report.oom_bytes(msg) == (int(18.41 * 2 ** 30), "total")
   msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
          "temporaries (30.26G) exceeds available HBM (15.48G).")
-  assert aot.oom_bytes(msg) == (int(30.26 * 2 ** 30), "temp")
+  assert fit_report.oom_bytes(msg) == (int(30.26 * 2 ** 30), "temp")

@@ -51,3 +51,9 @@ def test_init_distributed_gives_a_one_task_per_node_job_all_its_gpus(monkeypatch
   runtime.init_distributed()
   assert calls == [{"local_device_ids": [0, 1, 2, 3]}]
   assert runtime._auto_multihost(env) and not runtime._auto_multihost(slurm(SLURM_NTASKS=1))
+
+
+def test_several_tpu_slices_start_jax_distributed():
+  # The TPU runtime sets MEGASCALE_NUM_SLICES on every host of a multi-slice job.
+  assert runtime._auto_multihost({"MEGASCALE_NUM_SLICES": "2"})
+  assert not runtime._auto_multihost({"MEGASCALE_NUM_SLICES": "1"})

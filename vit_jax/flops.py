@@ -1,4 +1,4 @@
-"""Model FLOPs (what MFU counts) and the peak FLOP/s of the chips they run on.
+"""Model FLOPs: what MFU counts (the chips' peak FLOP/s are in vit_jax.hardware).
 
 Model FLOPs of a train step = 3 x forward FLOPs x batch: the backward pass costs
 two forwards, and recomputation under remat is not counted (it is overhead, not
@@ -20,37 +20,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-# Dense peak FLOP/s per chip (no sparsity) by compute dtype, from the vendors'
-# data sheets. Keys are matched as substrings of `device.device_kind` (lower
-# case), longest first. TPUs run float32 matmuls as several bfloat16 passes.
-PEAK_FLOPS = {
-    # NVIDIA (SXM parts; PCIe/NVL parts are slightly lower). float32 matmuls
-    # run as TF32 under JAX's default precision.
-    "b200": {"bfloat16": 2250e12, "float16": 2250e12, "float32": 1100e12},
-    "h200": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
-    "h100": {"bfloat16": 989e12, "float16": 989e12, "float32": 494e12},
-    "a100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},
-    "l4": {"bfloat16": 121e12, "float16": 121e12, "float32": 60e12},
-    # Google TPU (per chip)
-    "tpu v6": {"bfloat16": 918e12, "float32": 918e12 / 4},   # Trillium (v6e)
-    "tpu v5p": {"bfloat16": 459e12, "float32": 459e12 / 4},
-    "tpu v5 lite": {"bfloat16": 197e12, "float32": 197e12 / 4},  # v5e
-    "tpu v5e": {"bfloat16": 197e12, "float32": 197e12 / 4},
-    "tpu v5": {"bfloat16": 459e12, "float32": 459e12 / 4},
-    "tpu v4": {"bfloat16": 275e12, "float32": 275e12 / 4},
-    "tpu v3": {"bfloat16": 123e12, "float32": 123e12 / 4},
-    "tpu v2": {"bfloat16": 45e12, "float32": 45e12 / 4},
-}
-
-
-def peak_flops(device_kind: str, dtype: str = "bfloat16") -> float | None:
-  """Data-sheet dense peak FLOP/s of one chip for `dtype`, or None if unknown."""
-  kind = device_kind.lower()
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if key in kind:
-      table = PEAK_FLOPS[key]
-      return table.get(dtype, table["bfloat16"])
-  return None
+from vit_jax.hardware import PEAK_FLOPS, peak_flops  # noqa: F401  (the peaks MFU divides by)
 
 
 # --------------------------------------------------------------------------

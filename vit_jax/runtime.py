@@ -21,6 +21,9 @@ def _auto_multihost(env=None) -> bool:
   hosts = env.get("TPU_WORKER_HOSTNAMES", "")
   if "," in hosts:
     return True
+  # Several TPU slices (one host each or more), joined by the megascale runtime.
+  if int(env.get("MEGASCALE_NUM_SLICES", "1") or 1) > 1:
+    return True
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
     return True
   return False

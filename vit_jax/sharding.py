@@ -3,18 +3,20 @@
 Every model parameter carries logical axis names (``embed``, ``mlp``, ``heads``,
 ``kv``, ``classes``, ``layers``, ``patch``, ``channels``, ``conv_out``, ...).
 This module maps them onto the three mesh axes ``data``, ``fsdp`` and ``model``
-with a short list of rules, much like big_vision's (regex, tactic) rules:
+with a short list of rules:
 
 * ``config.sharding_rules``: ``(logical_name, mesh_axis_or_None)`` pairs.
   A logical name without a rule is replicated.
-* ``config.sharding_overrides``: ``(regex, tactic)`` pairs matched against the
-  parameter path (``'encoder/layers_0/mlp/fc1/kernel'``); tactic ``'replicate'``
-  replicates the whole parameter, ``'fsdp'`` shards its largest divisible dim
-  over ``fsdp``. The first matching regex wins and beats the logical rules.
 
 A dimension is only sharded when its size is divisible by the mesh axis size,
 and a mesh axis is used at most once per parameter; otherwise that dimension
 stays replicated. So every rule set is valid for every model and mesh.
+
+On TPU, a job whose devices span several slices gets an ICI x DCN mesh: each
+slice is a block of the ``data`` axis (``config.mesh.dcn_data``), or of ``fsdp``
+when ``config.mesh.dcn_fsdp`` asks for it, so the fsdp and model collectives run
+on a slice's own interconnect and only gradient reductions cross the slower
+data-centre network.
 
 The batch dimension of activations is sharded over ``('data', 'fsdp')``. The
 models stay mesh-agnostic: the train and eval steps trace them inside
@@ -29,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
@@ -80,23 +81,81 @@ def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, i
   return tuple(sizes)
 
 
+def _slices(devices: Sequence[Any]) -> list[list[Any]]:
+  """The devices grouped by TPU slice (`slice_index`), in slice order; one group elsewhere."""
+  if not devices or devices[0].platform != "tpu":
+    return [list(devices)]
+  groups: dict[int, list[Any]] = {}
+  for d in devices:   # one-slice TPU devices may carry no slice_index
+    groups.setdefault(getattr(d, "slice_index", 0), []).append(d)
+  return [groups[k] for k in sorted(groups)]
+
+
+def dcn_shape(mesh_config: Mapping[str, int], shape: Sequence[int],
+              slice_sizes: Sequence[int]) -> tuple[int, int, int]:
+  """How the slices split the (data, fsdp, model) mesh `shape`: (dcn_data, dcn_fsdp, 1).
+
+  ``config.mesh.dcn_data`` slices along data (-1 = the slices not used by fsdp) and
+  ``config.mesh.dcn_fsdp`` slices along fsdp (default 1); the model axis stays inside
+  a slice. ValueError naming the splits that fit when this one does not.
+  """
+  n = len(slice_sizes)
+  dcn_data = int(mesh_config.get("dcn_data", -1))
+  dcn_fsdp = int(mesh_config.get("dcn_fsdp", 1))
+  data, fsdp, model = shape
+
+  def fits(a: int, b: int) -> bool:
+    return (a * b == n and data % a == 0 and fsdp % b == 0
+            and all((data // a) * (fsdp // b) * model == s for s in slice_sizes))
+
+  if dcn_data == -1 and dcn_fsdp > 0 and n % dcn_fsdp == 0:
+    dcn_data = n // dcn_fsdp
+  if fits(dcn_data, dcn_fsdp):
+    return dcn_data, dcn_fsdp, 1
+  where = (f"{n} slice{'s' * (n > 1)} of {slice_sizes[0]} devices" if len(set(slice_sizes)) == 1
+           else f"slices of {sorted(set(slice_sizes))} devices")
+  valid = [f"dcn_data={a}, dcn_fsdp={n // a}" for a in range(n, 0, -1) if n % a == 0
+           and fits(a, n // a)]
+  raise ValueError(
+      f"config.mesh data={data} x fsdp={fsdp} x model={model} cannot be split over {where} "
+      f"with dcn_data={mesh_config.get('dcn_data', -1)}, dcn_fsdp={mesh_config.get('dcn_fsdp', 1)} "
+      "(each slice holds data/dcn_data x fsdp/dcn_fsdp x model devices); "
+      + (f"valid splits: {'; '.join(valid)}." if valid else
+         f"no split fits: data x fsdp must divide over the {n} slices and fsdp x model "
+         "fit in one slice."))
+
+
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
   """Builds the ('data', 'fsdp', 'model') mesh from ``config.mesh``.
 
-  Devices are ordered process by process so that the batch axes split
-  cleanly into contiguous per-process blocks (what
-  ``jax.make_array_from_process_local_data`` expects).
+  On TPU, inside a slice devices follow the physical topology
+  (``mesh_utils.create_device_mesh``). When the devices span several slices the
+  mesh is ICI x DCN (``create_hybrid_device_mesh``): each slice is a block of the
+  data axis (or, with ``dcn_fsdp``, of the fsdp axis), so fsdp and model
+  collectives stay on the slice's interconnect and only data-parallel gradient
+  reductions cross the data-centre network. Elsewhere devices are ordered process
+  by process, so each process's batch rows are one contiguous block.
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
+  slices = _slices(devices)
+  dcn = dcn_shape(mesh_config, shape, [len(s) for s in slices])
   if devices and devices[0].platform == "tpu":
     from jax.experimental import mesh_utils
+    ici = tuple(s // d for s, d in zip(shape, dcn))
     try:
-      arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except Exception:  # unusual slice shapes: fall back to plain order
-      arr = None
-    if arr is not None:
-      return Mesh(arr, MESH_AXES)
+      if len(slices) == 1:
+        arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+      else:
+        arr = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                   allow_split_physical_axes=True)
+    except Exception:  # noqa: BLE001 - unusual slice shapes: plain order inside each slice
+      grid = np.empty(dcn, dtype=object)
+      for i, s in enumerate(slices):
+        grid.flat[i] = np.asarray(sorted(s, key=lambda d: (d.process_index, d.id)),
+                                  dtype=object).reshape(ici)
+      arr = np.block(grid.tolist())
+    return Mesh(arr, MESH_AXES)
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))
   return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
@@ -104,18 +163,6 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[Any] | None = No
 # --------------------------------------------------------------------------
 # Logical axes -> mesh axes
 # --------------------------------------------------------------------------
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
-
-
 def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
                     rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> P:
   """Maps one parameter's logical axis names to a mesh PartitionSpec."""
@@ -137,42 +184,19 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], 
   return P(*out)
 
 
-def _tactic_spec(tactic: str, shape: Sequence[int], mesh: Mesh) -> P:
-  if tactic == "replicate":
-    return P()
-  if tactic in ("fsdp", "model", "data"):
-    n = mesh.shape[tactic]
-    best = None
-    for i in sorted(range(len(shape)), key=lambda i: -shape[i]):
-      if n > 1 and shape[i] % n == 0:
-        best = i
-        break
-    spec = [None] * len(shape)
-    if best is not None:
-      spec[best] = tactic
-    return P(*spec)
-  raise ValueError(f"Unknown sharding tactic {tactic!r}; use 'replicate', 'fsdp', 'model' or 'data'.")
-
-
 def param_specs(abstract_params, logical_specs, mesh: Mesh,
-                rules: Iterable[tuple[str, Any]] = DEFAULT_RULES,
-                overrides: Iterable[tuple[str, str]] = ()) -> Any:
+                rules: Iterable[tuple[str, Any]] = DEFAULT_RULES) -> Any:
   """PartitionSpecs for a params tree given its logical-axis tree.
 
   ``abstract_params``: pytree of arrays / ShapeDtypeStructs.
   ``logical_specs``: same structure, leaves are PartitionSpecs (or tuples)
   of logical names, or None.
   """
-  rules, overrides = tuple(rules), tuple(overrides)
-  compiled = [(re.compile(rx), t) for rx, t in overrides]
+  rules = tuple(rules)
   flat_specs = dict(jax.tree_util.tree_flatten_with_path(
       logical_specs, is_leaf=lambda x: x is None or isinstance(x, (P, tuple)))[0])
 
   def one(path, leaf):
-    name = _path_str(path)
-    for rx, tactic in compiled:
-      if rx.fullmatch(name) or rx.match(name):
-        return _tactic_spec(tactic, leaf.shape, mesh)
     logical = flat_specs.get(path)
     return logical_to_spec(tuple(logical) if logical is not None else None,
                            leaf.shape, mesh, rules)
