@@ -90,11 +90,17 @@ def table(results: dict) -> str:
   return "\n".join(rows)
 
 
-def main(argv=None):
-  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--table", action="store_true", help="print the table from the JSON")
-  parser.add_argument("--only", default="", help="layouts to compile, separated by ';'")
-  args = parser.parse_args(argv)
+def _define_flags():
+  from absl import flags
+  flags.DEFINE_boolean("table", False, "print the table from the JSON")
+  flags.DEFINE_string("only", "", "layouts to compile, separated by ';'")
+
+
+def main(argv):
+  from absl import flags
+  from vit_jax import command_line
+  command_line.check_no_arguments(argv)
+  args = flags.FLAGS
   only = {name.strip() for name in args.only.split(";") if name.strip()}
   names = [layout for layout, _, _ in LAYOUTS]
   for name in sorted(only - set(names)):
@@ -114,4 +120,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  cli.call(main)
+  _define_flags()
+  cli.run(main)

@@ -76,32 +76,6 @@ def test_did_you_mean_finds_close_names_only():
   assert len(cli.close_matches("a", [f"a{i}" for i in range(20)], n=3)) == 3
 
 
-def test_argparse_types_and_call(capsys):
-  p = cli.ArgumentParser(prog="prog")
-  p.add_argument("--n", type=cli.positive_int, default=1)
-  p.add_argument("--targets", type=cli.int_list, default=[0])
-  args = p.parse_args(["--n", "4", "--targets", "3,1"])
-  assert (args.n, args.targets) == (4, [3, 1])
-  for bad, hint in ((["--n", "0"], "positive integer"), (["--n", "2.5"], "positive integer"),
-                    (["--targets", "1,x"], "comma-separated integers")):
-    with pytest.raises(SystemExit) as e:
-      p.parse_args(bad)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and hint in err[0] and "--help" in err[0]
-
-  def main(argv):
-    raise cli.UsageError(f"no good: {argv}")
-  with pytest.raises(SystemExit) as e:
-    cli.call(main, ["x"])
-  assert e.value.code == 2 and capsys.readouterr().err == "error: no good: ['x']\n"
-  with pytest.raises(cli.UsageError):
-    cli.call(main, ["--traceback"])
-
-
-# ---- experiments and benchmarks ---------------------------------------------------------
-
-
 def test_experiment_cli_unknown_model(tmp_path):
   out = tmp_path / "out"
   line = assert_usage_error(_run(["-m", "experiments.attention", "--out", str(out), "--models", "ViT-B_61"]),

@@ -12,18 +12,9 @@
 A `UsageError` (ours or absl's) raised while parsing flags or running `main` prints
 `error: <message>` on stderr and exits with status 2, without a traceback; any other
 exception is a bug and keeps its traceback. `--traceback` shows it for user errors too.
-
-Command lines built on argparse get the same from `ArgumentParser` and `call`:
-
-  p = cli.ArgumentParser(description="...")
-  p.add_argument("--steps", type=cli.positive_int, default=10)
-  ...
-  if __name__ == "__main__":
-    cli.call(main)          # main(argv) parses with p
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 import sys
 from typing import Callable, Iterable, Sequence
@@ -88,48 +79,3 @@ def run(main: Callable[[list[str]], object],
       _fail(e)
 
   app.run(guarded_main, flags_parser=parse)
-
-
-# --------------------------------------------------------------------------
-# argparse command lines
-# --------------------------------------------------------------------------
-class ArgumentParser(argparse.ArgumentParser):
-  """argparse whose errors are one line (`error: ...`, exit 2) and that accepts --traceback."""
-
-  def __init__(self, *args, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.add_argument("--traceback", action="store_true",
-                      help="show the Python traceback of a usage error too")
-
-  def error(self, message):
-    _fail(f"{message} (see {self.prog} --help)")
-
-
-def positive_int(text: str) -> int:
-  """argparse type: an integer > 0."""
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-  return value
-
-
-def int_list(text: str) -> list[int]:
-  """argparse type: comma-separated integers ('0,1,2')."""
-  try:
-    return [int(t) for t in text.split(",") if t.strip()]
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {text!r}") from None
-
-
-def call(main: Callable[[list[str]], object], argv: Sequence[str] | None = None):
-  """main(argv) for argparse command lines: a UsageError it raises is one line and exit 2."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  try:
-    return main(argv)
-  except UsageError as e:
-    if "--traceback" in argv:
-      raise
-    _fail(e)
