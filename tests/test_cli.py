@@ -1,4 +1,4 @@
-"""vit_jax.cli and the argparse command lines (experiments, benchmarks): a user's mistake is
+"""vit_jax.cli and the command lines (experiments, benchmarks): a user's mistake is
 one line on stderr and exit status 2, a bug keeps its traceback, --traceback shows both."""
 import os
 import subprocess
