@@ -87,11 +87,8 @@ def load() -> dict:
 
 
 def save(results: dict, path: str = RESULTS) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)   # never a half-written file
+  from vit_jax import results as results_lib
+  results_lib.write_json(path, results, sort_keys=True)   # never a half-written file
 
 
 def run_job(name, config, topology, overrides, timeout, num_slices=1) -> dict:

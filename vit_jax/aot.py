@@ -22,7 +22,6 @@ printing the first that fits; 2 for a usage mistake (unknown topology, bad confi
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -31,6 +30,7 @@ import time
 from absl import flags
 
 from vit_jax import cli, collectives, command_line, fit_report, hardware, step_cost
+from vit_jax import results as results_lib
 from vit_jax.fit_report import GiB, Report, format_report, gib, memory_bytes, oom_bytes
 from vit_jax.tpu_slices import generation, quiet_libtpu, topology_devices
 
@@ -271,11 +271,7 @@ def main(argv):
       print(f"No setting among the first {f['max_candidates']} candidates fits; "
             "use a larger slice.")
   if f["json"]:
-    d = os.path.dirname(f["json"])
-    if d:
-      os.makedirs(d, exist_ok=True)
-    with open(f["json"], "w") as fh:
-      json.dump(report.to_json(), fh, indent=2)
+    results_lib.write_json(f["json"], report.to_json())
   return 0 if report.fits else 1
 
 

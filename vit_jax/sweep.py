@@ -26,6 +26,8 @@ import math
 import os
 from typing import Iterable, Mapping
 
+from vit_jax import results as results_lib
+
 CACHE_FILE = "runs.json"
 
 
@@ -85,10 +87,7 @@ class RunCache:
     self.runs[key] = dict(record)
     if jax.process_index() != 0:  # one writer when several hosts run the same sweep
       return
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.runs, f, indent=1, sort_keys=True)
-    os.replace(tmp, self.path)
+    results_lib.write_json(self.path, self.runs, indent=1, sort_keys=True)
 
 
 def run(config, root: str, name: str, cache: RunCache, *, data=None) -> dict:
@@ -222,8 +221,8 @@ def sweep_and_repeat(config, workdir: str, *, runs: int = 1, sweep: bool = True,
     lines.append(f"| ReaL | | {format_mean_std(result['real'])} |")
   with open(os.path.join(workdir, "sweep_results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  with open(os.path.join(workdir, "sweep_results.json"), "w") as f:
-    json.dump(result, f, indent=1, sort_keys=True)
+  results_lib.write_json(os.path.join(workdir, "sweep_results.json"), result, indent=1,
+                         sort_keys=True)
   return result
 
 

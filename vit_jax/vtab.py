@@ -15,10 +15,10 @@ The table goes to DIR/vtab_results.md and .json.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable, Mapping
 
+from vit_jax import results as results_lib
 from vit_jax import sweep as sweep_lib
 
 GROUPS = ("natural", "specialized", "structured")
@@ -115,9 +115,9 @@ def write_table(results: Mapping[str, Mapping], workdir: str, header: Mapping = 
   with open(os.path.join(workdir, "vtab_results.md"), "w") as f:
     f.write(table)
   stats = {g: dict(zip(("mean", "std"), sweep_lib.mean_std(v))) for g, v in summary.items() if v}
-  with open(os.path.join(workdir, "vtab_results.json"), "w") as f:
-    json.dump({"header": dict(header), "tasks": results, "summary": stats}, f, indent=1,
-              sort_keys=True)
+  results_lib.write_json(os.path.join(workdir, "vtab_results.json"),
+                         {"header": dict(header), "tasks": results, "summary": stats}, indent=1,
+                         sort_keys=True)
   return table
 
 
