@@ -11,7 +11,8 @@ of them before the run writes anything:
 
   1. values       the fields hold values they may hold, the model and dataset exist,
                   a pretrained path is readable (vit_jax.preflight)
-  2. pretrained   a training workdir as config.pretrained brings its architecture
+  2. pretrained   a training workdir as config.pretrained brings its architecture; the
+                  checkpoint fits the model (read from its shapes alone)
   3. mesh         config.mesh laid over the devices; the batches split over it
   4. dataset      num_classes = -1 takes the dataset's class count; total_epochs
                   becomes total_steps from the train split's size
@@ -57,6 +58,7 @@ def resolve(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None 
   preflight.check_config(config, dataset=data is None)              # 1. values
   config = _copy(config)
   config = with_pretrained_architecture(config)                     # 2. pretrained
+  check_pretrained_fits(config)
   try:
     mesh = make_mesh(config, devices)                               # 3. mesh
     data = _data_module(data)  # (starts TensorFlow for tf.data and tfds)
@@ -118,6 +120,25 @@ def with_pretrained_architecture(config) -> ml_collections.ConfigDict:
   log.info("config.pretrained=%s: model %s%s from its config.json", path, config.model_name,
            "".join(f", {k}={v}" for k, v in taken.items()))
   return config
+
+
+def check_pretrained_fits(config) -> None:
+  """config.pretrained can fill the config's model, as state.load_pretrained will (the
+  position embedding resized, the head replaced); only the checkpoint's shapes are read."""
+  path = config.get("pretrained")
+  if not path:
+    return
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import state  # pylint: disable=g-import-not-at-top
+  probe = _copy(config)
+  if (probe.get("num_classes") or 0) < 0:  # the dataset's: any head is replaced anyway
+    probe.num_classes = 0
+  model = nnx.eval_shape(lambda: state.create_model(probe))
+  try:
+    checkpoint.check_fits(path, model)
+  except (checkpoint.CheckpointMismatchError, FileNotFoundError) as e:
+    raise cli.UsageError(f"config.pretrained={path}: {e}") from None
 
 
 # --------------------------------------------------------------------------

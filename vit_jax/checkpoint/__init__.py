@@ -12,15 +12,16 @@ are converted on reading (layouts.py).
     checkpoint.save_npz(model, 'finetuned.npz')
     model = checkpoint.load('workdirs/run')    # a training run's latest checkpoint
     summary = checkpoint.load_params_into(model, 'ViT-B_16.npz')   # a built model
+    checkpoint.check_fits('ViT-B_16.npz', abstract_model)   # the same, on shapes only
 
 A training run's own checkpoints (orbax, with optimizer state) are written by
 vit_jax.train_state; `load(workdir)` restores the trained model from them.
 """
 
 from vit_jax.checkpoint.files import is_workdir, read_npz
-from vit_jax.checkpoint.loader import (LoadSummary, load, load_params_into, save_npz,
-                                       to_published)
+from vit_jax.checkpoint.loader import (LoadSummary, check_fits, load, load_params_into,
+                                       save_npz, to_published)
 from vit_jax.checkpoint.params import CheckpointMismatchError, resize_posemb
 
-__all__ = ["CheckpointMismatchError", "LoadSummary", "is_workdir", "load",
+__all__ = ["CheckpointMismatchError", "LoadSummary", "check_fits", "is_workdir", "load",
            "load_params_into", "read_npz", "resize_posemb", "save_npz", "to_published"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import zipfile
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -20,24 +21,51 @@ def _fsspec_url(spath: str) -> bool:
 
 def read_bytes(path: str | os.PathLike) -> bytes:
   """Local paths and gs:// (etils.epath), or any other fsspec URL."""
-  spath = os.fspath(path)
-  if _fsspec_url(spath):
-    import fsspec  # pylint: disable=g-import-not-at-top  # memory://, http(s)://, hf://, ...
-    fs, fs_path = fsspec.core.url_to_fs(spath)
-    if not fs.exists(fs_path):
-      raise FileNotFoundError(f"no checkpoint at {spath}")
-    with fs.open(fs_path, "rb") as f:
-      return f.read()
-  epath_path = epath.Path(path)
-  if not epath_path.exists():
-    raise FileNotFoundError(f"no checkpoint at {spath}")
-  return epath_path.read_bytes()
+  with _open(path) as f:
+    return f.read()
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a flat .npz from a local path or a remote URL (gs://, fsspec)."""
   data = np.load(io.BytesIO(read_bytes(path)), allow_pickle=False)
   return {k: data[k] for k in data.files}
+
+
+def read_npz_shapes(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The arrays of a flat .npz as `shape_only` stand-ins, from the .npy headers
+  alone (no array data is read)."""
+  with _open(path) as f, zipfile.ZipFile(f) as z:
+    out = {}
+    for member in z.namelist():
+      with z.open(member) as npy:
+        fmt = np.lib.format
+        version = fmt.read_magic(npy)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(npy)
+      out[member[:-len(".npy")] if member.endswith(".npy") else member] = shape_only(shape, dtype)
+  return out
+
+
+def shape_only(shape, dtype) -> np.ndarray:
+  """A read-only array of `shape` and `dtype` that takes no memory (every
+  stride 0). Indexing, slicing, transposing and reshaping it are views, so
+  the loader's steps run on it to check shapes without reading a file's data."""
+  return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def _open(path):
+  """A binary file object (seekable) of a local path, gs:// or fsspec URL."""
+  spath = os.fspath(path)
+  if _fsspec_url(spath):
+    import fsspec  # pylint: disable=g-import-not-at-top
+    fs, fs_path = fsspec.core.url_to_fs(spath)
+    if not fs.exists(fs_path):
+      raise FileNotFoundError(f"no checkpoint at {spath}")
+    return fs.open(fs_path, "rb")  # memory://, http(s)://, hf://, ...
+  epath_path = epath.Path(path)
+  if not epath_path.exists():
+    raise FileNotFoundError(f"no checkpoint at {spath}")
+  return epath_path.open("rb")
 
 
 def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:

@@ -113,8 +113,8 @@ def _from_big_vision(flat: Flat):
       pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
     out[_POSEMB] = pe
   elif any(k.startswith("Transformer/encoderblock_") for k in out):
-    log.info("No position embedding in a big_vision file: fixed 2-D sin-cos "
-             "(posemb='sincos2d')")
+    log.warning("No position embedding in a big_vision file: taken to be the fixed 2-D "
+                "sin-cos one (posemb='sincos2d')")
     fields["posemb"] = "sincos2d"
   return out, fields
 

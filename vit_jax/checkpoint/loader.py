@@ -100,14 +100,14 @@ def _head_classes(tree, fam) -> int:
   return int(bias.shape[-1]) if bias is not None else 0
 
 
-def _fill(model: nnx.Module, tree, foreign, *, keep_head: bool, posemb_method: str,
-          source: str, place=None, own: tuple[str, ...] = ()) -> LoadSummary:
-  """Sets the model's parameters from `tree` (unrolled model paths; `foreign`:
-  file keys that are not the family's), keeping its own head unless
-  `keep_head` and its parameters under an `own` prefix."""
+def _fit(model: nnx.Module, tree, foreign, *, keep_head: bool, posemb_method: str,
+         source: str, own: tuple[str, ...] = (), log=log) -> tuple[dict, LoadSummary]:
+  """The values `tree` (unrolled model paths; `foreign`: file keys that are not
+  the family's) gives the model's parameters, unrolled, and what they took.
+  The model keeps its own head unless `keep_head`, and its parameters under an
+  `own` prefix."""
   fam, cfg = _family(model.config), model.config
-  targets = params.variables(model)
-  shapes = params.unrolled_shapes(targets, fam.stacks)
+  shapes = params.unrolled_shapes(params.variables(model), fam.stacks)
   if not any(path in shapes for path in tree):
     raise CheckpointMismatchError(
         f"{source} is not a {fam.title} checkpoint (none of its keys is one of "
@@ -125,26 +125,54 @@ def _fill(model: nnx.Module, tree, foreign, *, keep_head: bool, posemb_method: s
   describe = fam.published_key
   values = params.merge({**tree, **foreign}, shapes, model_name=cfg.name, own=own,
                         describe=lambda p: p if p in foreign else describe(p))
-  params.assign(targets, params.stack_like(values, targets, fam.stacks), place)
-  return LoadSummary(source=source, model=cfg.name, posemb_grid=posemb_grid,
-                     posemb_method=posemb_method, head_classes=head_classes,
-                     head_kept=bool(keep_head and head_classes[1]))
+  return values, LoadSummary(source=source, model=cfg.name, posemb_grid=posemb_grid,
+                             posemb_method=posemb_method, head_classes=head_classes,
+                             head_kept=bool(keep_head and head_classes[1]))
 
 
-def _read(source, fam) -> tuple[dict, dict, str]:
-  """(parameters by unrolled model path, foreign file keys, source name)."""
+def _fill(model: nnx.Module, tree, foreign, *, place=None, **kwargs) -> LoadSummary:
+  """Sets the model's parameters from `tree` (see _fit), in its layout."""
+  values, summary = _fit(model, tree, foreign, **kwargs)
+  targets = params.variables(model)
+  params.assign(targets, params.stack_like(values, targets, _family(model.config).stacks),
+                place)
+  return summary
+
+
+def _read(source, fam, *, shapes_only: bool = False) -> tuple[dict, dict, str]:
+  """(parameters by unrolled model path, foreign file keys, source name).
+  `shapes_only`: the arrays are files.shape_only stand-ins (no data read)."""
   if isinstance(source, Mapping):
     flat, name = dict(source), "<dict>"
   elif files.is_workdir(source):
-    run = workdir.load(source)
-    tree = {path: np.asarray(jax.device_get(var.get_value()))
-            for path, var in params.variables(run).items()}
-    return params.unstack(tree, _family(run.config).stacks), {}, os.fspath(source)
+    if shapes_only:
+      tree, family = workdir.param_shapes(source)
+    else:
+      run = workdir.load(source)
+      tree = {path: np.asarray(jax.device_get(var.get_value()))
+              for path, var in params.variables(run).items()}
+      family = run.config.family
+    return params.unstack(tree, registry.FAMILIES[family].stacks), {}, os.fspath(source)
   else:
-    flat, name = files.read_npz(source), os.fspath(source)
+    read = files.read_npz_shapes if shapes_only else files.read_npz
+    flat, name = read(source), os.fspath(source)
   flat, _, _ = layouts.to_published(flat)
   tree, foreign = fam.from_published(flat)
   return tree, foreign, name
+
+
+def _fit_model(model: nnx.Module, source, *, posemb_method: str, shapes_only: bool,
+               log=log) -> tuple[dict, LoadSummary]:
+  """load_params_into's values and summary (check_fits': on shapes only)."""
+  fam, cfg = _family(model.config), model.config
+  tree, foreign, name = _read(source, fam, shapes_only=shapes_only)
+  keep_head = bool(cfg.num_classes) and _head_classes(tree, fam) == cfg.num_classes
+  rep = fam.representation
+  if rep and getattr(cfg, "representation_size", None) is None and rep + "/kernel" in tree:
+    log.info("The file's %s layer is dropped: the model has none", rep)
+    tree = _without(tree, rep)
+  return _fit(model, tree, foreign, keep_head=keep_head, posemb_method=posemb_method,
+              source=name, log=log)
 
 
 def load_params_into(model: nnx.Module, source, *, posemb_method: str = "bilinear"
@@ -158,15 +186,33 @@ def load_params_into(model: nnx.Module, source, *, posemb_method: str = "bilinea
   ignored when the model has none. Each parameter keeps its sharding.
   Returns what was taken from the file (a LoadSummary, for the caller to log).
   """
-  fam, cfg = _family(model.config), model.config
-  tree, foreign, name = _read(source, fam)
-  keep_head = bool(cfg.num_classes) and _head_classes(tree, fam) == cfg.num_classes
-  rep = fam.representation
-  if rep and getattr(cfg, "representation_size", None) is None and rep + "/kernel" in tree:
-    log.info("The file's %s layer is dropped: the model has none", rep)
-    tree = _without(tree, rep)
-  return _fill(model, tree, foreign, keep_head=keep_head,
-               posemb_method=posemb_method, source=name)
+  values, summary = _fit_model(model, source, posemb_method=posemb_method,
+                               shapes_only=False)
+  targets = params.variables(model)
+  params.assign(targets, params.stack_like(values, targets, _family(model.config).stacks))
+  return summary
+
+
+def check_fits(source, model: nnx.Module, *, posemb_method: str = "bilinear"
+               ) -> LoadSummary:
+  """Whether load_params_into(model, source) would succeed, from the shapes alone.
+
+  `model` may be abstract (`nnx.eval_shape(lambda: models.create(...))`). Only
+  the .npy headers of an .npz and the orbax metadata of a workdir are read,
+  never the arrays, and the rules are load_params_into's (layouts, position
+  embedding resized, head swapped, pre-logits dropped). Raises
+  CheckpointMismatchError (one line naming the first few missing, unexpected
+  and mis-shaped keys); returns the LoadSummary loading would give.
+  """
+  _, summary = _fit_model(model, source, posemb_method=posemb_method, shapes_only=True,
+                          log=_QUIET)
+  return summary
+
+
+# What check_fits infers is logged when the parameters are loaded.
+_QUIET = logging.getLogger(__name__ + ".check_fits")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 
 
 def load(path: str | os.PathLike, name: str | None = None, *,
@@ -220,7 +266,7 @@ def _architecture(flat, implied, path) -> tuple[str, str, dict[str, Any]]:
   fields = {**fam.read_architecture(fam.from_published(flat)[0]), **implied}
   name = registry.match(fam.name, fields)
   label = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
-  log.info("Architecture read from %s: %s (%s)", os.fspath(path), label,
+  log.warning("Architecture read from %s: %s (%s)", os.fspath(path), label,
            ", ".join(f"{k}={v}" for k, v in fields.items()))
   # pre_logits is kept with the file's head and dropped with a new one, as
   # for a named model. Every architecture field is set, so any registered
