@@ -1,4 +1,8 @@
-"""Checkpoint files: flat .npz archives on local disk, gs:// or any fsspec URL."""
+"""Checkpoint files: flat .npz archives on local disk, gs:// or any fsspec URL.
+
+(PyTorch-world files, .safetensors, .bin/.pth and model folders, are
+state_dicts.py's.)
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ def _fsspec_url(spath: str) -> bool:
 
 def read_bytes(path: str | os.PathLike) -> bytes:
   """Local paths and gs:// (etils.epath), or any other fsspec URL."""
-  with _open(path) as f:
+  with open_file(path) as f:
     return f.read()
 
 
@@ -34,7 +38,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def read_npz_shapes(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The arrays of a flat .npz as `shape_only` stand-ins, from the .npy headers
   alone (no array data is read)."""
-  with _open(path) as f, zipfile.ZipFile(f) as z:
+  with open_file(path) as f, zipfile.ZipFile(f) as z:
     out = {}
     for member in z.namelist():
       with z.open(member) as npy:
@@ -53,8 +57,9 @@ def shape_only(shape, dtype) -> np.ndarray:
   return np.broadcast_to(np.zeros((), dtype), tuple(shape))
 
 
-def _open(path):
-  """A binary file object (seekable) of a local path, gs:// or fsspec URL."""
+def open_file(path):
+  """A binary file object (seekable) of a local path, gs:// or fsspec URL;
+  FileNotFoundError when there is none."""
   spath = os.fspath(path)
   if _fsspec_url(spath):
     import fsspec  # pylint: disable=g-import-not-at-top
@@ -71,31 +76,41 @@ def _open(path):
 def write_npz(arrays: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
   """Writes a flat .npz; bfloat16 and float16 arrays as float32 (exactly:
   numpy's format has no bfloat16, and the published files are float32).
-
-  Local files are written to a temporary name and renamed, so an interrupted
-  save never leaves a truncated checkpoint behind; object stores (gs://, any
-  fsspec URL) write objects atomically themselves.
-  """
+  Written atomically (write_bytes), so an interrupted save never leaves a
+  truncated checkpoint behind."""
   buf = io.BytesIO()
   np.savez(buf, **{k: v.astype(np.float32) if v.dtype in _HALF else v
                    for k, v in arrays.items()})
+  write_bytes(buf.getvalue(), path)
+
+
+def write_bytes(data: bytes, path: str | os.PathLike) -> None:
+  """Writes a file atomically: a local file under a temporary name, then
+  renamed; object stores (gs://, any fsspec URL) write objects atomically
+  themselves."""
   spath = os.fspath(path)
   if _fsspec_url(spath):
     import fsspec  # pylint: disable=g-import-not-at-top
     with fsspec.open(spath, "wb") as f:
-      f.write(buf.getvalue())
+      f.write(data)
     return
   path = epath.Path(path)
   if "://" in spath:
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(data)
     return
   tmp = path.parent / (path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
+  tmp.write_bytes(data)
   tmp.replace(path)
 
 
+# What a model folder (Hugging Face's or timm's hub layout) holds beside its config.json.
+MODEL_DIR_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
 def is_workdir(path) -> bool:
-  """A local directory (a training run's workdir) rather than an .npz file."""
+  """A local directory (a training run's workdir) rather than a checkpoint file
+  or a model folder."""
   spath = os.fspath(path)
-  return (not spath.endswith(".npz") and "://" not in spath
-          and epath.Path(path).is_dir())
+  if spath.endswith(".npz") or "://" in spath or not epath.Path(path).is_dir():
+    return False
+  return not any(os.path.exists(os.path.join(spath, name)) for name in MODEL_DIR_WEIGHTS)

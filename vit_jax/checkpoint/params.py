@@ -23,6 +23,11 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the requested model; the message lists keys."""
 
 
+class UnsupportedCheckpointError(CheckpointMismatchError):
+  """A checkpoint of a format or model variant that is not read here; the
+  message names what (the keys of an unsupported variant)."""
+
+
 def variables(model: nnx.Module) -> dict[str, nnx.Variable]:
   """{model path: parameter} of a model (scanned stacks stacked)."""
   return {"/".join(map(str, path)): var
