@@ -47,6 +47,11 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "timm>=1.0.31,<2",
         "transformers>=5.25,<6",
+        "wandb>=0.31,<0.32",  # the Weights & Biases writer is tested offline
+    ],
+    # Mirror the metrics to Weights & Biases (config.wandb.project).
+    "wandb": [
+        "wandb>=0.31,<0.32",
     ],
     # Dataset builds on Apache Beam (DirectRunner, Dataflow, Spark, Flink);
     # resolves with tensorflow-cpu 2.21 / tfds 4.9 on Python 3.11-3.13.

@@ -10,7 +10,6 @@ analysis. Nothing here is a test; everything returns plain dicts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import time
@@ -24,6 +23,7 @@ from flax import nnx
 
 from vit_jax import flops
 from vit_jax import models
+from vit_jax import results
 
 def device_peak_flops(dtype: str, device=None) -> tuple[float | None, str]:
   """(peak FLOP/s, how it was obtained) for the device, or (None, reason);
@@ -229,7 +229,6 @@ def cpu_info() -> dict:
 
 
 def write_json(path: str, result: Any) -> None:
-  """Writes a benchmark's result and says where."""
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  """Writes a benchmark's result (vit_jax.results: atomic, strict JSON) and says where."""
+  results.write_json(path, result)
   print(f"wrote {path}")

@@ -1,8 +1,8 @@
 """Compile time of the train step: scan over layers vs unrolled.
 
-    python -m benchmarks.compile_time [--model ViT-H_14] [--batch 8]
-        [--img_size 224] [--dtype float32] [--remat none] [--repeats 1]
-        [--json OUT]
+    python -m benchmarks.compile_time [--model=ViT-H_14] [--batch=8]
+        [--img_size=224] [--dtype=float32] [--remat=none] [--repeats=1]
+        [--skip_check] [--json=OUT]
 
 First checks on a tiny model that the scanned and unrolled stacks compute the
 same loss (the unrolled parameters are exported to the published .npz layout
@@ -14,14 +14,15 @@ benchmarks.run: forward + backward + SGD-momentum update, state donated.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 
 import jax
 import numpy as np
+from absl import flags
 
+from vit_jax import command_line
 from benchmarks import common
 from vit_jax import cli, preflight
 from vit_jax import checkpoint
@@ -75,42 +76,31 @@ def time_compile(name: str, scan: bool, batch: int, img_size: int,
   return t
 
 
-def main(argv=None):
-  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="ViT-H_14")
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--img_size", type=int, default=224)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--remat", default="none",
-                      help="remat policy of both variants (stacks.REMAT_POLICIES)")
-  parser.add_argument("--repeats", type=int, default=1,
-                      help="compile each variant this many times (interleaved)")
-  parser.add_argument("--skip_check", action="store_true")
-  parser.add_argument("--json", default=None)
-  args = parser.parse_args(argv)
-  preflight.check_model_name(args.model, "--model")
-
-  result = {"model": args.model, "batch": args.batch, "dtype": args.dtype,
-            "remat": args.remat,
-            "img_size": args.img_size, "device": jax.devices()[0].device_kind,
+def benchmark(model: str = "ViT-H_14", batch: int = 8, img_size: int = 224,
+              dtype: str = "float32", remat: str = "none", repeats: int = 1,
+              check: bool = True, json_path: str | None = None) -> dict:
+  """Lower + compile times of the scanned and unrolled train step (interleaved), after
+  the tiny-model loss check unless check=False; prints them and returns the result."""
+  result = {"model": model, "batch": batch, "dtype": dtype, "remat": remat,
+            "img_size": img_size, "device": jax.devices()[0].device_kind,
             "cpu": common.cpu_info()}
-  if not args.skip_check:
-    check = check_same_loss()
-    result["same_loss_check"] = check
-    print(f"tiny model: scan loss {check['scan']['loss']:.6f} vs unrolled "
-          f"{check['unrolled']['loss']:.6f}; after one step "
-          f"{check['scan']['loss_step1']:.6f} vs "
-          f"{check['unrolled']['loss_step1']:.6f}: "
-          f"{'agree' if check['agree'] else 'DIFFER'}")
+  if check:
+    same = check_same_loss()
+    result["same_loss_check"] = same
+    print(f"tiny model: scan loss {same['scan']['loss']:.6f} vs unrolled "
+          f"{same['unrolled']['loss']:.6f}; after one step "
+          f"{same['scan']['loss_step1']:.6f} vs "
+          f"{same['unrolled']['loss_step1']:.6f}: "
+          f"{'agree' if same['agree'] else 'DIFFER'}")
 
   runs = {"scan": [], "unrolled": []}
-  for r in range(args.repeats):
+  for r in range(repeats):
     for label in (("scan", "unrolled") if r % 2 == 0 else
                   ("unrolled", "scan")):
-      t = time_compile(args.model, label == "scan", args.batch, args.img_size,
-                       remat=args.remat, dtype=args.dtype)
+      t = time_compile(model, label == "scan", batch, img_size,
+                       remat=remat, dtype=dtype)
       runs[label].append(t)
-      print(f"{args.model} {label:8s}: lower {t['lower_s']:.1f}s  compile "
+      print(f"{model} {label:8s}: lower {t['lower_s']:.1f}s  compile "
             f"{t['compile_s']:.1f}s  total {t['lower_compile_s']:.1f}s  "
             f"peak {t['memory']['peak'] / 2**30:.1f} GiB", flush=True)
   med = {k: statistics.median(x["lower_compile_s"] for x in v)
@@ -118,13 +108,38 @@ def main(argv=None):
   result["runs"] = runs
   result["median_lower_compile_s"] = med
   result["speedup_scan"] = med["unrolled"] / med["scan"]
-  print(f"\n{args.model} train step lower+compile: unrolled "
+  print(f"\n{model} train step lower+compile: unrolled "
         f"{med['unrolled']:.1f}s, scan {med['scan']:.1f}s -> scan is "
         f"{result['speedup_scan']:.1f}x faster")
-  if args.json:
-    common.write_json(args.json, result)
+  if json_path:
+    common.write_json(json_path, result)
   return result
 
 
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing compile_time defines none)."""
+  from vit_jax.models import stacks  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("model", "ViT-H_14", "Model name.")
+  flags.DEFINE_integer("batch", 8, "Batch size.", lower_bound=1)
+  flags.DEFINE_integer("img_size", 224, "Input resolution.", lower_bound=1)
+  flags.DEFINE_enum("dtype", "float32", list(common.DTYPES), "Compute dtype.")
+  flags.DEFINE_enum("remat", "none", list(stacks.REMAT_POLICIES),
+                    "Remat policy of both variants.")
+  flags.DEFINE_integer("repeats", 1, "Compile each variant this many times (interleaved).",
+                       lower_bound=1)
+  flags.DEFINE_boolean("skip_check", False,
+                       "Skip the tiny-model check that scan and unrolled agree.")
+  flags.DEFINE_string("json", None, "Write the result here.")
+
+
+def main(argv):
+  command_line.check_no_arguments(argv)
+  f = flags.FLAGS
+  preflight.check_model_name(f.model, "--model")
+  benchmark(model=f.model, batch=f.batch, img_size=f.img_size, dtype=f.dtype,
+            remat=f.remat, repeats=f.repeats, check=not f.skip_check, json_path=f.json)
+
+
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(main)

@@ -1,7 +1,7 @@
 """Input-pipeline throughput: images/s of the 224 px training pipeline on CPU.
 
-    python -m benchmarks.input_pipeline [--num_images 300] [--seconds 10]
-        [--batch 64] [--out input_pipeline.json]
+    python -m benchmarks.input_pipeline [--num_images=300] [--seconds=10]
+        [--batch=64] [--specs=fused_jpeg_crop+flip,...] [--out=input_pipeline.json]
 
 Writes a small tfds dataset of JPEG photos (random crops of scikit-image's
 sample photos, 256-400 px per side, ImageNet-like) into a temp data_dir, then
@@ -11,8 +11,6 @@ specs. The raw JPEG bytes are cached in memory as for any small dataset, so
 the numbers measure decoding + augmentation + batching, not disk.
 """
 
-import argparse
-import json
 import os
 import tempfile
 import time
@@ -21,13 +19,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # pylint: disable=g-import-not-at-top
+from absl import flags
 from etils import epath
 import ml_collections
 import numpy as np
 import skimage.data
 import tensorflow_datasets as tfds
 
-from vit_jax import data
+from vit_jax import command_line
+from vit_jax import cli, data, results
 # pylint: enable=g-import-not-at-top
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
@@ -113,44 +113,56 @@ def measure(config, batch: int, seconds: float) -> dict:
           "images_per_s": n / elapsed}
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--num_images", type=int, default=300)
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--seconds", type=float, default=10.0)
-  parser.add_argument("--specs", default=",".join(SPECS),
-                      help="comma-separated names from: " + ", ".join(SPECS))
-  parser.add_argument("--out", default=None, help="write results as JSON")
-  args = parser.parse_args(argv)
-
+def benchmark(num_images: int = 300, batch: int = 64, seconds: float = 10.0,
+              specs=tuple(SPECS), out: str | None = None) -> dict:
+  """Images/s of each named spec (SPECS) on `num_images` generated JPEGs; prints a table
+  and returns {"cores", "batch", "num_images", "results": one row per spec}."""
   cores = len(os.sched_getaffinity(0))
   with tempfile.TemporaryDirectory() as data_dir:
-    BenchPhotos.NUM_IMAGES = args.num_images
+    BenchPhotos.NUM_IMAGES = num_images
     t = time.perf_counter()
     tfds.builder("bench_photos", data_dir=data_dir).download_and_prepare()
-    print(f"wrote {args.num_images} JPEGs in {time.perf_counter() - t:.1f}s")
+    print(f"wrote {num_images} JPEGs in {time.perf_counter() - t:.1f}s")
     rows = []
-    for name in args.specs.split(","):
+    for name in specs:
       config = ml_collections.ConfigDict(dict(
           dataset="bench_photos", data_dir=data_dir, train_split="train",
           num_classes=1000, pp_train=SPECS[name], shuffle_buffer=1000,
           prefetch=2, mixup=dict(alpha=0.0)))
-      result = measure(config, args.batch, args.seconds)
+      result = measure(config, batch, seconds)
       rows.append({"pipeline": name, "spec": SPECS[name],
                    **result, "images_per_s_per_core":
                        result["images_per_s"] / cores})
 
-  print(f"\nbatch {args.batch}, {cores} cores, 224 px output")
+  print(f"\nbatch {batch}, {cores} cores, 224 px output")
   print(f"{'pipeline':40s} {'images/s':>10s} {'per core':>10s}")
   for r in rows:
     print(f"{r['pipeline']:40s} {r['images_per_s']:10.1f} "
           f"{r['images_per_s_per_core']:10.1f}")
-  if args.out:
-    with open(args.out, "w") as f:
-      json.dump({"cores": cores, "batch": args.batch,
-                 "num_images": args.num_images, "results": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+  summary = {"cores": cores, "batch": batch, "num_images": num_images, "results": rows}
+  if out:
+    results.write_json(out, summary)
+    print(f"wrote {out}")
+  return summary
+
+
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing input_pipeline defines none)."""
+  flags.DEFINE_integer("num_images", 300, "JPEGs in the generated dataset.", lower_bound=1)
+  flags.DEFINE_integer("batch", 64, "Batch size.", lower_bound=1)
+  flags.DEFINE_float("seconds", 10.0, "Seconds timed per spec.", lower_bound=0)
+  command_line.define_list("specs", ",".join(SPECS), "Preprocessing specs to time.",
+                           choices=SPECS)
+  flags.DEFINE_string("out", None, "Write the results here as JSON.")
+
+
+def main(argv):
+  command_line.check_no_arguments(argv)
+  f = flags.FLAGS
+  benchmark(num_images=f.num_images, batch=f.batch, seconds=f.seconds, specs=f.specs,
+            out=f.out)
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  cli.run(main)

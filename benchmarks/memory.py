@@ -1,19 +1,21 @@
 """Train-step memory with and without rematerialisation (remat).
 
-    python -m benchmarks.memory [--model ViT-L_16] [--remat none,full,dots]
-        [--batch 8,16,32,64,128] [--budget_gib 16] [--time_batch 2 |
-        --time_ratio 4] [--steps 3] [--json OUT]
+    python -m benchmarks.memory [--model=ViT-L_16] [--remat=none,full,dots]
+        [--batch=8,16,32,64,128] [--budget_gib=16] [--search=linear|bisect|none]
+        [--time_batch=2 | --time_ratio=4] [--steps=3] [--unrolled] [--json=OUT]
 
 For each remat policy and batch size, compiles the train step (forward +
 backward + SGD-momentum, state donated, layers scanned) on abstract inputs and
 reads the compiled program's memory analysis: peak = temp + arguments +
 outputs - donated aliases. Then finds the largest batch whose peak fits
-`--budget_gib` (doubling, then bisection; compile only). With `--time_batch`
-it also runs the step at that small batch, interleaving the policies, and
-reports the per-image step time of each relative to no remat. With
-`--time_ratio 4` it instead runs no remat at its largest batch and each other
-policy at 4x that batch (if it fits): the issue's "4x the batch, at most 1.4x
-slower per image".
+`--budget_gib` (compile only): by default from a straight-line fit of peak
+against the --batch sizes, verified by compiling at the prediction;
+`--search=bisect` doubles, then bisects; `--search=none` skips it. With
+`--time_batch` it also runs the step at that small batch, interleaving the
+policies, and reports the per-image step time of each relative to no remat.
+With `--time_ratio=4` it instead runs no remat at its largest batch and each
+other policy at 4x that batch (if it fits): "4x the batch, at most 1.4x
+slower per image" is the question it answers.
 
 On a GPU the same script answers "how much larger a batch fits with remat":
 set --budget_gib to the device memory (e.g. 80 for an H100).
@@ -21,11 +23,12 @@ set --budget_gib to the device memory (e.g. 80 for an H100).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import jax
+from absl import flags
 
+from vit_jax import command_line
 from benchmarks import common
 from vit_jax import cli, preflight
 
@@ -133,71 +136,50 @@ def time_policies(name, policies, batch, steps, scan, img_size, dtype):
   return out
 
 
-def main(argv=None):
-  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="ViT-L_16")
-  parser.add_argument("--remat", default="none,full,dots")
-  parser.add_argument("--batch", default="8,32,128")
-  parser.add_argument("--budget_gib", type=float, default=16.0)
-  parser.add_argument("--dtype", default="float32")
-  parser.add_argument("--img_size", type=int, default=224)
-  parser.add_argument("--unrolled", action="store_true",
-                      help="unrolled layers instead of scan")
-  parser.add_argument("--no_search", action="store_true")
-  parser.add_argument("--search", default="linear", choices=("linear", "bisect"),
-                      help="linear: fit peak vs batch from --batch sizes and "
-                      "verify the prediction with one compile; bisect: "
-                      "doubling + bisection (more compiles)")
-  parser.add_argument("--time_batch", type=int, default=0,
-                      help="also time the step at this batch (0 = skip)")
-  parser.add_argument("--time_ratio", type=float, default=0,
-                      help="time no remat at its largest batch and the other "
-                      "policies at this multiple of it (e.g. 4)")
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--json", default=None)
-  args = parser.parse_args(argv)
-  preflight.check_model_name(args.model, "--model")
-  policies = args.remat.split(",")
-  scan = not args.unrolled
-  budget = int(args.budget_gib * 2**30)
-  result = {"model": args.model, "dtype": args.dtype, "scan": scan,
-            "img_size": args.img_size, "budget_bytes": budget,
+def benchmark(model: str = "ViT-L_16", remats=("none", "full", "dots"),
+              batches=(8, 32, 128), budget_gib: float = 16.0, dtype: str = "float32",
+              img_size: int = 224, scan: bool = True, search: str = "linear",
+              time_batch: int = 0, time_ratio: float = 0, steps: int = 3,
+              json_path: str | None = None) -> dict:
+  """Compiled peaks per remat policy and batch; the largest batch under the budget
+  (search: 'linear' fit verified by one compile, 'bisect', or 'none'); optional timing
+  at `time_batch`, or of the policies at `time_ratio` x no remat's largest batch."""
+  policies = list(remats)
+  budget = int(budget_gib * 2**30)
+  result = {"model": model, "dtype": dtype, "scan": scan,
+            "img_size": img_size, "budget_bytes": budget,
             "device": jax.devices()[0].device_kind, "cpu": common.cpu_info()}
 
   cache = {}
-  print(f"{args.model} train step, {args.dtype}, scan={scan}: compiled peak "
+  print(f"{model} train step, {dtype}, scan={scan}: compiled peak "
         "memory (GiB)")
   print(f"{'batch':>6s} " + " ".join(f"{p:>10s}" for p in policies))
-  for b in [int(x) for x in args.batch.split(",")]:
+  for b in batches:
     for p in policies:
-      cache[(p, b)] = compiled_peak(args.model, b, p, scan, args.img_size,
-                                    args.dtype)
+      cache[(p, b)] = compiled_peak(model, b, p, scan, img_size, dtype)
     print(f"{b:6d} " + " ".join(
         f"{cache[(p, b)]['peak_bytes'] / 2**30:10.2f}" for p in policies),
           flush=True)
   result["peaks"] = [v for v in cache.values()]
 
-  if not args.no_search:
+  if search != "none":
     result["largest_batch"] = {}
     result["linear_fit"] = {}
-    batches = [int(x) for x in args.batch.split(",")]
     for p in policies:
-      if args.search == "bisect":
+      if search == "bisect":
         result["largest_batch"][p] = largest_batch(
-            args.model, p, budget, scan, args.img_size, args.dtype,
-            cache=cache)
+            model, p, budget, scan, img_size, dtype, cache=cache)
       else:
         def verify(b, p=p):
           if (p, b) not in cache:
-            cache[(p, b)] = compiled_peak(args.model, b, p, scan,
-                                          args.img_size, args.dtype)
+            cache[(p, b)] = compiled_peak(model, b, p, scan, img_size, dtype)
           return cache[(p, b)]["peak_bytes"]
         fit = largest_batch_linear(
             {b: cache[(p, b)]["peak_bytes"] for b in batches}, budget,
             verify=verify)
         result["linear_fit"][p] = fit
         result["largest_batch"][p] = fit.get("verified", fit["predicted"])
-      print(f"largest batch under {args.budget_gib:g} GiB with remat={p}: "
+      print(f"largest batch under {budget_gib:g} GiB with remat={p}: "
             f"{result['largest_batch'][p]}", flush=True)
     if "none" in policies and result["largest_batch"]["none"]:
       result["largest_batch_ratio_vs_none"] = {
@@ -208,10 +190,10 @@ def main(argv=None):
           result["largest_batch_ratio_vs_none"].items()))
     result["peaks"] = [v for v in cache.values()]
 
-  timing_batch = args.time_batch
-  if args.time_ratio and result.get("largest_batch", {}).get("none"):
+  timing_batch = time_batch
+  if time_ratio and result.get("largest_batch", {}).get("none"):
     b0 = result["largest_batch"]["none"]
-    timing_batch = {p: b0 if p == "none" else int(args.time_ratio * b0)
+    timing_batch = {p: b0 if p == "none" else int(time_ratio * b0)
                     for p in policies}
     for p, b in timing_batch.items():
       fits = result["largest_batch"][p] >= b
@@ -221,17 +203,51 @@ def main(argv=None):
                     if result["largest_batch"][p] >= b}
     policies = [p for p in policies if p in timing_batch]
   if timing_batch:
-    t = time_policies(args.model, policies, timing_batch, args.steps, scan,
-                      args.img_size, args.dtype)
+    t = time_policies(model, policies, timing_batch, steps, scan, img_size, dtype)
     result["timing"] = t
     for p, v in t.items():
       print(f"batch {v['batch']} remat={p}: {v['median_s']:.3f}s/step, "
             f"{1e3 * v['per_image_s']:.2f}ms/image, "
             f"{v['slowdown_vs_none'] or float('nan'):.2f}x of no-remat per image")
-  if args.json:
-    common.write_json(args.json, result)
+  if json_path:
+    common.write_json(json_path, result)
   return result
 
 
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing memory defines none)."""
+  from vit_jax.models import stacks  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("model", "ViT-L_16", "Model name.")
+  command_line.define_list("remat", "none,full,dots", "Remat policies.",
+                           choices=stacks.REMAT_POLICIES)
+  command_line.define_list("batch", "8,32,128", "Batch sizes compiled for every policy.",
+                           item=command_line.positive_int)
+  flags.DEFINE_float("budget_gib", 16.0, "Memory budget of the largest-batch search.")
+  flags.DEFINE_enum("dtype", "float32", list(common.DTYPES), "Compute dtype.")
+  flags.DEFINE_integer("img_size", 224, "Input resolution.", lower_bound=1)
+  flags.DEFINE_boolean("unrolled", False, "Unrolled layers instead of scan.")
+  flags.DEFINE_enum("search", "linear", ["linear", "bisect", "none"],
+                    "Largest batch under --budget_gib. linear: fit peak vs batch from the "
+                    "--batch sizes and verify the prediction with one compile; bisect: "
+                    "doubling + bisection (more compiles); none: no search.")
+  flags.DEFINE_integer("time_batch", 0, "Also time the step at this batch (0 = skip).",
+                       lower_bound=0)
+  flags.DEFINE_float("time_ratio", 0, "Time no remat at its largest batch and the other "
+                     "policies at this multiple of it (e.g. 4).", lower_bound=0)
+  flags.DEFINE_integer("steps", 3, "Timed steps per policy.", lower_bound=1)
+  flags.DEFINE_string("json", None, "Write the result here.")
+
+
+def main(argv):
+  command_line.check_no_arguments(argv)
+  f = flags.FLAGS
+  preflight.check_model_name(f.model, "--model")
+  benchmark(model=f.model, remats=f.remat, batches=f.batch, budget_gib=f.budget_gib,
+            dtype=f.dtype, img_size=f.img_size, scan=not f.unrolled, search=f.search,
+            time_batch=f.time_batch, time_ratio=f.time_ratio, steps=f.steps,
+            json_path=f.json)
+
+
 if __name__ == "__main__":
-  cli.call(main)
+  define_flags()
+  cli.run(main)

@@ -1,7 +1,7 @@
 """Per-op time of a jitted train / inference step on CPU, joined with its HLO.
 
-    python -m benchmarks.profile_step [--model ViT-B_16] [--layers 2]
-        [--batch 8] [--what train|infer] [--top 30] [--xla_flags '...']
+    python -m benchmarks.profile_step [--model=ViT-B_16] [--layers=2]
+        [--batch=8] [--what=train|infer] [--top=30] [--scan] [--xla_flags='...']
 
 Runs the step under jax.profiler (with XLA's per-thunk trace events on),
 dumps the optimized HLO, and prints the time of every fused op with what it
@@ -13,16 +13,17 @@ benchmarks/RESULTS.md were found.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 
+from absl import flags
+
+from vit_jax import command_line
 from vit_jax import cli, preflight
 
 
@@ -81,22 +82,13 @@ def _describe(instr, comps) -> tuple[str, str]:
   return cat, f"{detail}  [{meta.split('/')[-1] if meta else ''}]"
 
 
-def main(argv=None):
-  parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="ViT-B_16")
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--what", default="train", choices=("train", "infer"))
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--top", type=int, default=30)
-  parser.add_argument("--xla_flags", default="")
-  parser.add_argument("--scan", action="store_true")
-  args = parser.parse_args(argv)
-  preflight.check_model_name(args.model, "--model")
-
+def profile(model: str = "ViT-B_16", layers: int = 2, batch: int = 8, what: str = "train",
+            steps: int = 3, top: int = 30, xla_flags: str = "", scan: bool = False) -> str:
+  """Prints the per-op times of `steps` steps and the totals per category; returns the
+  path of the optimized HLO. XLA_FLAGS are set here, so JAX must not have started."""
   dump = tempfile.mkdtemp(prefix="hlo_dump_")
   os.environ["XLA_FLAGS"] = " ".join([
-      os.environ.get("XLA_FLAGS", ""), args.xla_flags,
+      os.environ.get("XLA_FLAGS", ""), xla_flags,
       "--xla_cpu_enable_xprof_traceme=true", f"--xla_dump_to={dump}",
       "--xla_dump_hlo_as_text", "--xla_dump_hlo_module_re=.*(train|infer).*"])
   from vit_jax.runtime import reuse_cpu_step_memory  # pylint: disable=g-import-not-at-top
@@ -106,16 +98,15 @@ def main(argv=None):
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
-  s = common.Setup(args.model, batch=args.batch, img_size=224,
-                   num_classes=1000, scan=args.scan)
-  model = models.create(args.model, num_classes=1000, num_layers=args.layers,
-                        rngs=nnx.Rngs(0), **s.overrides())
-  train_step, infer, state, _ = common.make_fns(model, s)
+  s = common.Setup(model, batch=batch, img_size=224, num_classes=1000, scan=scan)
+  net = models.create(model, num_classes=1000, num_layers=layers,
+                      rngs=nnx.Rngs(0), **s.overrides())
+  train_step, infer, state, _ = common.make_fns(net, s)
   images, labels, key = common.batch_arrays(s)
   holder = {"s": state}
 
   def run():
-    if args.what == "train":
+    if what == "train":
       holder["s"], loss = train_step(holder["s"], images, labels, key)
       loss.block_until_ready()
     else:
@@ -125,26 +116,26 @@ def main(argv=None):
   run()
   trace_dir = tempfile.mkdtemp(prefix="trace_")
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(args.steps):
+    for _ in range(steps):
       run()
   trace = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
   events = [e for e in json.load(gzip.open(trace))["traceEvents"]
             if e.get("ph") == "X"]
   hlo_file = sorted(glob.glob(
-      f"{dump}/*jit_{'train_step' if args.what == 'train' else 'infer'}"
+      f"{dump}/*jit_{'train_step' if what == 'train' else 'infer'}"
       ".cpu_after_optimizations.txt"))[-1]
   instrs, comps = _parse_hlo(open(hlo_file).read())
 
   per_op = collections.defaultdict(float)
   for e in events:
     if e["name"] in instrs:
-      per_op[e["name"]] += e["dur"] / 1e3 / args.steps
+      per_op[e["name"]] += e["dur"] / 1e3 / steps
   wall = [e["dur"] for e in events
           if e["name"] == "ThunkExecutor::Execute (wait for completion)"]
   total = sum(per_op.values())
-  print(f"{args.model} ({args.layers} layers) batch {args.batch} {args.what}: "
+  print(f"{model} ({layers} layers) batch {batch} {what}: "
         f"sum of op times {total:.1f} ms/step; step wall "
-        f"{(sum(wall) / 1e3 / args.steps) if wall else float('nan'):.1f} ms "
+        f"{(sum(wall) / 1e3 / steps) if wall else float('nan'):.1f} ms "
         f"(op times overlap when XLA runs ops concurrently)")
   cats = collections.defaultdict(float)
   rows = []
@@ -153,14 +144,37 @@ def main(argv=None):
     cats[cat] += ms
     rows.append((ms, name, cat, detail))
   rows.sort(reverse=True)
-  for ms, name, cat, detail in rows[:args.top]:
+  for ms, name, cat, detail in rows[:top]:
     print(f"{ms:8.1f} ms {100 * ms / total:5.1f}%  {cat:16s} {name:28s} "
           f"{detail[:110]}")
   print("\nper category:")
   for cat, ms in sorted(cats.items(), key=lambda kv: -kv[1]):
     print(f"{ms:8.1f} ms {100 * ms / total:5.1f}%  {cat}")
   print(f"\nHLO: {hlo_file}")
+  return hlo_file
+
+
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing profile_step defines none)."""
+  flags.DEFINE_string("model", "ViT-B_16", "Model name.")
+  flags.DEFINE_integer("layers", 2, "Encoder depth (the same per-layer program, faster).",
+                       lower_bound=1)
+  flags.DEFINE_integer("batch", 8, "Batch size.", lower_bound=1)
+  flags.DEFINE_enum("what", "train", ["train", "infer"], "Which step to profile.")
+  flags.DEFINE_integer("steps", 3, "Profiled steps.", lower_bound=1)
+  flags.DEFINE_integer("top", 30, "Ops listed.", lower_bound=0)
+  flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS.")
+  flags.DEFINE_boolean("scan", False, "Scan over layers (default: unrolled).")
+
+
+def main(argv):
+  command_line.check_no_arguments(argv)
+  f = flags.FLAGS
+  preflight.check_model_name(f.model, "--model")
+  profile(model=f.model, layers=f.layers, batch=f.batch, what=f.what, steps=f.steps,
+          top=f.top, xla_flags=f.xla_flags, scan=f.scan)
 
 
 if __name__ == "__main__":
-  sys.exit(cli.call(main))
+  define_flags()
+  cli.run(main)

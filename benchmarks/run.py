@@ -1,9 +1,9 @@
 """Throughput, MFU, compile time and peak memory of train and inference steps.
 
     python -m benchmarks.run                       # defaults for this device
-    python -m benchmarks.run --models ViT-B_16,ViT-L_16 --batch 128,256 \\
-        --dtype bfloat16 --scan --remat none,dots --attention xla,cudnn \\
-        --steps 20 --json results.json [--input_pipeline]
+    python -m benchmarks.run --models=ViT-B_16,ViT-L_16 --batch=128,256 \\
+        --dtype=bfloat16 --scan --remat=none,dots --attention=xla,cudnn \\
+        --steps=20 --json=results.json [--input_pipeline]
 
 One row per (model, batch, dtype, scan, remat, attention):
   train img/s   forward + backward + SGD-momentum (optax) update, jitted with
@@ -21,24 +21,21 @@ Forward FLOPs are the analytic count of vit_jax.flops (the matmuls and
 convolutions of the unrolled model, as train/mfu counts them). --input_pipeline adds the 224 px JPEG
 training pipeline's images/s (benchmarks.input_pipeline). The process is set
 up as `python -m vit_jax.main` sets up its own (reuse_cpu_step_memory) unless
---no_reuse_cpu_memory.
+--noreuse_cpu_memory. --scan_both times each row scanned and unrolled.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import os
 import statistics
-import sys
-import tempfile
 
 import jax
+from absl import flags
 
+from vit_jax import command_line
 from benchmarks import common
-from vit_jax import cli, preflight
-from vit_jax.runtime import reuse_cpu_step_memory
+from vit_jax import cli, preflight, runtime
 
 
 def bench_one(s: common.Setup, steps: int, peak: float | None,
@@ -123,73 +120,38 @@ def print_table(rows):
           _mib(r["memory_infer"])))
 
 
-def _csv(s, conv=str):
-  return [conv(x) for x in s.split(",") if x]
+def benchmark(models, batches, dtypes=("float32",), scans=(False,), remats=("none",),
+              attentions=("default",), img_size: int = 224, num_classes: int = 1000,
+              steps: int = 5, cpu_peak_n: int = 2048, input_seconds: float | None = None,
+              json_path: str | None = None, reuse_cpu_memory: bool = True) -> list[dict]:
+  """One row per (model, batch, dtype, scan, remat, attention); prints the table.
 
-
-def main(argv=None):
-  on_cpu = jax.default_backend() == "cpu"
-  parser = cli.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-  parser.add_argument("--models", default="ViT-S_16,ViT-B_16" if on_cpu
-                      else "ViT-B_16,ViT-L_16")
-  parser.add_argument("--batch", default="8" if on_cpu else "256",
-                      help="comma-separated batch sizes")
-  parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16",
-                      help="comma-separated: float32, bfloat16")
-  parser.add_argument("--img_size", type=int, default=224)
-  parser.add_argument("--num_classes", type=int, default=1000)
-  parser.add_argument("--scan", dest="scan", action="store_const",
-                      const=[True], default=[False],
-                      help="scan over layers (default: unrolled)")
-  parser.add_argument("--no-scan", dest="scan", action="store_const",
-                      const=[False])
-  parser.add_argument("--scan-both", dest="scan", action="store_const",
-                      const=[False, True], help="compare scan and unrolled")
-  parser.add_argument("--remat", default="none",
-                      help="comma-separated remat policies (none, full, dots, "
-                      "dots_no_batch, ...)")
-  parser.add_argument("--attention", default="default",
-                      help="comma-separated: default (jax picks), xla, cudnn")
-  parser.add_argument("--steps", type=int, default=5 if on_cpu else 20)
-  parser.add_argument("--cpu_peak_n", type=int, default=2048,
-                      help="size of the square matmul that measures the CPU peak")
-  parser.add_argument("--input_pipeline", action="store_true",
-                      help="also measure the 224 px JPEG training pipeline")
-  parser.add_argument("--input_seconds", type=float, default=5.0)
-  parser.add_argument("--json", default=None, help="write all results here")
-  parser.add_argument("--no_reuse_cpu_memory", action="store_true",
-                      help="skip vit_jax.runtime.reuse_cpu_step_memory (which "
-                      "`python -m vit_jax.main` applies by default)")
-  args = parser.parse_args(argv)
-  for name in _csv(args.models):
-    preflight.check_model_name(name, "--models")
-
-  reuse_cpu_memory = (not args.no_reuse_cpu_memory
-                      and reuse_cpu_step_memory())
+  input_seconds: also time the JPEG training pipeline for this long per spec.
+  reuse_cpu_memory: apply vit_jax.runtime.reuse_cpu_step_memory first (it only takes
+  effect before JAX has started; the JSON records whether it did).
+  """
+  reuse_cpu_memory = reuse_cpu_memory and runtime.reuse_cpu_step_memory()
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}) x "
         f"{jax.device_count()}; {common.cpu_info()}")
   rows = []
   peaks = []
   for name, batch, dtype, scan, remat, attn in itertools.product(
-      _csv(args.models), _csv(args.batch, int), _csv(args.dtype), args.scan,
-      _csv(args.remat), _csv(args.attention)):
+      models, batches, dtypes, scans, remats, attentions):
     peak, source = common.device_peak_flops(dtype, device)
     if peak is None and device.platform == "cpu":
-      mm = common.matmul_peak(args.cpu_peak_n)
+      mm = common.matmul_peak(cpu_peak_n)
       peak, source = mm["flops_per_s"], (
           f"float32 {mm['n']}^3 matmul in this process: "
           f"{mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
       peaks.append(mm)
-    s = common.Setup(name, batch=batch, img_size=args.img_size,
-                     num_classes=args.num_classes, dtype=dtype, scan=scan,
+    s = common.Setup(name, batch=batch, img_size=img_size,
+                     num_classes=num_classes, dtype=dtype, scan=scan,
                      remat=remat, attention=None if attn == "default" else attn)
     print(f"-- {name} batch {batch} {dtype} scan={scan} remat={remat} "
           f"attention={attn}; peak {source}", flush=True)
     try:
-      rows.append(bench_one(s, args.steps, peak, source))
+      rows.append(bench_one(s, steps, peak, source))
     except Exception as e:  # pylint: disable=broad-except
       print(f"   failed: {type(e).__name__}: {str(e)[:300]}")
       rows.append({"model": name, "batch": batch, "dtype": dtype,
@@ -199,18 +161,14 @@ def main(argv=None):
   print_table(ok)
 
   pipeline = None
-  if args.input_pipeline:
+  if input_seconds:
     from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top
-    with tempfile.TemporaryDirectory() as tmp:
-      out = os.path.join(tmp, "ip.json")
-      input_pipeline.main(["--seconds", str(args.input_seconds),
-                           "--specs", "fused_jpeg_crop+flip,"
-                           "decode+inception_crop+flip", "--out", out])
-      with open(out) as f:
-        pipeline = json.load(f)
+    pipeline = input_pipeline.benchmark(
+        seconds=input_seconds,
+        specs=["fused_jpeg_crop+flip", "decode+inception_crop+flip"])
 
-  if args.json:
-    common.write_json(args.json, {
+  if json_path:
+    common.write_json(json_path, {
         "device": {"kind": device.device_kind, "platform": device.platform,
                    "count": jax.device_count(), "cpu": common.cpu_info()},
         "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -219,5 +177,57 @@ def main(argv=None):
   return rows
 
 
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing run defines none)."""
+  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import stacks
+  from vit_jax.models.ops import attention
+  # pylint: enable=g-import-not-at-top
+  command_line.define_list(
+      "models", None, "Model names (default: ViT-S_16,ViT-B_16 on a CPU, "
+      "ViT-B_16,ViT-L_16 on an accelerator).")
+  command_line.define_list("batch", None, "Batch sizes (default: 8 on a CPU, 256 on an "
+                           "accelerator).", item=command_line.positive_int)
+  command_line.define_list("dtype", None, "Dtypes (default: float32 on a CPU, bfloat16 on "
+                           "an accelerator).", choices=common.DTYPES)
+  flags.DEFINE_integer("img_size", 224, "Input resolution.", lower_bound=1)
+  flags.DEFINE_integer("num_classes", 1000, "Classes of the head.", lower_bound=1)
+  flags.DEFINE_boolean("scan", False, "Scan over layers (default: unrolled).")
+  flags.DEFINE_boolean("scan_both", False, "Compare scanned and unrolled (overrides --scan).")
+  command_line.define_list("remat", "none", "Remat policies.", choices=stacks.REMAT_POLICIES)
+  command_line.define_list(
+      "attention", "default", "Attention implementations (default: jax picks).",
+      choices=["default"] + [a for a in attention.IMPLEMENTATIONS if a])
+  flags.DEFINE_integer("steps", None, "Timed steps (default: 5 on a CPU, 20 on an "
+                       "accelerator).", lower_bound=1)
+  flags.DEFINE_integer("cpu_peak_n", 2048,
+                       "Size of the square matmul that measures the CPU peak.", lower_bound=1)
+  flags.DEFINE_boolean("input_pipeline", False,
+                       "Also measure the 224 px JPEG training pipeline.")
+  flags.DEFINE_float("input_seconds", 5.0, "Seconds per input-pipeline spec.")
+  flags.DEFINE_string("json", None, "Write all results here.")
+  flags.DEFINE_boolean("reuse_cpu_memory", True,
+                       "Apply vit_jax.runtime.reuse_cpu_step_memory, as "
+                       "`python -m vit_jax.main` does by default.")
+
+
+def main(argv):
+  command_line.check_no_arguments(argv)
+  f = flags.FLAGS
+  for name in f.models or ():
+    preflight.check_model_name(name, "--models")
+  on_cpu = runtime.cpu_is_default_backend()  # decided without starting JAX
+  benchmark(
+      models=f.models or (["ViT-S_16", "ViT-B_16"] if on_cpu else ["ViT-B_16", "ViT-L_16"]),
+      batches=f.batch or ([8] if on_cpu else [256]),
+      dtypes=f.dtype or (["float32"] if on_cpu else ["bfloat16"]),
+      scans=[False, True] if f.scan_both else [f.scan], remats=f.remat,
+      attentions=f.attention, img_size=f.img_size, num_classes=f.num_classes,
+      steps=f.steps or (5 if on_cpu else 20), cpu_peak_n=f.cpu_peak_n,
+      input_seconds=f.input_seconds if f.input_pipeline else None,
+      json_path=f.json, reuse_cpu_memory=f.reuse_cpu_memory)
+
+
 if __name__ == "__main__":
-  sys.exit(0 if cli.call(main) is not None else 1)
+  define_flags()
+  cli.run(main)

@@ -1,8 +1,9 @@
 """vit_jax vs timm (PyTorch) on this CPU: ViT-B/16 train step and inference.
 
     pip install -e '.[bench]'          # torch + timm (optional extra)
-    python -m benchmarks.vs_timm [--batch 8] [--rounds 5] [--steps 3]
-        [--json OUT] [--xla_flags '...'] [--threads N]
+    python -m benchmarks.vs_timm [--batch=8] [--rounds=5] [--steps=3]
+        [--json=OUT] [--xla_flags='...'] [--threads=N] [--layers=12]
+        [--variants='{"label": {Setup overrides}}']
 
 Both sides compute the same kind of step on the same inputs' shapes: 224 px,
 float32, batch 8, ViT-B/16 with 1000 classes; train = forward + backward +
@@ -22,7 +23,6 @@ per-step CPU memory stays in the heap); timm runs with PyTorch's defaults.
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -259,40 +259,57 @@ def print_table(res: dict):
             f"{'' if rmin is None else f'{rmin:6.3f}'}")
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=3)
-  parser.add_argument("--threads", type=int, default=None,
-                      help="torch threads (default: cores available)")
-  parser.add_argument("--xla_flags", default="",
-                      help="extra XLA_FLAGS for the vit_jax worker")
-  parser.add_argument("--what", default="train,infer")
-  parser.add_argument("--layers", type=int, default=12,
-                      help="encoder depth of both models (12 = ViT-B/16; "
-                      "fewer for quick A/B experiments)")
-  parser.add_argument("--variants", default=None,
-                      help="JSON {label: Setup overrides} of vit_jax variants")
-  parser.add_argument("--json", default=None, help="write results here")
-  args = parser.parse_args(argv)
+# The command line's modules are imported where used: a worker process re-imports this
+# module, and a variant's "repo" must be the first vit_jax it imports.
+def define_flags() -> None:
+  """This command's flags (defined when it runs, so importing vs_timm defines none)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from vit_jax import command_line  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_integer("batch", 8, "Batch size.", lower_bound=1)
+  flags.DEFINE_integer("rounds", 5, "Interleaved rounds timed.", lower_bound=1)
+  flags.DEFINE_integer("steps", 3, "Steps per round and framework.", lower_bound=1)
+  flags.DEFINE_integer("threads", None, "torch threads (default: cores available).",
+                       lower_bound=1)
+  flags.DEFINE_string("xla_flags", "", "Extra XLA_FLAGS for the vit_jax worker.")
+  command_line.define_list("what", "train,infer", "Steps timed.", choices=("train", "infer"))
+  flags.DEFINE_integer("layers", 12, "Encoder depth of both models (12 = ViT-B/16; fewer "
+                       "for quick A/B experiments).", lower_bound=1)
+  flags.DEFINE_string("variants", None, "JSON {label: Setup overrides} of vit_jax variants.")
+  flags.DEFINE_string("json", None, "Write results here.")
+
+
+def main(argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from vit_jax import command_line  # pylint: disable=g-import-not-at-top
+  from vit_jax import cli  # pylint: disable=g-import-not-at-top
+  command_line.check_no_arguments(argv)
+  f = flags.FLAGS
+  try:
+    variants = json.loads(f.variants) if f.variants else None
+  except json.JSONDecodeError as e:
+    raise cli.UsageError(f"--variants is not JSON ({e}); give {{label: Setup overrides}}, "
+                         "e.g. '{\"scan\": {\"scan\": true}}'.") from None
+  if variants is not None and not (isinstance(variants, dict)
+                                   and all(isinstance(v, dict) for v in variants.values())):
+    raise cli.UsageError("--variants must be a JSON object of objects, "
+                         "e.g. '{\"scan\": {\"scan\": true}}'.")
   try:
     import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     from benchmarks import _torchvision_shim  # pylint: disable=g-import-not-at-top
     _torchvision_shim.ensure_importable()
     import timm  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    sys.exit("benchmarks.vs_timm needs torch and timm: "
-             "pip install -e '.[bench]'")
-  res = run(batch=args.batch, rounds=args.rounds, steps=args.steps,
-            threads=args.threads, xla_flags=args.xla_flags,
-            variants=json.loads(args.variants) if args.variants else None,
-            what=tuple(args.what.split(",")), layers=args.layers)
+    raise cli.UsageError("benchmarks.vs_timm needs torch and timm: "
+                         "pip install -e '.[bench]'") from None
+  res = run(batch=f.batch, rounds=f.rounds, steps=f.steps, threads=f.threads,
+            xla_flags=f.xla_flags, variants=variants, what=tuple(f.what), layers=f.layers)
   print_table(res)
-  if args.json:
+  if f.json:
     from benchmarks import common  # pylint: disable=g-import-not-at-top
-    common.write_json(args.json, res)
+    common.write_json(f.json, res)
 
 
 if __name__ == "__main__":
-  main()
+  from vit_jax import cli as _cli  # pylint: disable=g-import-not-at-top
+  define_flags()
+  _cli.run(main)

@@ -89,6 +89,10 @@ def base() -> ml_collections.ConfigDict:
 
   # ---- Reporting -----------------------------------------------------------
   c.peak_flops = config_dict.placeholder(float)  # device peak FLOP/s for MFU (None = look up device kind)
+  c.wandb = ml_collections.ConfigDict()  # Weights & Biases (pip install -e '.[wandb]'); off without a project
+  c.wandb.project = config_dict.placeholder(str)  # W&B project: mirrors metrics.jsonl to it (process 0)
+  c.wandb.entity = config_dict.placeholder(str)  # W&B team or user (None = the default)
+  c.wandb.name = config_dict.placeholder(str)  # run name (None = the workdir's name)
   c.progress_bar = True  # a progress line per log step on stderr (step, loss, images/s, input wait, ETA)
   return c
 

@@ -1,23 +1,30 @@
 """Smoke tests of the benchmark tools on a tiny model (not timed tests)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+from absl import flags as absl_flags
 from flax import nnx
 
+from vit_jax import command_line
 from benchmarks import common
 from benchmarks import compile_time
 from benchmarks import memory
 from benchmarks import run
+from vit_jax import cli
 from vit_jax import flops
 from vit_jax import models
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_run_writes_json_with_expected_fields(tmp_path):
   out = tmp_path / "bench.json"
-  rows = run.main(["--models", "ViT-test", "--img_size", "32", "--batch", "2",
-                   "--num_classes", "10", "--steps", "1", "--cpu_peak_n", "256",
-                   "--json", str(out)])
+  rows = run.benchmark(models=["ViT-test"], batches=[2], img_size=32, num_classes=10,
+                       steps=1, cpu_peak_n=256, json_path=str(out), reuse_cpu_memory=False)
   assert len(rows) == 1 and "error" not in rows[0], rows
   data = json.loads(out.read_text())
   assert data["device"]["platform"] == "cpu"
@@ -115,3 +122,48 @@ def test_time_policies_at_different_batches():
   assert t["none"]["slowdown_vs_none"] == 1.0
   assert t["full"]["slowdown_vs_none"] == pytest.approx(
       t["full"]["per_image_s"] / t["none"]["per_image_s"])
+
+
+def _command(module, *args):
+  return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_list_flags_parse_and_refuse_bad_items():
+  fv = absl_flags.FlagValues()
+  command_line.define_list("batch", "8,32", "", item=command_line.positive_int, flag_values=fv)
+  command_line.define_list("remat", "none", "", choices=["none", "full", "dots"], flag_values=fv)
+  fv(["prog"])
+  assert fv.batch == [8, 32] and fv.remat == ["none"]
+  assert fv(["prog", "--batch", "2,4", "--remat=full,dots", "extra"]) == ["prog", "extra"]
+  assert fv.batch == [2, 4] and fv.remat == ["full", "dots"]
+  for argv, hint in ((["--batch=8,x"], "'x' is not a positive integer"),
+                     (["--batch=0"], "'0' is not a positive integer"),
+                     (["--batch="], "at least one value"),
+                     (["--remat=none,dot"], "Did you mean dots")):
+    with pytest.raises(absl_flags.IllegalFlagValueError, match=hint):
+      fv(["prog", *argv])
+  with pytest.raises(cli.UsageError, match="unexpected arguments: none full"):
+    command_line.check_no_arguments(["prog", "none", "full"])  # `--remat dots none full`
+
+
+def test_command_line_mistake_is_one_line():
+  """A benchmark's absl flags are refused while parsed: one line, exit status 2."""
+  out = _command("run", "--remat=none,dot")
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  lines = out.stderr.strip().splitlines()
+  assert lines == ["error: flag --remat=none,dot: 'dot' is not one of none, full, dots, "
+                   "dots_no_batch. Did you mean dots?"], out.stderr[-2000:]
+
+
+def test_memory_command_line_reaches_the_benchmark(tmp_path):
+  """The absl command line passes its flags on (one compile: no search, no timing)."""
+  out = tmp_path / "memory.json"
+  done = _command("memory", "--model", "ViT-test", "--img_size=32", "--remat=full",
+                  "--batch=2", "--unrolled", "--search=none", f"--json={out}")
+  assert done.returncode == 0, done.stderr[-2000:]
+  data = json.loads(out.read_text())
+  assert [(p["remat"], p["batch"]) for p in data["peaks"]] == [("full", 2)]
+  assert data["scan"] is False and data["img_size"] == 32
+  assert "largest_batch" not in data and "timing" not in data

@@ -236,10 +236,20 @@ def test_a_pretrained_file_of_another_architecture_is_refused_before_the_workdir
 
 
 def test_common_names_from_other_trainers_suggest_the_real_keys():
-  from vit_jax import cli, preflight
+  from vit_jax import cli, command_line
   for alias, real in (("optim.learning_rate", "optim.lr"), ("lr", "optim.lr"),
                       ("wd", "optim.weight_decay"), ("steps", "total_steps"),
                       ("bs", "batch_size")):
     argv = ["main", "--config=configs/digits.py", f"--config.{alias}=1"]
     with pytest.raises(cli.UsageError, match=rf"Did you mean {real}\?$"):
-      preflight.check_overrides(argv)
+      command_line.check_overrides(argv)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x05\x06" + b"\x00" * 18])  # empty; an empty zip
+def test_predict_on_a_broken_npz_is_one_line(tmp_path, content):
+  npz = tmp_path / "empty.npz"
+  npz.write_bytes(content)
+  out = subprocess.run(
+      [sys.executable, "-m", "vit_jax.predict", f"--checkpoint={npz}", os.path.join(REPO, "README.md")],
+      cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2 and "is not a valid .npz" in error_line(out)

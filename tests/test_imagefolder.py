@@ -15,7 +15,7 @@ from PIL import Image
 import image_files_testlib as lib
 from test_train import load_config_file
 from vit_jax import data, train
-from vit_jax.data import image_files, imagefolder, pipeline
+from vit_jax.data import datasets, image_files, imagefolder, pipeline
 
 PP = "decode|resize(16)|value_range(-1, 1)|onehot(3)"
 
@@ -108,7 +108,7 @@ def folder(tmp_path_factory):
 def built(folder, tmp_path_factory):
   root, files = folder
   data_dir = tmp_path_factory.mktemp("tfds")
-  pipeline.forget_local_builders()
+  datasets.forget_local_builders()
   return data.get_builder(_config(root, data_dir)), data_dir
 
 
@@ -154,15 +154,15 @@ def test_conversion_is_reused_then_redone_when_the_folder_changes(tmp_path):
   root = tmp_path / "p"
   lib.make_folder(str(root), splits=("train",), per_class=(2,))
   config = _config(root, tmp_path / "tfds")
-  pipeline.forget_local_builders()
+  datasets.forget_local_builders()
   first = data.get_builder(config)
   shard = tf.io.gfile.glob(os.path.join(first.data_dir, "*train.tfrecord*"))[0]
   stamp = os.stat(shard).st_mtime_ns
-  pipeline.forget_local_builders()
+  datasets.forget_local_builders()
   again = data.get_builder(config)  # a new run: rescanned, not converted again
   assert again.data_dir == first.data_dir and os.stat(shard).st_mtime_ns == stamp
   lib.write_image(str(root / "train" / "cat" / "new.png"), lib.pixels(99))
-  pipeline.forget_local_builders()
+  datasets.forget_local_builders()
   changed = data.get_builder(config)
   assert changed.data_dir != first.data_dir
   assert changed.info.splits["train"].num_examples == first.info.splits["train"].num_examples + 1

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax import checkpoint, cli, data, job, models, preflight, runtime, train, workdir
+from vit_jax import checkpoint, cli, command_line, data, job, models, preflight, runtime, train, workdir
 from vit_jax import vtab as vtab_driver
 
 import test_train  # noqa: E402  (tests/ is on sys.path under pytest)
@@ -28,8 +28,8 @@ CONFIGS = os.path.join(test_train.REPO, "configs")
 def test_unknown_config_key_says_did_you_mean():
   argv = ["main", f"--config={CONFIGS}/digits.py", "--workdir=/tmp/x", "--config.optim.lrr=0.1"]
   with pytest.raises(cli.UsageError, match=r"--config\.optim\.lrr .*Did you mean optim\.lr\b"):
-    preflight.check_overrides(argv)
-  config = preflight.check_overrides(argv[:-1] + ["--config.optim.lr=0.1"])  # valid keys pass
+    command_line.check_overrides(argv)
+  config = command_line.check_overrides(argv[:-1] + ["--config.optim.lr=0.1"])  # valid keys pass
   assert config.model_name == "ViT-test"
 
 
@@ -76,7 +76,7 @@ def test_configs_load_with_commented_common_fields(spec):
   own, bare = _commented_assignments(os.path.join(CONFIGS, path))
   assert own and not bare, bare
   base, _ = _commented_assignments(os.path.join(CONFIGS, "common.py"))
-  leaves = [k for k in preflight.config_keys(c) if not hasattr(_field(c, k), "items")]
+  leaves = [k for k in command_line.config_keys(c) if not hasattr(_field(c, k), "items")]
   # An evaluator's fields are documented in its module; its entry carries the comment.
   leaves = [".".join(k.split(".")[:2]) if k.startswith("evals.") else k for k in leaves]
   assert "optim.lr" in leaves and "evals.val" in leaves
@@ -291,8 +291,8 @@ def test_cli_unexpected_error_keeps_its_traceback(tmp_path):
 
 
 def test_preflight_knows_the_datasets_vit_jax_registers():
-  from vit_jax.data import pipeline, vtab
-  assert set(preflight.OWN_DATASETS) == set(pipeline.OFFLINE_BUILDERS)
+  from vit_jax.data import datasets, vtab
+  assert set(preflight.OWN_DATASETS) == set(datasets.OFFLINE_BUILDERS)
   assert preflight.VTAB_TASKS == tuple(vtab.TASKS)
   preflight.check_dataset("cifar10:3.0.2")
   preflight.check_dataset("clevr/closest_object_distance")

@@ -1,5 +1,6 @@
 """python -m vit_jax.predict: top-k classes of image files and folders, sharded over
-devices, ImageNet-1k names from tfds, unreadable files named and counted."""
+devices, ImageNet-1k names from tfds, unreadable files named and counted; embeddings
+(.npy, .parquet) equal to the model's own representations, and attention rollout overlays."""
 import csv
 import io
 import json
@@ -9,12 +10,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 import tensorflow as tf
 from flax import nnx
 
 import image_files_testlib as lib
 from test_train import REPO
-from vit_jax import checkpoint, models, predict
+from vit_jax import checkpoint, cli, models, predict
 from vit_jax.data import image_files, preprocess
 
 
@@ -92,3 +94,90 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path):
     assert out.returncode == 2, (args, out.stderr[-2000:])
     assert out.stderr.strip().splitlines()[-1].startswith("error: ") and message in out.stderr, args
     assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------
+# --features and --attention
+# --------------------------------------------------------------------------
+def _photos(tmp_path, n=10):
+  """n 32 px PNGs (two batches of 8 on the 8 simulated devices)."""
+  return [lib.write_image(str(tmp_path / "photos" / f"{i}.png"), lib.pixels(i, 32, 32))
+          for i in range(n)]
+
+
+def _model_inputs(paths):
+  pp = preprocess.get_preprocess_fn("decode|resize(32)|value_range(-1, 1)")
+  return np.stack([pp({"image": tf.constant(image_files.read_image(p)),
+                       "_rng": tf.constant([0, 0], tf.int64)})["image"].numpy() for p in paths])
+
+
+def test_features_are_the_models_own_representations_in_file_order(tmp_path):
+  from vit_jax import features
+  npz = _npz(tmp_path)
+  model = checkpoint.load(npz, "ViT-test")
+  paths = _photos(tmp_path)
+  _, inter = model(_model_inputs(paths), return_intermediates=True)
+  want = {"pre_logits": inter["pre_logits"], "tokens": inter["encoded"],
+          "layer:0": inter["embedding"], "layer:2": inter["blocks"][1]}
+  for spec, expected in want.items():
+    out = str(tmp_path / f"{spec.replace(':', '_')}.npy")
+    writer = features.writer(out)
+    results, skipped = predict.run_files(paths, model, predict._default_spec(32), batch_size=8,
+                                         features=spec, writer=writer, progress=False)
+    writer.close()
+    assert not skipped and [r["path"] for r in results] == paths
+    got = np.load(out)
+    assert got.dtype == np.float32 and got.shape == expected.shape, spec
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=spec)
+    assert open(features.paths_file(out)).read().splitlines() == paths
+  with pytest.raises(cli.UsageError, match="layers 0 to 2"):
+    features.check(model, "layer:3")
+  with pytest.raises(cli.UsageError, match="no tokens"):
+    features.check(models.create("BiT-test", num_classes=10, img_size=32), "tokens")
+  with pytest.raises(cli.UsageError, match="no attention"):
+    features.rollout(models.create("Mixer-test", num_classes=10, img_size=32))
+
+
+def test_command_line_writes_parquet_embeddings_and_attention_overlays(tmp_path):
+  import pyarrow.parquet as pq
+  from PIL import Image
+  from vit_jax import features
+  from vit_jax.analysis import attention
+  npz = _npz(tmp_path)
+  paths = _photos(tmp_path, n=5)
+  broken = tmp_path / "photos" / "broken.png"
+  broken.write_bytes(b"not a png")
+  out = _run([f"--checkpoint={npz}", "--features=pre_logits", f"--output={tmp_path / 'f.parquet'}",
+              f"--attention={tmp_path / 'maps'}", "--batch_size=4", str(tmp_path / "photos")])
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "Embedded 5 image(s)" in out.stderr and "skipped 1 unreadable" in out.stderr
+  table = pq.read_table(tmp_path / "f.parquet")
+  assert table.column("path").to_pylist() == paths  # sorted folder order, unreadable left out
+  model = checkpoint.load(npz, "ViT-test")
+  images = _model_inputs(paths)
+  _, inter = model(images, return_intermediates=True)
+  got_paths, got = features.read_parquet(str(tmp_path / "f.parquet"))
+  assert got_paths == paths
+  np.testing.assert_allclose(got, inter["pre_logits"], rtol=1e-4, atol=1e-5)
+  # One overlay per image: the rollout of vit_jax.analysis over the model's input.
+  pngs = sorted(os.listdir(tmp_path / "maps"))
+  assert pngs == [f"{i:06d}_{i}.png" for i in range(5)]
+  heat = attention.upsample_map(attention.rollout_for_model(model, images), (32, 32))
+  for name, image, h in zip(pngs, images, heat):
+    png = np.asarray(Image.open(tmp_path / "maps" / name))
+    assert png.shape == (32, 32, 3)
+    assert np.abs(png.astype(int) - features.overlay(image, h).astype(int)).max() <= 1
+
+
+def test_feature_usage_errors_are_one_line(tmp_path):
+  npz = str(tmp_path / "model.npz")
+  open(npz, "wb").close()
+  for args, message in (
+      (["--features=layer:x", "--output=f.npy"], "--features=layer:x: use pre_logits, tokens"),
+      (["--features=tokens"], "needs --output=FILE.npy or FILE.parquet"),
+      (["--features=tokens", "--output=f.csv"], "needs --output=FILE.npy or FILE.parquet"),
+  ):
+    out = _run([f"--checkpoint={npz}", *args, str(tmp_path)])
+    assert out.returncode == 2, (args, out.stderr[-2000:])
+    assert out.stderr.strip().splitlines() == [out.stderr.strip().splitlines()[-1]]
+    assert message in out.stderr, (args, out.stderr)

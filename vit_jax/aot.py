@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import os
 import re
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 from absl import flags
 
 from vit_jax import cli
-from vit_jax import preflight
+from vit_jax import command_line
 
 
 
@@ -448,7 +449,9 @@ def format_report(r: Report) -> str:
 
 def main(argv):
   f = {k: v.value for k, v in _FLAGS.items()}
-  f["config"] = preflight.config_from_flags()
+  f["config"] = command_line.config_from_flags()
+  # What the job resolution derived (class count, epochs -> steps) is shown, as main shows it.
+  logging.getLogger("vit_jax").setLevel(logging.INFO)
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   if f["config"] is None or not f["topology"]:
@@ -482,7 +485,7 @@ def main(argv):
 
 
 def _parse_flags(argv):
-  return preflight.parse_flags(argv)
+  return command_line.parse_flags(argv)
 
 
 def run():

@@ -27,7 +27,7 @@ import sys
 from absl import flags
 
 from vit_jax import cli
-from vit_jax import preflight
+from vit_jax import command_line
 from vit_jax import runtime
 from vit_jax import workdir as workdir_lib
 
@@ -55,8 +55,7 @@ def _resolve_and_train(config, workdir) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from vit_jax import job  # pylint: disable=g-import-not-at-top
   resolved = job.resolve(config)  # every check, before the workdir is written
-  from vit_jax import divergence, train, train_state  # pylint: disable=g-import-not-at-top
-  train_state.orbax_errors_in_one_line()
+  from vit_jax import divergence, train  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     logging.info("JAX %s: %d processes, %d devices (%s)", jax.__version__, jax.process_count(),
                  jax.device_count(), jax.devices()[0].device_kind)
@@ -73,16 +72,17 @@ def _resolve_and_train(config, workdir) -> dict:
 def main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  config, workdir = preflight.config_from_flags(), _WORKDIR.value
+  config, workdir = command_line.config_from_flags(), _WORKDIR.value
   if config is None or not workdir:
     raise cli.UsageError("--config and --workdir are required.")
   runtime.skip_absent_accelerators()
   if _REUSE_CPU_MEMORY.value:
     runtime.reuse_cpu_step_memory()
   runtime.init_distributed(_COORD.value, _NUM_PROC.value, _PROC_ID.value, _NUM_CPU.value)
+  from vit_jax import train_state  # pylint: disable=g-import-not-at-top
+  train_state.orbax_errors_in_one_line()
   finished = workdir_lib.finished_metrics(workdir, config.total_steps)
   if finished is not None:
-    from vit_jax import train_state  # pylint: disable=g-import-not-at-top
     step_dir = workdir_lib.checkpoint_dir(workdir, finished["step"])
     problem = train_state.read_problem(step_dir)
     if problem:  # then the run resumes from its newest readable checkpoint
@@ -111,7 +111,7 @@ def main(argv):
 
 
 def run():
-  cli.run(main, flags_parser=preflight.parse_flags)
+  cli.run(main, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

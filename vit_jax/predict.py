@@ -20,6 +20,13 @@ that cannot be read is named on stderr, skipped and counted.
 Output: the top-k classes per image on stdout, and with --output a .csv
 (path, rank, label, name, probability; one row per image and rank) or a
 .jsonl (one object per image: path and top_k list).
+
+Embeddings instead of classes, and attention maps (vit_jax.features):
+
+  python -m vit_jax.predict --checkpoint=ViT-B_16.npz --features=pre_logits \
+      --output=feats.npy photos/            # and feats.paths.txt: the row order
+  python -m vit_jax.predict --checkpoint=ViT-B_16.npz --features=layer:6 --output=feats.parquet photos/
+  python -m vit_jax.predict --checkpoint=ViT-B_16.npz --attention=maps/ photos/   # PNG overlays
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("img_size", None, "Input resolution (default: the checkpoint's).")
   flags.DEFINE_string("labels", None, "Text file with one class name per line.")
   flags.DEFINE_string("data_dir", None, "tfds data_dir for dataset label names.")
+  flags.DEFINE_string("features", None, "Write embeddings instead of classes: pre_logits, "
+                      "tokens or layer:N (to --output=.npy or .parquet).")
+  flags.DEFINE_string("attention", None, "Directory for attention rollout maps over each "
+                      "image (PNG).")
 
 log = logging.getLogger(__name__)
 IMAGENET1K_LABELS = "datasets/imagenet2012/labels.txt"  # inside tensorflow_datasets
@@ -140,10 +151,10 @@ def class_names(num_classes: int, config: dict | None, data_dir: str | None,
       names = [l.strip() for l in f if l.strip()]
     source = labels_file
   elif config and config.get("dataset"):
-    from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from vit_jax.data import datasets  # pylint: disable=g-import-not-at-top
     cfg = dict(config, data_dir=data_dir or config.get("data_dir"))
     try:
-      names = pipeline.label_names(cfg, build=False)
+      names = datasets.label_names(cfg, build=False)
     except Exception as e:  # pylint: disable=broad-except
       log.warning("No label names from dataset %s: %s", config["dataset"], e)
     source = f"dataset {config['dataset']}"
@@ -152,8 +163,8 @@ def class_names(num_classes: int, config: dict | None, data_dir: str | None,
     names = tfds.core.tfds_path(IMAGENET1K_LABELS).read_text().split()
     source = "ImageNet-1k (tfds)"
   elif num_classes in (21_843, 21_841, 19_167):
-    from vit_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    names = pipeline.label_names({"dataset": "imagenet21k", "data_dir": data_dir}, build=False)
+    from vit_jax.data import datasets  # pylint: disable=g-import-not-at-top
+    names = datasets.label_names({"dataset": "imagenet21k", "data_dir": data_dir}, build=False)
     source = "imagenet21k"
   else:
     return None
@@ -193,41 +204,60 @@ def batches(paths: Sequence[str], spec: str, batch_size: int, skipped: list):
     yield [n.decode() for n in names], images
 
 
-def make_predict_fn(model, multi_label: bool):
-  """jit(images -> probabilities) with the batch split over all local devices."""
+def make_predict_fn(model, multi_label: bool, *, classify: bool = True,
+                    features: str | None = None, attention: bool = False):
+  """images -> {'probs', 'features', 'rollout'} (those asked for), one jitted program with
+  the batch split over all local devices."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+  from vit_jax import features as features_lib  # pylint: disable=g-import-not-at-top
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("data",))
   graphdef, state = nnx.split(model)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   data_sharding = NamedSharding(mesh, P("data"))
+  rollout = features_lib.rollout(model) if attention else None
 
   @jax.jit
-  def probabilities(state, images):
-    logits = nnx.merge(graphdef, state)(images).astype("float32")
-    return jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
+  def forward(state, images):
+    net = nnx.merge(graphdef, state)
+    logits, inter = (net(images, return_intermediates=True) if features or attention
+                     else (net(images), None))
+    out = {}
+    if classify:
+      out["probs"] = jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)
+    if features:
+      out["features"] = features_lib.select(inter, features, net.config.family
+                                            ).astype("float32")
+    if attention:
+      out["rollout"] = rollout(inter)
+    return out
 
   def predict(images):
     n, devices = len(images), mesh.devices.size
     padded = -(-n // devices) * devices
     if padded != n:
       images = np.concatenate([images, np.zeros((padded - n,) + images.shape[1:], images.dtype)])
-    out = probabilities(state, jax.device_put(images, data_sharding))
-    return np.asarray(out)[:n]
+    out = forward(state, jax.device_put(images, data_sharding))
+    return {k: np.asarray(v)[:n] for k, v in out.items()}
 
   return predict
 
 
-def predict_files(paths, model, spec, *, top_k=5, batch_size=32, multi_label=False,
-                  progress=True) -> tuple[list[dict], list[tuple[str, str]]]:
-  """([{'path', 'top_k': [(label, probability), ...]}], [(unreadable path, why)])."""
+def run_files(paths, model, spec, *, batch_size=32, multi_label=False, progress=True,
+              top_k=5, features=None, writer=None, attention_dir=None
+              ) -> tuple[list[dict], list[tuple[str, str]]]:
+  """Classifies the files (top_k classes each) or, with `features`, hands their embeddings
+  to `writer`; with `attention_dir`, writes their rollout overlays there. Returns
+  ([{'path', 'top_k': [(label, probability), ...]}] or [{'path'}], [(unreadable path, why)])."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax import features as features_lib  # pylint: disable=g-import-not-at-top
   devices = jax.local_device_count()
   batch_size = max(devices, batch_size - batch_size % devices)
-  predict = make_predict_fn(model, multi_label)
+  predict = make_predict_fn(model, multi_label, classify=not features, features=features,
+                            attention=bool(attention_dir))
   skipped: list = []
   results = []
   bar = None
@@ -236,11 +266,18 @@ def predict_files(paths, model, spec, *, top_k=5, batch_size=32, multi_label=Fal
     bar = tqdm(total=len(paths), unit="img", desc="predict", file=sys.stderr)
   try:
     for names, images in batches(paths, spec, batch_size, skipped):
-      probs = predict(images)
-      k = min(top_k, probs.shape[-1])
-      top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-      for name, idx, p in zip(names, top, probs):
-        results.append({"path": name, "top_k": [(int(i), float(p[i])) for i in idx]})
+      out = predict(images)
+      if attention_dir:
+        features_lib.write_overlays(attention_dir, len(results), names, images, out["rollout"])
+      if features:
+        writer.add(names, out["features"])
+        results.extend({"path": name} for name in names)
+      else:
+        probs = out["probs"]
+        k = min(top_k, probs.shape[-1])
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        for name, idx, p in zip(names, top, probs):
+          results.append({"path": name, "top_k": [(int(i), float(p[i])) for i in idx]})
       if bar is not None:
         bar.n = len(results) + len(skipped)
         bar.refresh()
@@ -249,6 +286,13 @@ def predict_files(paths, model, spec, *, top_k=5, batch_size=32, multi_label=Fal
       bar.n = len(results) + len(skipped)
       bar.close()
   return results, skipped
+
+
+def predict_files(paths, model, spec, *, top_k=5, batch_size=32, multi_label=False,
+                  progress=True) -> tuple[list[dict], list[tuple[str, str]]]:
+  """([{'path', 'top_k': [(label, probability), ...]}], [(unreadable path, why)])."""
+  return run_files(paths, model, spec, top_k=top_k, batch_size=batch_size,
+                   multi_label=multi_label, progress=progress)
 
 
 def write(results, names, output: str | None, stream=sys.stdout) -> None:
@@ -275,7 +319,13 @@ def main(argv):
     raise cli.UsageError("--checkpoint is required: a published .npz or a training workdir.")
   if len(argv) < 2:
     raise cli.UsageError("Give the image files or folders to classify.")
-  if FLAGS.output and not FLAGS.output.endswith((".csv", ".jsonl")):
+  if FLAGS.features:
+    from vit_jax import features as features_lib  # pylint: disable=g-import-not-at-top
+    features_lib.parse(FLAGS.features)
+    if not FLAGS.output or not FLAGS.output.endswith((".npy", ".parquet")):
+      raise cli.UsageError(f"--features={FLAGS.features} needs --output=FILE.npy or "
+                           "FILE.parquet.")
+  elif FLAGS.output and not FLAGS.output.endswith((".csv", ".jsonl")):
     raise cli.UsageError(f"--output={FLAGS.output} must end in .csv or .jsonl.")
   if FLAGS.top_k < 1 or FLAGS.batch_size < 1:
     raise cli.UsageError("--top_k and --batch_size must be at least 1.")
@@ -288,12 +338,28 @@ def main(argv):
   if not paths:
     raise cli.UsageError(f"No image files in {' '.join(argv[1:])}.")
   model, spec, config = load_model(FLAGS.checkpoint, FLAGS.model, FLAGS.img_size)
-  names = class_names(model.config.num_classes, config, FLAGS.data_dir, FLAGS.labels)
   multi_label = bool(config and config.get("multi_label"))
-  results, skipped = predict_files(paths, model, spec, top_k=FLAGS.top_k,
-                                   batch_size=FLAGS.batch_size, multi_label=multi_label)
-  write(results, names, FLAGS.output)
-  log.info("Classified %d image(s); skipped %d unreadable%s", len(results), len(skipped),
+  writer = None
+  if FLAGS.features:
+    features_lib.check(model, FLAGS.features)
+    writer = features_lib.writer(FLAGS.output)
+  try:
+    results, skipped = run_files(paths, model, spec, top_k=FLAGS.top_k,
+                                 batch_size=FLAGS.batch_size, multi_label=multi_label,
+                                 features=FLAGS.features, writer=writer,
+                                 attention_dir=FLAGS.attention)
+  except BaseException:
+    if writer is not None:
+      writer.discard()
+    raise
+  if writer is not None:
+    (writer.close if results else writer.discard)()
+  if not FLAGS.features:
+    names = class_names(model.config.num_classes, config, FLAGS.data_dir, FLAGS.labels)
+    write(results, names, FLAGS.output)
+  log.info("%s %d image(s)%s; skipped %d unreadable%s",
+           "Embedded" if FLAGS.features else "Classified", len(results),
+           f" into {FLAGS.output}" if FLAGS.features else "", len(skipped),
            (": " + ", ".join(p for p, _ in skipped)) if skipped else "")
   if not results:
     raise cli.UsageError(f"None of the {len(paths)} files could be read as an image.")

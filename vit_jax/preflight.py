@@ -17,17 +17,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import struct
 import zipfile
 from typing import Any, Callable
 
 import numpy as np
 
-import configs
 from vit_jax import cli
 
-# Datasets that vit_jax registers with tfds itself (vit_jax.data.pipeline.OFFLINE_BUILDERS;
+# Datasets that vit_jax registers with tfds itself (vit_jax.data.datasets.OFFLINE_BUILDERS;
 # importing it would start TensorFlow).
 OWN_DATASETS = ("digits",)
 # The tasks of vit_jax.data.vtab.TASKS (as 'vtab:<task>'), listed here for the same reason.
@@ -39,126 +37,6 @@ VTAB_TASKS = (
     "smallnorb/label_elevation")
 # Dataset strings that name a local folder / file rather than a tfds dataset.
 PATH_DATASETS = ("imagefolder:", "manifest:")
-
-
-# --------------------------------------------------------------------------
-# Command lines with --config: a missing config file, an unknown --config.* key
-# or a malformed value fails in one line, before JAX and TensorFlow start
-# --------------------------------------------------------------------------
-def config_keys(config, prefix="") -> list[str]:
-  """Every dotted field name of a ConfigDict (nested dicts included)."""
-  out = []
-  for k, v in config.items():
-    name = f"{prefix}{k}"
-    out.append(name)
-    if hasattr(v, "items") and not isinstance(v, (str, bytes)):
-      out.extend(config_keys(v, name + "."))
-  return out
-
-
-def _config_spec(argv: list[str]) -> str | None:
-  spec = None
-  for a in argv[1:]:
-    if a.startswith("--config="):
-      spec = a.split("=", 1)[1]
-  return spec
-
-
-def check_overrides(argv: list[str]):
-  """Loads --config (as config_flags will) and checks every --config.<key> names a field.
-
-  Returns the config (None without --config); raises cli.UsageError for a config file that
-  does not exist, config arguments it refuses (ValueError) and unknown keys ("did you mean").
-  """
-  spec = _config_spec(argv)
-  if spec is None:
-    return None
-  path = spec.partition(":")[0]
-  try:
-    config = configs.load(spec)
-  except FileNotFoundError as e:
-    raise cli.UsageError(f"--config: {e}") from None
-  except ValueError as e:  # the config's own check of its arguments
-    # config_flags' parser re-raises it with the traceback in the message; show the config's own.
-    cause = e.__cause__ if isinstance(e.__cause__, ValueError) else e
-    message = str(cause).strip().splitlines()[-1].removeprefix("ValueError: ")
-    raise cli.UsageError(f"--config={spec}: {message}") from None
-  valid = config_keys(config)
-  for a in argv[1:]:
-    if a.startswith("--config."):
-      key = a[len("--config."):].split("=", 1)[0]
-      if key not in valid:
-        alias = ALIASES.get(key.rpartition(".")[2].lower())
-        hint = (f" Did you mean {alias}?" if alias in valid else
-                cli.did_you_mean(key, valid) or f" See the fields of {path}.")
-        raise cli.UsageError(f"unknown config key --config.{key} for {spec}.{hint}")
-  return config
-
-
-# Names users carry over from other trainers -> the field that means the same here.
-ALIASES = {
-    "learning_rate": "optim.lr", "lr": "optim.lr", "base_lr": "optim.lr",
-    "wd": "optim.weight_decay", "weight_decay": "optim.weight_decay",
-    "momentum": "optim.momentum", "optimizer": "optim.name", "opt": "optim.name",
-    "clip_grad": "optim.grad_clip_norm", "grad_clip": "optim.grad_clip_norm",
-    "steps": "total_steps", "num_steps": "total_steps", "train_steps": "total_steps",
-    "max_steps": "total_steps", "epochs": "total_epochs", "num_epochs": "total_epochs",
-    "warmup": "warmup_steps", "warmup_epochs": "warmup_steps",
-    "bs": "batch_size", "batch": "batch_size", "global_batch_size": "batch_size",
-    "model": "model_name", "arch": "model_name", "image_size": "img_size",
-    "resolution": "img_size", "input_size": "img_size", "classes": "num_classes",
-    "data": "dataset", "dataset_name": "dataset", "drop_path": "model.stochastic_depth",
-    "drop_path_rate": "model.stochastic_depth", "dropout": "model.dropout_rate",
-    "smoothing": "label_smoothing", "checkpoint": "pretrained", "init_checkpoint": "pretrained",
-}
-
-_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-          tuple: "a tuple, e.g. '(1, 2)'"}
-
-
-def _malformed(error, config) -> str:
-  """'--config.batch_size=abc: batch_size must be an integer.' from config_flags' error."""
-  match = re.match(r"flag --config\.([\w.]+)=(.*?): ", str(error), re.S)
-  if not match or config is None:
-    return str(error)
-  key, value = match.groups()
-  parent, _, leaf = key.rpartition(".")
-  try:
-    node = config
-    for part in filter(None, parent.split(".")):
-      node = node[part]
-    kind = _KINDS[node.get_type(leaf)]
-  except (KeyError, AttributeError, TypeError):  # a field type without a plain description
-    return str(error)
-  return f"--config.{key}={value}: {key} must be {kind}."
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flags.FLAGS(argv) for a command line with --config (vit_jax.main, vit_jax.aot).
-
-  The config file is read once: loaded here and its --config.* keys checked, then given
-  to absl as a config-dict flag, which applies the overrides; read it back with
-  `config_from_flags()`. A malformed value is one line.
-  """
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config = check_overrides(argv)
-  if config is not None:
-    argv = [a for a in argv if not a.startswith("--config=")]
-    if "config" in flags.FLAGS:  # parsed before in this process (tests)
-      delattr(flags.FLAGS, "config")
-    config_flags.DEFINE_config_dict("config", config, "The run config (--config=FILE[:ARG]).",
-                                    lock_config=True, sys_argv=argv)
-  try:
-    return flags.FLAGS(argv)
-  except flags.IllegalFlagValueError as e:
-    raise cli.UsageError(_malformed(e, config)) from None
-
-
-def config_from_flags():
-  """The config that parse_flags read, with its --config.* overrides (None without --config)."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  return flags.FLAGS.config if "config" in flags.FLAGS else None
 
 
 # --------------------------------------------------------------------------
@@ -258,6 +136,10 @@ def check_evals(config) -> None:
       value = spec.get(key)
       if value is not None and not ok(value):
         raise cli.UsageError(f"config.evals.{name}.{key}={value!r}: must be {must_be}.")
+    try:  # the evaluator's own check of its fields (e.g. the metrics it can report)
+      getattr(TYPES[spec.type], "check", lambda c, s: None)(config, spec)
+    except ValueError as e:
+      raise cli.UsageError(f"config.evals.{name}: {e}") from None
 
 
 def check_values(config) -> None:
@@ -421,12 +303,22 @@ def check_dataset(name: str | None, data_dir: str | None = None) -> None:
                        f"{hint or ' See tfds.list_builders() for the tfds names.'}")
 
 
+def check_wandb(config) -> None:
+  """config.wandb.project needs the wandb package."""
+  if (config.get("wandb") or {}).get("project"):
+    import importlib.util  # pylint: disable=g-import-not-at-top
+    if importlib.util.find_spec("wandb") is None:
+      raise cli.UsageError("config.wandb.project is set but wandb is not installed: "
+                           "pip install -e '.[wandb]' (or unset config.wandb.project).")
+
+
 def check_config(config, *, dataset: bool = True) -> None:
   """Every check of this module on a run config (the first stage of vit_jax.job.resolve).
 
   dataset=False leaves config.dataset to a data API of the caller's own (tests' fakes).
   """
   check_values(config)
+  check_wandb(config)
   check_pretrained(config.get("pretrained"))
   if dataset:
     check_dataset(config.get("dataset"), config.get("data_dir"))

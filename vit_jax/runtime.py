@@ -13,9 +13,9 @@ import os
 import sys
 
 
-def _auto_multihost() -> bool:
+def _auto_multihost(env=None) -> bool:
   """True on multi-process launches that jax.distributed can detect by itself."""
-  env = os.environ
+  env = os.environ if env is None else env
   if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
     return True
   hosts = env.get("TPU_WORKER_HOSTNAMES", "")
@@ -26,9 +26,56 @@ def _auto_multihost() -> bool:
   return False
 
 
+def _tasks_per_node(spec: str) -> list[int]:
+  """SLURM's '2(x3),1' (tasks on each node, run-length coded) -> [2, 2, 2, 1]."""
+  out = []
+  for part in filter(None, spec.split(",")):
+    count, _, repeat = part.partition("(x")
+    out += [int(count)] * int(repeat.rstrip(")") or 1)
+  return out
+
+
+def slurm_local_device_ids(env=None) -> list[int] | None:
+  """The GPUs this SLURM task should use, or None to leave JAX's choice.
+
+  JAX's SLURM detection gives each task the one GPU numbered by its SLURM_LOCALID, right
+  for one task per GPU; with one task per node (or several GPUs per task) each process
+  would see a single GPU. Here the node's GPUs (SLURM_GPUS_ON_NODE, else
+  CUDA_VISIBLE_DEVICES) are split evenly over its tasks (SLURM_STEP_TASKS_PER_NODE /
+  SLURM_TASKS_PER_NODE at SLURM_NODEID, else SLURM_NTASKS_PER_NODE): a task gets
+  GPUs [localid * k, (localid + 1) * k).
+  """
+  env = os.environ if env is None else env
+  if "SLURM_JOB_ID" not in env:
+    return None
+  if env.get("SLURM_GPUS_ON_NODE"):
+    gpus = int(env["SLURM_GPUS_ON_NODE"])
+  elif env.get("CUDA_VISIBLE_DEVICES"):
+    gpus = len([d for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()])
+  else:
+    return None
+  spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE")
+  if spec:
+    per_node = _tasks_per_node(spec)
+    node = int(env.get("SLURM_NODEID", "0") or 0)
+    tasks = per_node[node] if node < len(per_node) else per_node[-1]
+  elif env.get("SLURM_NTASKS_PER_NODE"):
+    tasks = int(env["SLURM_NTASKS_PER_NODE"])
+  else:
+    return None
+  if tasks < 1 or gpus < tasks or gpus % tasks:
+    return None
+  k = gpus // tasks
+  local = int(env.get("SLURM_LOCALID", "0") or 0)
+  return list(range(local * k, (local + 1) * k))
+
+
 def init_distributed(coordinator_address=None, num_processes=None, process_id=None,
                      num_cpu_devices=None) -> None:
-  """jax.distributed.initialize from flags (or auto-detection); gloo collectives on CPU."""
+  """jax.distributed.initialize from flags (or auto-detection); gloo collectives on CPU.
+
+  Under SLURM every task gets its share of the node's GPUs (slurm_local_device_ids).
+  """
   import jax
   if num_cpu_devices:
     jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
@@ -37,11 +84,13 @@ def init_distributed(coordinator_address=None, num_processes=None, process_id=No
     return
   # CPU devices of several processes communicate through gloo (no-op for TPU/GPU devices).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  local_device_ids = slurm_local_device_ids()
   if coordinator_address:
     jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+                               num_processes=num_processes, process_id=process_id,
+                               local_device_ids=local_device_ids)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids)
 
 
 def _accelerator_present() -> bool:

@@ -26,6 +26,7 @@ from clu import periodic_actions
 from vit_jax import divergence
 from vit_jax import interrupts
 from vit_jax import job as job_lib
+from vit_jax import results as results_lib
 from vit_jax import sharding
 from vit_jax import state as state_lib
 from vit_jax import steps as steps_lib
@@ -191,7 +192,7 @@ def _restore_and_train(job, workdir, data, steps, evals, ckpt) -> dict:
   if start_step < total:  # (a finished run restarted has nothing to compile)
     train_step = steps_lib.compile_train_step(steps, job)
 
-  writer = writers.create(workdir, enabled=is_main, resume_step=start_step)
+  writer = writers.create(workdir, enabled=is_main, resume_step=start_step, config=config)
   results: dict = {}
   guard = divergence.Guard(**dict((config.get("divergence") or {}).items()))
   guard.remember(_logged_loss_means(workdir, start_step))
@@ -202,9 +203,13 @@ def _restore_and_train(job, workdir, data, steps, evals, ckpt) -> dict:
   def evaluate(step, t, name, run):
     del t
     res = run(state_lib.eval_params(state))
-    writer.write_scalars(step, res)
+    scalars = {k: v for k, v in res.items() if np.ndim(v) == 0}
+    if len(scalars) < len(res) and is_main:  # arrays (per-class accuracy, confusion matrix)
+      results_lib.write_json(os.path.join(workdir, "evals", f"{name}_{step}.json"),
+                             {"step": step, **res})
+    writer.write_scalars(step, scalars)
     results.update(res)
-    eval_results.setdefault(step, {}).update(res)
+    eval_results.setdefault(step, {}).update(scalars)
     train_log.restart_clock()
 
   def save(step, t=None):

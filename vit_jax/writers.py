@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from typing import Any, Mapping
 
 from clu import metric_writers
@@ -97,12 +98,53 @@ class JsonlWriter(interface.MetricWriter):
     self._f.close()
 
 
-def create(workdir: str, *, enabled: bool, resume_step: int = 0) -> interface.MetricWriter:
-  """metrics.jsonl + TensorBoard events under workdir/tensorboard on the writing process;
-  elsewhere a writer that writes nothing."""
+class WandbWriter(JsonlWriter):
+  """Scalars mirrored to a Weights & Biases run, resumed with its workdir.
+
+  The run's id is kept in workdir/wandb_run_id, so a resumed training run continues the
+  same W&B run. W&B keeps steps increasing: steps a resumed run trains again (after the
+  restored checkpoint, logged before an interruption) keep their first values there.
+  """
+
+  RUN_ID_FILE = "wandb_run_id"
+
+  def __init__(self, workdir: str, wandb_config, config):  # pylint: disable=super-init-not-called
+    import wandb  # pylint: disable=g-import-not-at-top
+    id_file = os.path.join(workdir, self.RUN_ID_FILE)
+    if os.path.exists(id_file):
+      run_id = open(id_file).read().strip()
+    else:
+      run_id = uuid.uuid4().hex[:12]
+      with open(id_file, "w") as f:
+        f.write(run_id + "\n")
+    self._run = wandb.init(
+        project=wandb_config.project, entity=wandb_config.get("entity"),
+        name=wandb_config.get("name") or os.path.basename(os.path.abspath(workdir)),
+        id=run_id, resume="allow", dir=workdir, config=config.to_dict() if config else None)
+
+  def write_scalars(self, step: int, scalars):
+    row = json_row(step, scalars)
+    row.pop("step")
+    row.pop("nonfinite", None)
+    self._run.log({k: v for k, v in row.items() if v is not None}, step=int(step))
+
+  def flush(self):
+    pass
+
+  def close(self):
+    self._run.finish()
+
+
+def create(workdir: str, *, enabled: bool, resume_step: int = 0,
+           config=None) -> interface.MetricWriter:
+  """metrics.jsonl + TensorBoard events under workdir/tensorboard on the writing process
+  (and a W&B run when config.wandb.project is set); elsewhere a writer that writes nothing."""
   if not enabled:
     return metric_writers.MultiWriter([])
   path = os.path.join(workdir, METRICS_FILE)
   truncate_after(path, resume_step)
-  return metric_writers.MultiWriter([
-      JsonlWriter(path), metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))])
+  writers = [JsonlWriter(path), metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))]
+  wandb_config = config.get("wandb") if config is not None else None
+  if wandb_config and wandb_config.get("project"):
+    writers.append(WandbWriter(workdir, wandb_config, config))
+  return metric_writers.MultiWriter(writers)

@@ -12,7 +12,8 @@ split strings, or VTAB split names such as 'train800val200'), num_classes,
 pp_train / pp_eval (spec strings, see preprocess.py), shuffle_buffer,
 prefetch, mixup.alpha (0 = off); optional cache_raw ('auto' | True | False).
 
-Modules: pipeline (iterators, dataset resolution, errors), preprocess (ops
+Modules: datasets (which dataset a config names, its metadata, errors), pipeline
+(iterators), preprocess (ops
 parsed from spec strings), randaug (RandAugment), vtab (VTAB-1k task table),
 digits (scikit-learn digits as the offline tfds dataset 'digits'),
 imagefolder / manifest / imagenet21k (image files as tfds datasets, built
@@ -22,14 +23,14 @@ locally or on Apache Beam through image_files), build (their command line).
 from vit_jax.data import digits
 from vit_jax.data import preprocess
 from vit_jax.data import vtab
-from vit_jax.data.pipeline import DatasetNotPreparedError
-from vit_jax.data.pipeline import dataset_num_classes
+from vit_jax.data.datasets import DatasetNotPreparedError
+from vit_jax.data.datasets import dataset_num_classes
 from vit_jax.data.pipeline import eval_iterator
-from vit_jax.data.pipeline import get_builder
-from vit_jax.data.pipeline import label_names
-from vit_jax.data.pipeline import num_examples
-from vit_jax.data.pipeline import prepare_hint
-from vit_jax.data.pipeline import resolve_num_classes
+from vit_jax.data.datasets import get_builder
+from vit_jax.data.datasets import label_names
+from vit_jax.data.datasets import num_examples
+from vit_jax.data.datasets import prepare_hint
+from vit_jax.data.datasets import resolve_num_classes
 from vit_jax.data.pipeline import train_iterator
 from vit_jax.data.preprocess import get_preprocess_fn
 

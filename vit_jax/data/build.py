@@ -58,10 +58,10 @@ def build(dataset: str, data_dir: str | None = None, manual_dir: str | None = No
           beam_pipeline_options: str | None = None):
   """Converts `dataset` into data_dir; returns the prepared builder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from vit_jax.data import imagefolder, manifest, pipeline  # pylint: disable=g-import-not-at-top
+  from vit_jax.data import datasets, imagefolder, manifest  # pylint: disable=g-import-not-at-top
   data_dir = os.path.expanduser(data_dir or tfds.core.constants.DATA_DIR)
   try:
-    builder = pipeline._local_files_builder(dataset, data_dir)  # pylint: disable=protected-access
+    builder = datasets._local_files_builder(dataset, data_dir)  # pylint: disable=protected-access
     if builder is None:
       builder = tfds.builder(dataset, data_dir=data_dir)
   except (imagefolder.ImageFolderError, manifest.ManifestError) as e:

@@ -7,7 +7,9 @@
 
 Each entry names its ``type`` (a module of this package) and runs every ``every``
 steps (None: the config's eval_every; 0: only at the end). Its metrics are
-'<name>/<metric>'; 'val/accuracy' selects the best checkpoint. String fields may use
+'<name>/<metric>'; 'val/accuracy' selects the best checkpoint. A classification or ReaL
+entry's ``metrics`` field adds top-5, per-class accuracy, the confusion matrix or mAP
+(classification.py). String fields may use
 '{val_split}', '{test_split}', '{train_split}', '{img_size}', '{num_classes}' and
 '{resize}', filled in when the job is resolved; an evaluator whose split resolves to
 None is skipped.
@@ -46,7 +48,10 @@ def specs(config) -> list[tuple[str, object]]:
     if spec.get("type") not in TYPES:
       raise ValueError(f"config.evals.{name}.type={spec.get('type')!r}: use one of "
                        f"{', '.join(TYPES)}.")
-    if TYPES[spec.type].reads(config, spec):
+    module = TYPES[spec.type]
+    if hasattr(module, "check"):
+      module.check(config, spec)
+    if module.reads(config, spec):
       out.append((name, spec))
   return out
 
@@ -65,12 +70,12 @@ def build(config, *, apply: Callable, param_shardings, mesh, data) -> list[Sched
   multi_label = bool(config.get("multi_label", False))
   made = {}
 
-  def eval_step(label_sets):
-    if label_sets not in made:
-      made[label_sets] = classification.make_eval_step(
+  def eval_step(label_sets, metrics):
+    if (label_sets, metrics) not in made:
+      made[label_sets, metrics] = classification.make_eval_step(
           lambda p, x: apply(p, x), mesh=mesh, param_shardings=param_shardings,
-          multi_label=multi_label, label_sets=label_sets)
-    return made[label_sets]
+          multi_label=multi_label, label_sets=label_sets, metrics=metrics)
+    return made[label_sets, metrics]
 
   def feature_step():
     if "features" not in made:
@@ -86,8 +91,9 @@ def build(config, *, apply: Callable, param_shardings, mesh, data) -> list[Sched
       run = fewshot.Evaluator(name, spec, config=config, feature_step=feature_step(), mesh=mesh,
                               data=data)
     else:
-      run = module.Evaluator(name, spec, config=config,
-                             eval_step=eval_step(module.Evaluator.label_sets), mesh=mesh, data=data)
+      label_sets = module.Evaluator.label_sets
+      run = module.Evaluator(name, spec, config=config, mesh=mesh, data=data, eval_step=eval_step(
+          label_sets, classification.spec_metrics(config, spec, label_sets)))
     every = spec.get("every")
     every = int(config.get("eval_every") or 0) if every is None else int(every)
     out.append(Scheduled(name, every, run))
