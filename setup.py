@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "etils[epath]>=1.10,<2",
     "fsspec>=2024.1",
     "tqdm>=4.66,<5",
+    "safetensors>=0.8,<1",  # checkpoint.save_safetensors (timm's layout)
 ]
 
 EXTRAS_REQUIRE = {
@@ -39,6 +40,13 @@ EXTRAS_REQUIRE = {
         "nbclient>=0.10,<0.12",
         "ipykernel>=6.29,<8",
         "apache-beam>=2.77,<3",  # the Beam dataset builds are tested too
+        # timm's and Hugging Face's ViTs, built by the tests, in and out (CPU). torch is the
+        # CPU build of 2.13.0 where pip finds one; timm pulls torchvision, whose PyPI
+        # wheels need CUDA torch: the tests do without it. Tested: torch 2.13.0, timm
+        # 1.0.31, transformers 5.25.0, safetensors 0.8.0 (Python 3.11).
+        "torch==2.13.0",
+        "timm>=1.0.31,<2",
+        "transformers>=5.25,<6",
         "wandb>=0.31,<0.32",  # the Weights & Biases writer is tested offline
     ],
     # Mirror the metrics to Weights & Biases (config.wandb.project).

@@ -456,3 +456,85 @@ def test_load_params_into_from_a_scanned_run(tmp_path):
   same = models.create("ViT-test", num_classes=7, img_size=32)
   checkpoint.load_params_into(same, tmp_path)
   np.testing.assert_allclose(same(images()), run(images()), atol=1e-5)
+
+
+def _outcome(fn):
+  """What loading says: its summary, or its error (one line)."""
+  try:
+    return str(fn())
+  except checkpoint.CheckpointMismatchError as e:
+    assert "\n" not in str(e)
+    return f"error: {e}"
+
+
+def test_check_fits_reads_only_shapes_and_says_what_loading_would(vit_npz, tmp_path,
+                                                                  monkeypatch):
+  from vit_jax import train_state
+  from vit_jax.checkpoint import files
+  model, path = vit_npz   # ViT-test, 7 classes, 32px
+  wide = tmp_path / "wide.npz"
+  checkpoint.save_npz(models.create("ViT-test", num_classes=7, img_size=32, hidden_size=48),
+                      wide)
+  bv = tmp_path / "bv.npz"
+  np.savez(bv, **_to_big_vision(dict(np.load(path)), scanned=True))
+  run = tmp_path / "run"
+  ckpt = train_state.TrainCheckpointer(run, keep=1)
+  ckpt.save({"params": nnx.to_pure_dict(nnx.state(
+      models.create("ViT-test", num_classes=7, img_size=32, scan=True), nnx.Param)),
+      "step": np.int32(1)}, meta=train_state.train_meta(
+          step=1, model_name="ViT-test", num_classes=7, img_size=32,
+          model_overrides={"scan": True}))
+  ckpt.close()
+  targets = [("ViT-test", dict(num_classes=7, img_size=32)),
+             ("ViT-test", dict(num_classes=3, img_size=48, scan=True)),
+             ("ViT-test", dict(num_classes=0, img_size=32, representation_size=None)),
+             ("ViT-test-gap", dict(num_classes=7, img_size=32)),
+             ("ViT-test", dict(num_classes=7, img_size=32, mlp_dim=48)),
+             ("Mixer-test", dict(num_classes=7, img_size=32))]
+  sources = [path, wide, bv, run]
+  loaded = {(n, i, s): _outcome(lambda: checkpoint.load_params_into(
+      models.create(n, **kw), s)) for i, (n, kw) in enumerate(targets) for s in sources}
+  assert sum(o.startswith("error:") for o in loaded.values()) >= 8
+  wrong_width = loaded[("ViT-test", 0, wide)]
+  assert "shape mismatch (37): Transformer/encoder_norm/bias: checkpoint (48,) vs model (32,)" in (
+      wrong_width) and "... and 32 more" in wrong_width
+
+  def no_data(*args, **kwargs):
+    raise AssertionError("check_fits read array data")
+  monkeypatch.setattr(files, "read_npz", no_data)
+  monkeypatch.setattr(train_state, "restore_params", no_data)
+  for (n, i, s), outcome in loaded.items():
+    abstract = nnx.eval_shape(lambda: models.create(n, **targets[i][1]))
+    assert _outcome(lambda: checkpoint.check_fits(s, abstract)) == outcome, (n, i, s)
+
+
+def test_loader_guesses_show_at_the_default_log_level(tmp_path):
+  """A plain script (no logging set up) sees what the loader infers; not its INFO lines."""
+  import subprocess
+  import sys
+  gap = tmp_path / "gap.npz"
+  checkpoint.save_npz(randomize(models.create("ViT-test-gap", num_classes=3, img_size=32)), gap)
+  script = f"from vit_jax import checkpoint; checkpoint.load({str(gap)!r}, num_classes=5)"
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       cwd=pathlib.Path(__file__).parent.parent, timeout=300,
+                       env={**__import__("os").environ, "PYTHONPATH": str(
+                           pathlib.Path(__file__).parent.parent)})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "Architecture read from" in out.stderr and "hidden_size=32" in out.stderr
+  assert "Guessed classifier='gap'" in out.stderr
+  assert "Loaded " not in out.stderr   # INFO
+
+
+def test_loader_logs_at_the_levels_it_says(vit_npz, tmp_path, caplog):
+  _, path = vit_npz
+  flat = dict(np.load(path))
+  bv = _to_big_vision(flat, scanned=False)
+  del bv["params/pos_embedding"]
+  np.savez(tmp_path / "sincos.npz", **bv)
+  with caplog.at_level(logging.INFO, logger="vit_jax"):
+    checkpoint.load(tmp_path / "sincos.npz", img_size=32)
+    checkpoint.load(path, "ViT-test", num_classes=3)
+  levels = {r.getMessage().split(":")[0].split(" (")[0]: r.levelname for r in caplog.records}
+  assert levels["No position embedding in a big_vision file"] == "WARNING"
+  assert levels["Architecture read from " + str(tmp_path / "sincos.npz")] == "WARNING"
+  assert levels["Loaded " + str(path) + " -> ViT-test"] == "INFO"

@@ -220,6 +220,21 @@ def test_mistakes_are_refused_before_the_workdir_is_written(tmp_path, tfds_dir):
   assert not os.path.exists(wd)
 
 
+def test_a_pretrained_file_of_another_architecture_is_refused_before_the_workdir_is_written(
+    tmp_path, tfds_dir):
+  from vit_jax import checkpoint, models
+  npz = str(tmp_path / "wide.npz")  # the digits ViT at width 96 instead of 64
+  checkpoint.save_npz(models.create("ViT-test", num_classes=10, img_size=32, hidden_size=96,
+                                    patch_size=16, num_heads=4, mlp_dim=128), npz)
+  wd = str(tmp_path / "wd")
+  out = run_main(wd, f"--config.pretrained={npz}", tfds_dir=tfds_dir)
+  assert out.returncode == 2
+  line = error_line(out)
+  assert f"config.pretrained={npz}: checkpoint does not fit model ViT-test" in line
+  assert "Transformer/encoder_norm/bias: checkpoint (96,) vs model (64,)" in line
+  assert not os.path.exists(wd)
+
+
 def test_common_names_from_other_trainers_suggest_the_real_keys():
   from vit_jax import cli, command_line
   for alias, real in (("optim.learning_rate", "optim.lr"), ("lr", "optim.lr"),

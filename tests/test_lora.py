@@ -114,6 +114,8 @@ def check_export_is_the_merged_model(tmp_path, wd, st, after, base_npz):
   x = InMemoryData().x[:5]
   trained = np.asarray(jax.jit(state_lib.make_apply(st.spec))(after, x))
   model = checkpoint.load(wd)   # the factors merged into their kernels
+  # The shape check a job runs on a pretrained workdir agrees with loading it.
+  checkpoint.check_fits(wd, model)
   logits = np.asarray(nnx.jit(lambda m, images: m(images))(model, x))
   np.testing.assert_allclose(logits, trained, rtol=1e-5, atol=1e-6)
   exported = tmp_path / "merged.npz"

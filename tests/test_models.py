@@ -355,6 +355,30 @@ def test_config_properties():
     models.create("ViT-test", num_classes=5, img_size=32)(jnp.zeros((2, 3, 32, 32)))
 
 
+def test_variant_options_prefix_tokens_and_their_checks():
+  cfg = lambda **kw: models.get_config("ViT-test", num_classes=3, img_size=32, **kw)
+  assert cfg().num_prefix_tokens == 1 and cfg(classifier="gap").num_prefix_tokens == 0
+  assert cfg(classifier="gap", class_token=True).num_prefix_tokens == 1
+  assert cfg(distillation_token=True, num_register_tokens=4).num_prefix_tokens == 6
+  for kw, message in [(dict(class_token=False), "reads the class token"),
+                      (dict(classifier="gap", distillation_token=True), "needs classifier='token'"),
+                      (dict(distillation_token=True, fc_norm=True), "no fc_norm"),
+                      (dict(activation="swish"), "activation 'swish' is not one of")]:
+    with pytest.raises(ValueError, match=message):
+      cfg(**kw)
+
+
+def test_layer_scale_of_one_is_the_model_without_it():
+  plain = randomize(models.create("ViT-test", num_classes=3, img_size=32))
+  scaled = models.create("ViT-test", num_classes=3, img_size=32, layer_scale=True,
+                         layer_scale_init=1.0)
+  flat = checkpoint.to_published(plain)
+  assert not set(flat) ^ {k for k in checkpoint.to_published(scaled) if "layer_scale" not in k}
+  checkpoint.load_params_into(scaled, {**flat, **{
+      k: v for k, v in checkpoint.to_published(scaled).items() if "layer_scale" in k}})
+  np.testing.assert_array_equal(scaled(images()), plain(images()))
+
+
 def test_prepare_images():
   rng = np.random.default_rng(0)
   photo = rng.integers(0, 256, size=(50, 70, 3), dtype=np.uint8)

@@ -11,7 +11,9 @@ of them before the run writes anything:
 
   1. values       the fields hold values they may hold, the model and dataset exist,
                   a pretrained path is readable (vit_jax.preflight)
-  2. pretrained   a training workdir as config.pretrained brings its architecture
+  2. pretrained   a training workdir or timm / Hugging Face weights as config.pretrained
+                  bring their architecture; the
+                  checkpoint fits the model (read from its shapes alone)
   3. mesh         config.mesh laid over the devices; the batches split over it
   4. dataset      num_classes = -1 takes the dataset's class count; total_epochs
                   becomes total_steps from the train split's size
@@ -57,6 +59,7 @@ def resolve(config: ml_collections.ConfigDict, *, devices: Sequence[Any] | None 
   preflight.check_config(config, dataset=data is None)              # 1. values
   config = _copy(config)
   config = with_pretrained_architecture(config)                     # 2. pretrained
+  check_pretrained_fits(config)
   try:
     mesh = make_mesh(config, devices)                               # 3. mesh
     data = _data_module(data)  # (starts TensorFlow for tf.data and tfds)
@@ -85,25 +88,35 @@ def _data_module(data):
 # 2. A workdir as config.pretrained brings its architecture
 # --------------------------------------------------------------------------
 def with_pretrained_architecture(config) -> ml_collections.ConfigDict:
-  """config, with the model of the training workdir named by config.pretrained.
+  """config, with the model of the training workdir, or of the timm or Hugging Face
+  weights (a .safetensors, .bin/.pth or model folder), named by config.pretrained.
 
-  That run may have overridden the architecture (as the digits config does); its weights
-  fit only the same shapes, so model_name and the architecture fields of config.model
-  come from the workdir's config.json. The rest of config.model (dtype, dropout, scan
-  ...), num_classes and img_size stay.
+  That run may have overridden the architecture (as the digits config does), and those
+  weights come with the variants of their code base; they fit only the same shapes, so
+  model_name and the architecture fields of config.model come from the workdir's
+  config.json or from the file. The rest of config.model (dtype, dropout, scan ...),
+  num_classes and img_size stay.
   """
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.models import registry  # pylint: disable=g-import-not-at-top
   path = config.get("pretrained")
-  if not path or not checkpoint.is_workdir(path):
+  if path and (checkpoint.is_state_dict_file(path) or checkpoint.is_model_dir(path)):
+    try:   # timm's or Hugging Face's weights: the architecture is the file's
+      model_name, source_model = checkpoint.read_architecture(
+          path, num_heads=(config.get("model") or {}).get("num_heads"))
+    except (checkpoint.CheckpointMismatchError, FileNotFoundError) as e:
+      raise cli.UsageError(f"config.pretrained={path}: {e}") from None
+    source = {"model_name": model_name}
+  elif not path or not checkpoint.is_workdir(path):
     return config
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise cli.UsageError(f"config.pretrained={path} is a directory without config.json: "
-                         "pass a training run's workdir or a .npz file.")
-  with open(config_path) as f:
-    source = json.load(f)
-  source_model = source.get("model") or {}
+  else:
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+      raise cli.UsageError(f"config.pretrained={path} is a directory without config.json: "
+                           "pass a training run's workdir or a .npz file.")
+    with open(config_path) as f:
+      source = json.load(f)
+    source_model = source.get("model") or {}
   config.model_name = source["model_name"]
   if config.get("model") is None:
     config.model = {}
@@ -115,9 +128,28 @@ def with_pretrained_architecture(config) -> ml_collections.ConfigDict:
       config.model[key] = value
     if value is not None:
       taken[key] = value
-  log.info("config.pretrained=%s: model %s%s from its config.json", path, config.model_name,
+  log.info("config.pretrained=%s: model %s%s from the checkpoint", path, config.model_name,
            "".join(f", {k}={v}" for k, v in taken.items()))
   return config
+
+
+def check_pretrained_fits(config) -> None:
+  """config.pretrained can fill the config's model, as state.load_pretrained will (the
+  position embedding resized, the head replaced); only the checkpoint's shapes are read."""
+  path = config.get("pretrained")
+  if not path:
+    return
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax import state  # pylint: disable=g-import-not-at-top
+  probe = _copy(config)
+  if (probe.get("num_classes") or 0) < 0:  # the dataset's: any head is replaced anyway
+    probe.num_classes = 0
+  model = nnx.eval_shape(lambda: state.create_model(probe))
+  try:
+    checkpoint.check_fits(path, model)
+  except (checkpoint.CheckpointMismatchError, FileNotFoundError) as e:
+    raise cli.UsageError(f"config.pretrained={path}: {e}") from None
 
 
 # --------------------------------------------------------------------------

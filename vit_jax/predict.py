@@ -5,7 +5,9 @@
 
 --checkpoint is a published .npz (local, gs://, any fsspec URL; the model is
 the --model name, else the registry name the file is named after, else read
-from the file's shapes; BiT files need --model) or a training
+from the file's shapes; BiT files need --model), timm's or Hugging Face's
+ViT weights (.safetensors, .bin/.pth, or a model folder with config.json,
+local or hf://; the model from the files) or a training
 workdir (model, resolution and preprocessing from its checkpoint and
 config.json). Directories are searched recursively for image files (any
 format PIL reads; EXIF orientation applied). Class names: --labels=FILE (one
@@ -45,7 +47,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """This command's flags (defined when it runs, so importing predict defines none)."""
-  flags.DEFINE_string("checkpoint", None, "Published .npz or a training workdir.")
+  flags.DEFINE_string("checkpoint", None, "Published .npz, timm / Hugging Face weights, or a "
+                      "training workdir.")
   flags.DEFINE_string("model", None, "Model name for a .npz (default: from its file name).")
   flags.DEFINE_integer("top_k", 5, "Classes printed per image.")
   flags.DEFINE_string("output", None, "Write predictions to this .csv or .jsonl file.")
@@ -113,11 +116,14 @@ def load_model(checkpoint_path: str, model: str | None, img_size: int | None):
     spec = (_eval_spec(config["pp_eval"]) if config and config.get("pp_eval") and not img_size
             else None)
     return net, spec or _default_spec(size), config
-  if not (checkpoint_path.endswith(".npz") or "://" in checkpoint_path):
-    raise cli.UsageError(f"--checkpoint={checkpoint_path} is neither a .npz file nor a training "
-                         "workdir (a folder with checkpoints/).")
+  if not (checkpoint_path.endswith(".npz") or "://" in checkpoint_path
+          or checkpoint.is_state_dict_file(checkpoint_path)
+          or checkpoint.is_model_dir(checkpoint_path)):
+    raise cli.UsageError(f"--checkpoint={checkpoint_path} is neither a .npz, .safetensors or "
+                         ".bin/.pth file, a model folder (config.json and model.safetensors) "
+                         "nor a training workdir (a folder with checkpoints/).")
   from vit_jax import preflight  # pylint: disable=g-import-not-at-top
-  preflight.check_pretrained(checkpoint_path, "--checkpoint")  # exists, a readable .npz
+  preflight.check_pretrained(checkpoint_path, "--checkpoint")  # exists, a readable file
   try:
     net = checkpoint.load(checkpoint_path, _model_name(checkpoint_path, model), img_size=img_size)
   except checkpoint.CheckpointMismatchError as e:

@@ -3,7 +3,7 @@
   from vit_jax import preflight
   preflight.check_config(config)          # raises cli.UsageError naming the field
   preflight.check_model_name("ViT-B_61")  # ... Did you mean ViT-B_16?
-  preflight.check_pretrained(path)        # a readable .npz or a training workdir
+  preflight.check_pretrained(path)        # a readable checkpoint file, model folder or workdir
   preflight.check_dataset(name, data_dir)
 
 A user's mistake fails here in about a second: before JAX and TensorFlow start
@@ -14,8 +14,11 @@ still before the workdir is written.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
+import struct
 import zipfile
 from typing import Any, Callable
 
@@ -241,27 +244,59 @@ def check_npz(path: str) -> None:
     raise cli.UsageError(f"{path} is not a valid .npz ({e}).") from None
 
 
-def check_pretrained(path: str | None, what: str = "config.pretrained") -> None:
-  """A local checkpoint exists: a valid .npz, or a training workdir with checkpoints/.
+def check_safetensors(path: str) -> None:
+  """`path` is a readable .safetensors: its header (a u64 length, then JSON) and the
+  data it announces are there (data not read)."""
+  try:
+    with open(path, "rb") as f:
+      (size,) = struct.unpack("<Q", f.read(8))
+      header = json.loads(f.read(size))
+      end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                default=0)
+      if os.path.getsize(path) < 8 + size + end:
+        raise ValueError("it is truncated")
+  except (struct.error, ValueError, KeyError, TypeError, OSError) as e:
+    raise cli.UsageError(f"{path} is not a valid .safetensors ({e}).") from None
 
-  Remote paths (gs://, ...) are checked when they are read.
+
+# A model folder (Hugging Face's or timm's hub layout): config.json and one of these.
+_MODEL_DIR_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def check_pretrained(path: str | None, what: str = "config.pretrained") -> None:
+  """A local checkpoint exists: a valid .npz or .safetensors, a torch .bin/.pth (with
+  torch installed), a model folder (config.json and model.safetensors, as Hugging Face
+  and timm publish them) or a training workdir with checkpoints/.
+
+  Remote paths (gs://, hf://, ...) are checked when they are read.
   """
   if not path or "://" in str(path):
     return
   local = os.path.expanduser(str(path))
+  kinds = "a published .npz, a timm or Hugging Face .safetensors or model folder, or a training workdir"
   if not os.path.exists(local):
-    raise cli.UsageError(f"{what}: {path} does not exist; give a published .npz or a "
-                         "training workdir.")
+    raise cli.UsageError(f"{what}: {path} does not exist; give {kinds}.")
   if os.path.isdir(local):
+    if os.path.exists(os.path.join(local, "config.json")) and any(
+        os.path.exists(os.path.join(local, name)) for name in _MODEL_DIR_WEIGHTS):
+      return
     ckpt_dir = os.path.join(local, "checkpoints")
     if not os.path.isdir(ckpt_dir):
-      raise cli.UsageError(f"{what}: {path} is a directory without checkpoints/, so not a "
-                           "training workdir; give a workdir or a published .npz.")
+      raise cli.UsageError(f"{what}: {path} is a directory without checkpoints/ (a training "
+                           "workdir) or config.json and model.safetensors (a model folder); "
+                           f"give {kinds}.")
     from vit_jax import workdir  # pylint: disable=g-import-not-at-top
     if not workdir.checkpoint_steps(local):
       raise cli.UsageError(f"{what}: the workdir {path} has no checkpoint yet.")
     return
-  check_npz(local)
+  if local.endswith(".safetensors"):
+    check_safetensors(local)
+  elif local.endswith((".bin", ".pth", ".pt")):
+    if importlib.util.find_spec("torch") is None:
+      raise cli.UsageError(f"{what}: {path} is a PyTorch file, which needs torch to be read "
+                           "(pip install torch); or give the same weights as .safetensors.")
+  else:
+    check_npz(local)
 
 
 def _tfds_base_name(name: str) -> str | None:

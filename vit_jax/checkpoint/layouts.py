@@ -3,7 +3,9 @@
 The published layout is the flat .npz of the original vit_jax release (keys
 in vit_jax.models.families). A layout here is one tree -> tree step from
 another code base's (or an older) file to it, with the create() fields the
-layout implies; `to_published` applies the one that recognises a file.
+layout implies; `to_published` applies the one that recognises a file:
+big_vision's (here), timm's and Hugging Face's ViT state dicts
+(torch_layouts.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from vit_jax.checkpoint import torch_layouts
+from vit_jax.checkpoint.torch_layouts import Converted
+
 log = logging.getLogger(__name__)
 
 Flat = Mapping[str, np.ndarray]
@@ -26,20 +31,25 @@ _POSEMB = "Transformer/posembed_input/pos_embedding"
 class Layout:
   name: str
   detect: Callable[[Flat], bool]
-  # -> (the published layout, create() fields the file implies)
-  convert: Callable[[Flat], tuple[dict[str, np.ndarray], dict[str, Any]]]
+  # (flat, what the files say of the model, the heads of the model being
+  # filled or None) -> the published layout and the fields the files state
+  convert: Callable[[Flat, Mapping[str, Any], int | None], Converted]
 
 
-def to_published(flat: Flat) -> tuple[dict[str, np.ndarray], str, dict[str, Any]]:
-  """(flat in the published layout, the layout it came in, implied fields)."""
+def to_published(flat: Flat, about: Mapping[str, Any] | None = None,
+                 num_heads: int | None = None) -> tuple[Converted, str]:
+  """(the published layout and the fields the files state, the layout it came
+  in). `about`: what the files say of the model besides the arrays
+  (state_dicts.read); `num_heads`: the heads of the model to be filled, where
+  the layout does not record them."""
   flat = _without_optimizer_state(flat)
-  name, fields = "published", {}
+  converted, name = Converted(dict(flat), {}), "published"
   for layout in LAYOUTS:
     if layout.detect(flat):
-      flat, fields = layout.convert(flat)
-      name = layout.name
+      converted, name = layout.convert(flat, about or {}, num_heads), layout.name
       break
-  return _old_groupnorm_shapes(flat), name, fields
+  converted.flat = _old_groupnorm_shapes(converted.flat)
+  return converted, name
 
 
 def _without_optimizer_state(flat: Flat) -> dict[str, np.ndarray]:
@@ -77,7 +87,8 @@ def _is_big_vision(flat: Flat) -> bool:
                  for k in keys))
 
 
-def _from_big_vision(flat: Flat):
+def _from_big_vision(flat: Flat, about, num_heads) -> Converted:
+  del about, num_heads  # a big_vision file records its heads
   flat = {k[len("params/"):] if k.startswith("params/") else k: v
           for k, v in flat.items()
           if k.startswith("params/") or not k.startswith(("opt/", "ema/"))}
@@ -113,10 +124,12 @@ def _from_big_vision(flat: Flat):
       pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
     out[_POSEMB] = pe
   elif any(k.startswith("Transformer/encoderblock_") for k in out):
-    log.info("No position embedding in a big_vision file: fixed 2-D sin-cos "
-             "(posemb='sincos2d')")
+    log.warning("No position embedding in a big_vision file: taken to be the fixed 2-D "
+                "sin-cos one (posemb='sincos2d')")
     fields["posemb"] = "sincos2d"
-  return out, fields
+  return Converted(out, fields)
 
 
-LAYOUTS = [Layout("big_vision", _is_big_vision, _from_big_vision)]
+LAYOUTS = [Layout("big_vision", _is_big_vision, _from_big_vision),
+           Layout("timm", torch_layouts.is_timm, torch_layouts.from_timm),
+           Layout("Hugging Face ViT", torch_layouts.is_hf_vit, torch_layouts.from_hf_vit)]

@@ -32,6 +32,7 @@ from vit_jax import models
 from vit_jax.checkpoint import files
 from vit_jax.checkpoint import layouts
 from vit_jax.checkpoint import params
+from vit_jax.checkpoint import state_dicts
 from vit_jax.checkpoint import workdir
 from vit_jax.checkpoint.params import CheckpointMismatchError
 from vit_jax.models import registry
@@ -90,9 +91,10 @@ class LoadSummary:
     return f"{self.source} -> {self.model}: {posemb}head {head}"
 
 
-def _without(tree: Mapping[str, Any], module: str | None) -> dict[str, Any]:
-  """`tree` without the parameters of the module at path `module`."""
-  return {k: v for k, v in tree.items() if not (module and k.startswith(module + "/"))}
+def _without(tree: Mapping[str, Any], *modules: str | None) -> dict[str, Any]:
+  """`tree` without the parameters of the modules at paths `modules`."""
+  prefixes = tuple(m + "/" for m in modules if m)
+  return {k: v for k, v in tree.items() if not (prefixes and k.startswith(prefixes))}
 
 
 def _head_classes(tree, fam) -> int:
@@ -100,14 +102,14 @@ def _head_classes(tree, fam) -> int:
   return int(bias.shape[-1]) if bias is not None else 0
 
 
-def _fill(model: nnx.Module, tree, foreign, *, keep_head: bool, posemb_method: str,
-          source: str, place=None, own: tuple[str, ...] = ()) -> LoadSummary:
-  """Sets the model's parameters from `tree` (unrolled model paths; `foreign`:
-  file keys that are not the family's), keeping its own head unless
-  `keep_head` and its parameters under an `own` prefix."""
+def _fit(model: nnx.Module, tree, foreign, *, keep_head: bool, posemb_method: str,
+         source: str, own: tuple[str, ...] = (), log=log) -> tuple[dict, LoadSummary]:
+  """The values `tree` (unrolled model paths; `foreign`: file keys that are not
+  the family's) gives the model's parameters, unrolled, and what they took.
+  The model keeps its own head unless `keep_head`, and its parameters under an
+  `own` prefix."""
   fam, cfg = _family(model.config), model.config
-  targets = params.variables(model)
-  shapes = params.unrolled_shapes(targets, fam.stacks)
+  shapes = params.unrolled_shapes(params.variables(model), fam.stacks)
   if not any(path in shapes for path in tree):
     raise CheckpointMismatchError(
         f"{source} is not a {fam.title} checkpoint (none of its keys is one of "
@@ -121,30 +123,79 @@ def _fill(model: nnx.Module, tree, foreign, *, keep_head: bool, posemb_method: s
                                          cfg.patch_grid, posemb_method, log)
   head_classes = (_head_classes(tree, fam), int(cfg.num_classes or 0))
   if not keep_head:
-    tree, own = _without(tree, fam.head), own + (fam.head + "/",)
+    tree, own = _without(tree, *fam.heads), own + tuple(h + "/" for h in fam.heads)
   describe = fam.published_key
   values = params.merge({**tree, **foreign}, shapes, model_name=cfg.name, own=own,
                         describe=lambda p: p if p in foreign else describe(p))
-  params.assign(targets, params.stack_like(values, targets, fam.stacks), place)
-  return LoadSummary(source=source, model=cfg.name, posemb_grid=posemb_grid,
-                     posemb_method=posemb_method, head_classes=head_classes,
-                     head_kept=bool(keep_head and head_classes[1]))
+  return values, LoadSummary(source=source, model=cfg.name, posemb_grid=posemb_grid,
+                             posemb_method=posemb_method, head_classes=head_classes,
+                             head_kept=bool(keep_head and head_classes[1]))
 
 
-def _read(source, fam) -> tuple[dict, dict, str]:
-  """(parameters by unrolled model path, foreign file keys, source name)."""
+def _fill(model: nnx.Module, tree, foreign, *, place=None, **kwargs) -> LoadSummary:
+  """Sets the model's parameters from `tree` (see _fit), in its layout."""
+  values, summary = _fit(model, tree, foreign, **kwargs)
+  targets = params.variables(model)
+  params.assign(targets, params.stack_like(values, targets, _family(model.config).stacks),
+                place)
+  return summary
+
+
+def _read_file(path, shapes_only: bool) -> tuple[dict, dict]:
+  """(flat arrays, what the files say of the model) of an .npz, a PyTorch-world
+  weights file or a model folder (state_dicts.py)."""
+  if state_dicts.is_state_dict_file(path) or state_dicts.is_model_dir(path):
+    return state_dicts.read(path, shapes_only=shapes_only)
+  return (files.read_npz_shapes if shapes_only else files.read_npz)(path), {}
+
+
+def _read(source, fam, *, shapes_only: bool = False, num_heads: int | None = None
+          ) -> tuple[dict, dict, str, dict]:
+  """(parameters by unrolled model path, foreign file keys, source name, the
+  create() fields the files state). `shapes_only`: the arrays are
+  files.shape_only stand-ins (no data read); `num_heads`: the model's, for
+  the layouts that do not record it."""
+  if not isinstance(source, Mapping) and files.is_workdir(source):
+    if shapes_only:
+      tree, family = workdir.param_shapes(source)
+    else:
+      run = workdir.load(source)
+      tree = {path: np.asarray(jax.device_get(var.get_value()))
+              for path, var in params.variables(run).items()}
+      family = run.config.family
+    return params.unstack(tree, registry.FAMILIES[family].stacks), {}, os.fspath(source), {}
   if isinstance(source, Mapping):
-    flat, name = dict(source), "<dict>"
-  elif files.is_workdir(source):
-    run = workdir.load(source)
-    tree = {path: np.asarray(jax.device_get(var.get_value()))
-            for path, var in params.variables(run).items()}
-    return params.unstack(tree, _family(run.config).stacks), {}, os.fspath(source)
+    (flat, about), name = (dict(source), {}), "<dict>"
   else:
-    flat, name = files.read_npz(source), os.fspath(source)
-  flat, _, _ = layouts.to_published(flat)
-  tree, foreign = fam.from_published(flat)
-  return tree, foreign, name
+    (flat, about), name = _read_file(source, shapes_only), os.fspath(source)
+  converted, _ = layouts.to_published(flat, about, num_heads)
+  tree, foreign = fam.from_published(converted.flat)
+  return tree, foreign, name, converted.fields
+
+
+def _fit_model(model: nnx.Module, source, *, posemb_method: str, shapes_only: bool,
+               log=log) -> tuple[dict, LoadSummary]:
+  """load_params_into's values and summary (check_fits': on shapes only)."""
+  fam, cfg = _family(model.config), model.config
+  tree, foreign, name, stated = _read(source, fam, shapes_only=shapes_only,
+                                      num_heads=getattr(cfg, "num_heads", None))
+  differ = {k: v for k, v in stated.items()
+            if k in fam.architecture_fields and getattr(cfg, k, v) != v}
+  if differ:
+    log.warning("%s is of a model with %s; %s has %s: its parameters are loaded all "
+                "the same", name, _fields(differ), cfg.name,
+                _fields({k: getattr(cfg, k) for k in differ}))
+  keep_head = bool(cfg.num_classes) and _head_classes(tree, fam) == cfg.num_classes
+  rep = fam.representation
+  if rep and getattr(cfg, "representation_size", None) is None and rep + "/kernel" in tree:
+    log.info("The file's %s layer is dropped: the model has none", rep)
+    tree = _without(tree, rep)
+  return _fit(model, tree, foreign, keep_head=keep_head, posemb_method=posemb_method,
+              source=name, log=log)
+
+
+def _fields(fields: Mapping[str, Any]) -> str:
+  return ", ".join(f"{k}={v!r}" for k, v in fields.items())
 
 
 def load_params_into(model: nnx.Module, source, *, posemb_method: str = "bilinear"
@@ -158,15 +209,33 @@ def load_params_into(model: nnx.Module, source, *, posemb_method: str = "bilinea
   ignored when the model has none. Each parameter keeps its sharding.
   Returns what was taken from the file (a LoadSummary, for the caller to log).
   """
-  fam, cfg = _family(model.config), model.config
-  tree, foreign, name = _read(source, fam)
-  keep_head = bool(cfg.num_classes) and _head_classes(tree, fam) == cfg.num_classes
-  rep = fam.representation
-  if rep and getattr(cfg, "representation_size", None) is None and rep + "/kernel" in tree:
-    log.info("The file's %s layer is dropped: the model has none", rep)
-    tree = _without(tree, rep)
-  return _fill(model, tree, foreign, keep_head=keep_head,
-               posemb_method=posemb_method, source=name)
+  values, summary = _fit_model(model, source, posemb_method=posemb_method,
+                               shapes_only=False)
+  targets = params.variables(model)
+  params.assign(targets, params.stack_like(values, targets, _family(model.config).stacks))
+  return summary
+
+
+def check_fits(source, model: nnx.Module, *, posemb_method: str = "bilinear"
+               ) -> LoadSummary:
+  """Whether load_params_into(model, source) would succeed, from the shapes alone.
+
+  `model` may be abstract (`nnx.eval_shape(lambda: models.create(...))`). Only
+  the .npy headers of an .npz and the orbax metadata of a workdir are read,
+  never the arrays, and the rules are load_params_into's (layouts, position
+  embedding resized, head swapped, pre-logits dropped). Raises
+  CheckpointMismatchError (one line naming the first few missing, unexpected
+  and mis-shaped keys); returns the LoadSummary loading would give.
+  """
+  _, summary = _fit_model(model, source, posemb_method=posemb_method, shapes_only=True,
+                          log=_QUIET)
+  return summary
+
+
+# What check_fits infers is logged when the parameters are loaded.
+_QUIET = logging.getLogger(__name__ + ".check_fits")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 
 
 def load(path: str | os.PathLike, name: str | None = None, *,
@@ -189,7 +258,11 @@ def load(path: str | os.PathLike, name: str | None = None, *,
   """
   if files.is_workdir(path):
     return workdir.load(path)
-  flat, _, implied = layouts.to_published(files.read_npz(path))
+  heads = overrides.get("num_heads")
+  if name is not None and heads is None:
+    heads = getattr(models.get_config(name, num_classes=1, **overrides), "num_heads", None)
+  converted = _converted(path, shapes_only=False, num_heads=heads, building=name is None)
+  flat, implied = converted.flat, converted.fields
   if name is None:
     name, label, fields = _architecture(flat, implied, path)
     overrides = {**fields, **overrides}
@@ -202,6 +275,30 @@ def load(path: str | os.PathLike, name: str | None = None, *,
   return _load_named(flat, name, label, path, num_classes=num_classes,
                      img_size=img_size, posemb_method=posemb_method,
                      overrides=overrides)
+
+
+def _converted(path, *, shapes_only: bool, num_heads: int | None = None,
+               building: bool = True) -> layouts.Converted:
+  """A file in the published layout; what a layout read as its code base's
+  defaults is a warning when a model is built from it."""
+  flat, about = _read_file(path, shapes_only)
+  converted, layout = layouts.to_published(flat, about, num_heads)
+  if converted.guessed and building:
+    log.warning("%s: a %s state dict that does not record everything; read as its "
+                "defaults: %s (pass the model's fields to load() where they differ)",
+                os.fspath(path), layout, ", ".join(converted.guessed))
+  return converted
+
+
+def read_architecture(path, *, num_heads: int | None = None) -> tuple[str, dict[str, Any]]:
+  """(a registered name to build on, the create() fields) of the model a
+  checkpoint file or model folder holds, read from its shapes (and
+  config.json) alone; every architecture field is set, so the name is only a
+  base. `num_heads`: where the file does not record it (timm's state dicts).
+  Not for BiT files, whose sizes are not read."""
+  converted = _converted(path, shapes_only=True, num_heads=num_heads)
+  name, _, fields = _architecture(converted.flat, converted.fields, path)
+  return name, fields
 
 
 def _architecture(flat, implied, path) -> tuple[str, str, dict[str, Any]]:
@@ -217,11 +314,11 @@ def _architecture(flat, implied, path) -> tuple[str, str, dict[str, Any]]:
     raise CheckpointMismatchError(
         f"a {fam.title} file: its architecture is not read from the file; pass the "
         f"model name, one of: {', '.join(names)}")
-  fields = {**fam.read_architecture(fam.from_published(flat)[0]), **implied}
+  fields = {**fam.read_architecture(fam.from_published(flat)[0], implied), **implied}
   name = registry.match(fam.name, fields)
   label = name or os.path.splitext(os.path.basename(os.fspath(path)))[0]
-  log.info("Architecture read from %s: %s (%s)", os.fspath(path), label,
-           ", ".join(f"{k}={v}" for k, v in fields.items()))
+  log.warning("Architecture read from %s: %s (%s)", os.fspath(path), label,
+              ", ".join(f"{k}={v}" for k, v in fields.items()))
   # pre_logits is kept with the file's head and dropped with a new one, as
   # for a named model. Every architecture field is set, so any registered
   # name of the family is a base.
@@ -286,10 +383,10 @@ def _materialize_abstract(cfg) -> nnx.Module:
   """A model whose parameters are zeros (to be overwritten), except the head,
   which gets its real (zero weights, constant bias) initialisation. Avoids
   running the random initialisers of large models only to discard them."""
-  head_bias = _family(cfg).head + "/bias"
+  head_biases = {head + "/bias" for head in _family(cfg).heads}
   abstract = nnx.eval_shape(lambda: models.create_from_config(cfg))
   for path, var in params.variables(abstract).items():
     shape, dtype = var.get_value().shape, var.get_value().dtype
-    var.set_value(jnp.full(shape, cfg.head_bias_init, dtype) if path == head_bias
+    var.set_value(jnp.full(shape, cfg.head_bias_init, dtype) if path in head_biases
                   else jnp.zeros(shape, dtype))
   return abstract

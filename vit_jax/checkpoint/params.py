@@ -23,6 +23,11 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint does not fit the requested model; the message lists keys."""
 
 
+class UnsupportedCheckpointError(CheckpointMismatchError):
+  """A checkpoint of a format or model variant that is not read here; the
+  message names what (the keys of an unsupported variant)."""
+
+
 def variables(model: nnx.Module) -> dict[str, nnx.Variable]:
   """{model path: parameter} of a model (scanned stacks stacked)."""
   return {"/".join(map(str, path)): var
@@ -91,8 +96,8 @@ def merge(tree: Tree, shapes: Mapping[str, tuple[int, ...]], *, model_name: str,
   """The values `tree` gives every parameter of `shapes` (unrolled), except
   those under an `own` prefix, which the model keeps.
 
-  Raises CheckpointMismatchError naming, by describe(path) (their published
-  keys), every missing, unexpected and mis-shaped parameter.
+  Raises CheckpointMismatchError (one line) naming, by describe(path) (their
+  published keys), the first few missing, unexpected and mis-shaped parameters.
   """
   missing, mis_shaped, out = [], [], {}
   for path, shape in shapes.items():
@@ -108,17 +113,16 @@ def merge(tree: Tree, shapes: Mapping[str, tuple[int, ...]], *, model_name: str,
     out[path] = value
   unexpected = sorted(describe(p) for p in tree if p not in shapes or p.startswith(own))
   if missing or mis_shaped or unexpected:
-    def fmt(title, items):
-      shown = "\n    ".join(items[:25])
-      more = f"\n    ... and {len(items) - 25} more" if len(items) > 25 else ""
-      return f"\n  {title} ({len(items)}):\n    {shown}{more}" if items else ""
+    def fmt(title, items, shown=5):
+      more = f", ... and {len(items) - shown} more" if len(items) > shown else ""
+      return f"{title} ({len(items)}): {', '.join(items[:shown])}{more}"
+    found = [fmt(title, items) for title, items in (
+        ("missing in checkpoint", missing), ("unexpected in checkpoint", unexpected),
+        ("shape mismatch", mis_shaped)) if items]
     raise CheckpointMismatchError(
-        f"checkpoint does not fit model {model_name}:"
-        + fmt("missing in checkpoint", missing)
-        + fmt("unexpected in checkpoint", unexpected)
-        + fmt("shape mismatch", mis_shaped)
-        + "\nIs this the checkpoint of another model? Pass the matching "
-          "model name, or num_classes / img_size / representation_size.")
+        f"checkpoint does not fit model {model_name}: {'; '.join(found)}. Is it another "
+        "model's checkpoint? Name the matching model (and its architecture overrides), "
+        "or num_classes / img_size.")
   return out
 
 

@@ -18,6 +18,7 @@ from vit_jax import lora
 from vit_jax import models
 from vit_jax import train_state
 from vit_jax import workdir as workdir_lib
+from vit_jax.checkpoint import files
 
 
 def abstract_model(meta: Mapping[str, Any]) -> nnx.Module:
@@ -32,12 +33,9 @@ def abstract_model(meta: Mapping[str, Any]) -> nnx.Module:
         **overrides))
 
 
-def load(workdir, step: int | None = None, *, ema: bool | None = None) -> nnx.Module:
-  """The trained model of a training run (latest checkpoint, or `step`).
-
-  The parameters are restored onto the first local device. `ema`: the EMA
-  parameters (default: when the run kept an EMA, as its evaluation did).
-  """
+def _step_dir(workdir, step: int | None) -> tuple[int, str]:
+  """(step, its folder): the newest checkpoint when `step` is None. Missing
+  files are one line (UnreadableCheckpointError)."""
   steps = workdir_lib.checkpoint_steps(workdir)
   directory = train_state.checkpoints_dir(workdir)
   if step is None:
@@ -53,7 +51,53 @@ def load(workdir, step: int | None = None, *, ema: bool | None = None) -> nnx.Mo
   missing = train_state.missing_files(step_dir)
   if missing:
     raise train_state.UnreadableCheckpointError(f"checkpoint {step_dir} cannot be read: {missing}.")
-  meta = train_state.read_meta(workdir, step)
+  return step, step_dir
+
+
+def _unreadable(step_dir: str, e: Exception) -> train_state.UnreadableCheckpointError:
+  train_state.quiet_abandoned_io()
+  return train_state.UnreadableCheckpointError(
+      f"checkpoint {step_dir} cannot be read: {train_state.first_line(e)}.")
+
+
+def _without_factors(tree):
+  if not isinstance(tree, Mapping):
+    return tree
+  return {k: _without_factors(v) for k, v in tree.items() if k not in lora.FACTORS}
+
+
+def param_shapes(workdir) -> tuple[dict[str, Any], str]:
+  """({model path: files.shape_only stand-in} of the newest checkpoint's
+  parameters, in the run's layout; the run's model family), read from orbax's
+  metadata alone."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  step, step_dir = _step_dir(workdir, None)
+  try:
+    meta = train_state.read_meta(workdir, step)
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir) / "state").tree
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+    raise _unreadable(step_dir, e) from None
+  params = tree["params"]
+  if meta.get("lora"):  # the model a LoRA run's workdir loads into has its kernels merged
+    params = _without_factors(params)
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  shapes = {"/".join(str(k.key) for k in path): files.shape_only(leaf.shape, leaf.dtype)
+            for path, leaf in leaves}
+  return shapes, models.family(meta["model_name"])
+
+
+def load(workdir, step: int | None = None, *, ema: bool | None = None) -> nnx.Module:
+  """The trained model of a training run (latest checkpoint, or `step`).
+
+  The parameters are restored onto the first local device. `ema`: the EMA
+  parameters (default: when the run kept an EMA, as its evaluation did).
+  """
+  step, step_dir = _step_dir(workdir, step)
+  try:
+    meta = train_state.read_meta(workdir, step)
+  except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+    raise _unreadable(step_dir, e) from None
   graphdef, abstract_params, rest = nnx.split(abstract_model(meta), nnx.Param, ...)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
@@ -62,8 +106,6 @@ def load(workdir, step: int | None = None, *, ema: bool | None = None) -> nnx.Mo
   try:
     params = train_state.restore_params(workdir, step, target, "ema" if use_ema else "params")
   except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
-    train_state.quiet_abandoned_io()
-    raise train_state.UnreadableCheckpointError(
-        f"checkpoint {step_dir} cannot be read: {train_state.first_line(e)}.") from None
+    raise _unreadable(step_dir, e) from None
   nnx.replace_by_pure_dict(abstract_params, lora.merge(params, meta.get("lora")))
   return nnx.merge(graphdef, abstract_params, rest)

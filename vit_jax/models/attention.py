@@ -23,10 +23,13 @@ class MultiHeadDotProductAttention(nnx.Module):
   """Multi-head attention with the published parameter shapes.
 
   query/key/value kernels are (D, heads, D/heads), out kernel (heads, D/heads, D).
+  `qk_norm`: queries and keys are layer-normalised per head before their
+  product (Dehghani et al. 2023), with `epsilon`.
   """
 
   def __init__(self, features: int, num_heads: int, *, rngs: nnx.Rngs,
                dropout_rate: float = 0.0, attention_impl: str | None = None,
+               qk_norm: bool = False, epsilon: float = layers.LN_EPS,
                dtype=jnp.float32, param_dtype=jnp.float32):
     head_dim = features // num_heads
 
@@ -46,6 +49,12 @@ class MultiHeadDotProductAttention(nnx.Module):
     self.out = dense_general((num_heads, head_dim, features),
                              ("heads", "kv", "embed"), (features,), ("embed",),
                              (features, features))
+    if qk_norm:
+      norm = lambda: layers.LayerNorm(head_dim, rngs=rngs, axis_name="kv", epsilon=epsilon,
+                                      dtype=dtype, param_dtype=param_dtype)
+      self.query_norm, self.key_norm = norm(), norm()
+    else:
+      self.query_norm = self.key_norm = None
     self.num_heads = num_heads
     self.head_dim = head_dim
     self.dropout_rate = dropout_rate
@@ -63,7 +72,10 @@ class MultiHeadDotProductAttention(nnx.Module):
       (q,) = ops.dense_each(x_q, [kernel(self.query)])
       k, v = ops.dense_each(x_kv, [kernel(self.key), kernel(self.value)])
     bias = lambda p: p["bias"][...].astype(self.dtype)
-    return q + bias(self.query), k + bias(self.key), v + bias(self.value)
+    q, k, v = q + bias(self.query), k + bias(self.key), v + bias(self.value)
+    if self.query_norm is not None:
+      q, k = self.query_norm(q), self.key_norm(k)
+    return q, k, v
 
   def __call__(self, inputs_q: Array, inputs_kv: Array, *,
                key: Array | None = None, return_weights: bool = False):

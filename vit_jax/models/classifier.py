@@ -71,15 +71,25 @@ class ImageClassifier(nnx.Module):
     raise NotImplementedError
 
   def init_head(self, features: int, rngs: nnx.Rngs) -> None:
-    """The classification head on `features`, when the config has classes:
-    zero kernel (as published), constant bias `head_bias_init`."""
+    """`self.head` on `features`, when the config has classes."""
+    if self.config.num_classes:
+      self.head = self.new_head(features, rngs)
+
+  def new_head(self, features: int, rngs: nnx.Rngs) -> layers.Dense:
+    """A classification head: zero kernel (as published), constant bias
+    `head_bias_init`."""
     cfg = self.config
-    if cfg.num_classes:
-      self.head = layers.Dense(
-          features, cfg.num_classes, axes=("embed", "classes"), rngs=rngs,
-          kernel_init=layers.zeros,
-          bias_init=jax.nn.initializers.constant(cfg.head_bias_init),
-          dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    return layers.Dense(
+        features, cfg.num_classes, axes=("embed", "classes"), rngs=rngs,
+        kernel_init=layers.zeros,
+        bias_init=jax.nn.initializers.constant(cfg.head_bias_init),
+        dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+  def head_logits(self, pre_logits: Array, inter: dict[str, Any]) -> Array:
+    """The head's output for the pre-logits (a family's head may read more of
+    what `features` put in the intermediates)."""
+    del inter
+    return self.head(pre_logits)
 
   num_prefix_tokens = property(lambda self: self.config.num_prefix_tokens)
   patch_grid = property(lambda self: self.config.patch_grid)
@@ -96,7 +106,7 @@ class ImageClassifier(nnx.Module):
                              capture=return_intermediates)
     inter["pre_logits"] = x
     if cfg.num_classes:
-      x = self.head(x)
+      x = self.head_logits(x, inter)
     logits = x.astype(jnp.float32)
     if return_intermediates:
       return logits, inter

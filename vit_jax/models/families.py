@@ -46,15 +46,22 @@ class Family:
   model_value: Callable[[str, Any], Any] = _same_value       # as the model holds it
   stacks: tuple[str, ...] = ()             # model paths of the layer stacks
   head: str = "head"                       # model path of the classifier head
+  extra_heads: tuple[str, ...] = ()        # of heads beside it (DeiT's distillation head)
   representation: str | None = None        # of the pre-logits layer the head reads
   posemb: str | None = None                # of a learned position embedding
   # The create() fields and img_size a file records (read from its
-  # parameters by model path; None: the family's files do not say).
-  read_architecture: Callable[[Tree], dict] | None = None
+  # parameters by model path, given the fields its layout states; None: the
+  # family's files do not say).
+  read_architecture: Callable[[Tree, Mapping[str, Any]], dict] | None = None
   read_img_size: Callable[[Tree, Any], int | None] = lambda tree, cfg: None
   # What fixes the resolution of a file, if anything does (its img_size
   # cannot change on loading).
   fixed_resolution: str | None = None
+
+  @property
+  def heads(self) -> tuple[str, ...]:
+    """Model paths of every classifier head: replaced together."""
+    return (self.head, *self.extra_heads)
 
   def to_published(self, tree: Tree) -> dict:
     """Unrolled model paths -> the published layout."""

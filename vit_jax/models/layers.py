@@ -130,25 +130,58 @@ class LayerNorm(nnx.Module):
 
 
 class MlpBlock(nnx.Module):
-  """Dense -> GELU (tanh approximation, as published) -> Dense."""
+  """Dense -> activation (GELU, tanh approximation, as published) -> Dense."""
 
   def __init__(self, features: int, mlp_dim: int, *, rngs: nnx.Rngs,
                dropout_rate: float = 0.0, kernel_init: Callable = xavier_uniform,
                bias_init: Callable = jax.nn.initializers.normal(stddev=1e-6),
                in_axis: str = "embed", hidden_axis: str = "mlp",
+               activation: Callable = ops.gelu_tanh,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
     kw = dict(rngs=rngs, kernel_init=kernel_init, bias_init=bias_init,
               dtype=dtype, param_dtype=param_dtype)
     self.Dense_0 = Dense(features, mlp_dim, axes=(in_axis, hidden_axis), **kw)
     self.Dense_1 = Dense(mlp_dim, features, axes=(hidden_axis, in_axis), **kw)
     self.dropout_rate = dropout_rate
+    self.activation = activation
 
   def __call__(self, x: Array, key: Array | None = None) -> Array:
     k1, k2 = split_key(key, 2)
-    x = ops.gelu_tanh(self.Dense_0(x))
+    x = self.activation(self.Dense_0(x))
     x = dropout(x, self.dropout_rate, k1)
     x = self.Dense_1(x)
     return dropout(x, self.dropout_rate, k2)
+
+
+class SwiGluBlock(nnx.Module):
+  """SwiGLU MLP (Shazeer 2020): Dense_1(SiLU(gate(x)) * Dense_0(x))."""
+
+  def __init__(self, features: int, mlp_dim: int, *, rngs: nnx.Rngs,
+               dropout_rate: float = 0.0, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32):
+    kw = dict(rngs=rngs, kernel_init=xavier_uniform, dtype=dtype, param_dtype=param_dtype)
+    self.gate = Dense(features, mlp_dim, axes=("embed", "mlp"), **kw)
+    self.Dense_0 = Dense(features, mlp_dim, axes=("embed", "mlp"), **kw)
+    self.Dense_1 = Dense(mlp_dim, features, axes=("mlp", "embed"), **kw)
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: Array, key: Array | None = None) -> Array:
+    k1, k2 = split_key(key, 2)
+    x = jax.nn.silu(self.gate(x)) * self.Dense_0(x)
+    x = dropout(x, self.dropout_rate, k1)
+    return dropout(self.Dense_1(x), self.dropout_rate, k2)
+
+
+class LayerScale(nnx.Module):
+  """x * scale, one learned factor per channel (CaiT, Touvron et al. 2021)."""
+
+  def __init__(self, features: int, init: float, *, rngs: nnx.Rngs,
+               param_dtype: Dtype = jnp.float32):
+    self.scale = param(rngs, jax.nn.initializers.constant(init), (features,), ("embed",),
+                       param_dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return x * self.scale[...].astype(x.dtype)
 
 
 class Conv(nnx.Module):

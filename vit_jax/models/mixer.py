@@ -131,7 +131,8 @@ _STACKS = ("MixerBlock",)
 _TOKEN_MLP = "MixerBlock/0/token_mixing/Dense_0/kernel"
 
 
-def _read_architecture(tree) -> dict[str, Any]:
+def _read_architecture(tree, stated) -> dict[str, Any]:
+  del stated  # a Mixer file's shapes say it all
   stem = tree["stem/kernel"]
   return dict(
       patch_size=int(stem.shape[0]), hidden_size=int(stem.shape[-1]),

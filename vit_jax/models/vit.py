@@ -10,13 +10,23 @@ The module tree uses the submodule names of the published checkpoints
 Numerics follow the published models: LayerNorm epsilon 1e-6, GELU with the
 tanh approximation, attention logits scaled by 1/sqrt(head_dim), the position
 embedding added after the class token is prepended.
+
+The variants of the ViTs other code bases publish (timm's, DeiT, DINOv2,
+Hugging Face's) are config options, all off by default: a class token beside
+average pooling, the final LayerNorm after pooling (`fc_norm`), DeiT's
+distillation token and head, register tokens, LayerScale, qk-norm, a SwiGLU
+MLP, the exact GELU and another LayerNorm epsilon. Their parameters have
+names of their own (`reg`, `dist`, `head_dist`, `fc_norm`,
+`attn_layer_scale`, `mlp_layer_scale`, `query_norm`, `key_norm`,
+`MlpBlock_3/gate`). The prefix tokens are, in order, the class token, the
+distillation token and the registers; the position embedding has a row for
+each (zero rows where a file had none: the same function).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import re
 from typing import Any
 
@@ -24,14 +34,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vit_jax.models import attention
 from vit_jax.models import classifier
+from vit_jax.models import encoder
 from vit_jax.models import families
 from vit_jax.models import layers
 from vit_jax.models import ops
-from vit_jax.models import posemb
 from vit_jax.models import resnet
-from vit_jax.models import stacks
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +76,17 @@ class ViTConfig:
   # None: the fastest exact path per platform (cuDNN on NVIDIA GPUs in bf16/
   # fp16, head-major einsums on CPU, else XLA); or 'xla' / 'cudnn'.
   attention_impl: str | None = None
+  # Variants of timm's, DeiT's, DINOv2's and Hugging Face's ViTs (all off here).
+  class_token: bool | None = None   # None: when the classifier reads it (token*)
+  distillation_token: bool = False  # DeiT: a second token, read by its own head
+  num_register_tokens: int = 0      # extra prefix tokens no head reads (DINOv2)
+  layer_scale: bool = False         # LayerScale on both residual branches
+  layer_scale_init: float = 1e-5    # its initial factor
+  qk_norm: bool = False             # queries and keys layer-normalised per head
+  swiglu: bool = False              # SwiGLU MLP (`activation` is then unused)
+  activation: str = "gelu_tanh"     # of the MLP: gelu_tanh | gelu (exact) | quick_gelu | relu | silu
+  fc_norm: bool = False             # the final LayerNorm after pooling, not before
+  layer_norm_epsilon: float = layers.LN_EPS
   family: str = "vit"
 
   def __post_init__(self):
@@ -86,6 +105,18 @@ class ViTConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                        f"num_heads {self.num_heads}")
+    if self.classifier in ("token", "token_unpooled") and self.class_token is False:
+      raise ValueError(f"classifier={self.classifier!r} reads the class token: "
+                       "class_token=False does not go with it")
+    if self.distillation_token and self.classifier != "token":
+      raise ValueError("distillation_token=True needs classifier='token' (its head "
+                       "reads the class and distillation tokens)")
+    if self.distillation_token and (self.representation_size or self.fc_norm):
+      raise ValueError("distillation_token=True: DeiT's heads read the tokens "
+                       "directly (no representation_size, no fc_norm)")
+    if self.activation not in ops.ACTIVATIONS:
+      raise ValueError(f"activation {self.activation!r} is not one of "
+                       f"{tuple(ops.ACTIVATIONS)}")
 
   @property
   def img_hw(self) -> tuple[int, int]:
@@ -106,115 +137,21 @@ class ViTConfig:
     return layers.token_grid(self.img_size, self.pixels_per_token, self.name)
 
   @property
+  def has_class_token(self) -> bool:
+    if self.class_token is None:
+      return self.classifier in ("token", "token_unpooled")
+    return self.class_token
+
+  @property
   def num_prefix_tokens(self) -> int:
-    return 1 if self.classifier in ("token", "token_unpooled") else 0
+    """The class, distillation and register tokens before the patch tokens."""
+    return (int(self.has_class_token) + int(self.distillation_token)
+            + self.num_register_tokens)
 
   @property
   def needs_rng(self) -> bool:
     return bool(self.dropout_rate or self.attention_dropout_rate
                 or self.stochastic_depth)
-
-
-class EncoderBlock(nnx.Module):
-  """Pre-LN transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
-
-  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    d = cfg.hidden_size
-    self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.MultiHeadDotProductAttention_1 = attention.MultiHeadDotProductAttention(
-        d, cfg.num_heads, rngs=rngs, dropout_rate=cfg.attention_dropout_rate,
-        attention_impl=cfg.attention_impl, **kw)
-    self.LayerNorm_2 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.MlpBlock_3 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs,
-                                      dropout_rate=cfg.dropout_rate, **kw)
-    self.dropout_rate = cfg.dropout_rate
-
-  def __call__(self, x: Array, *, key: Array | None, drop_rate,
-               capture: bool = False, out_tokens: int | None = None):
-    """`out_tokens`: compute the output for the first `out_tokens` tokens only
-    (they still attend to all tokens); the rest are not computed."""
-    k_attn, k_drop, k_mlp, k_path1, k_path2 = layers.split_key(key, 5)
-    y = self.LayerNorm_0(x)
-    y_q = y
-    if out_tokens is not None:
-      x, y_q = x[:, :out_tokens], y[:, :out_tokens]
-    y, weights = self.MultiHeadDotProductAttention_1(
-        y_q, y, key=k_attn, return_weights=capture)
-    attn_branch = layers.dropout(y, self.dropout_rate, k_drop)
-    x = x + layers.drop_path(attn_branch, drop_rate, k_path1)
-    mlp_branch = self.MlpBlock_3(self.LayerNorm_2(x), key=k_mlp)
-    x = x + layers.drop_path(mlp_branch, drop_rate, k_path2)
-    aux = {}
-    if capture:
-      aux = {"blocks": x, "attn_branch": attn_branch,
-             "mlp_branch": mlp_branch, "attention": weights}
-    return x, aux
-
-
-class Encoder(nnx.Module):
-  """Position embedding, the block stack and the final LayerNorm."""
-
-  def __init__(self, cfg: ViTConfig, num_tokens: int, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    if cfg.posemb == "sincos2d":
-      self.posembed_input = posemb.SinCosPositionEmbs(
-          cfg.patch_grid, cfg.hidden_size, num_tokens - math.prod(cfg.patch_grid))
-    else:
-      self.posembed_input = posemb.AddPositionEmbs(num_tokens, cfg.hidden_size, rngs=rngs,
-                                            param_dtype=cfg.param_dtype)
-    self.encoderblock = stacks.make_stack(
-        lambda r: EncoderBlock(cfg, rngs=r), cfg.num_layers, cfg.scan, rngs)
-    self.encoder_norm = layers.LayerNorm(cfg.hidden_size, rngs=rngs,
-                                         dtype=cfg.dtype,
-                                         param_dtype=cfg.param_dtype)
-
-  def __call__(self, x: Array, *, key: Array | None, capture: bool,
-               out_tokens: int | None = None):
-    """`out_tokens`: return only the first `out_tokens` tokens, which lets the
-    last block skip the others (same values; see ViT.__call__)."""
-    cfg = self.cfg
-    k_emb, k_layers = layers.split_key(key, 2)
-    x = self.posembed_input(x)
-    embedding = x
-    x = layers.dropout(x, cfg.dropout_rate, k_emb)
-    layer_keys = None if key is None else jax.random.split(k_layers, cfg.num_layers)
-    x, aux = stacks.run_stack(
-        self.encoderblock, x, scan=cfg.scan, num_layers=cfg.num_layers,
-        keys=layer_keys,
-        drop_rates=layers.drop_path_rates(cfg.stochastic_depth, cfg.num_layers),
-        remat_policy=cfg.remat_policy,
-        last_block_kwargs=(None if out_tokens is None or cfg.scan
-                           else {"out_tokens": out_tokens}),
-        capture=capture)
-    if out_tokens is not None:
-      x = x[:, :out_tokens]   # a scanned stack computed every token
-    encoded = self.encoder_norm(x)
-    if capture:
-      aux = dict(aux, embedding=embedding, encoded=encoded)
-    return encoded, aux
-
-
-class MAPHead(nnx.Module):
-  """Multihead attention pooling (big_vision): a learned probe attends to all
-  tokens, followed by a residual MLP."""
-
-  def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-    d = cfg.hidden_size
-    self.probe = layers.param(rngs, layers.xavier_uniform, (1, 1, d),
-                              (None, None, "embed"), cfg.param_dtype)
-    self.MultiHeadDotProductAttention_0 = attention.MultiHeadDotProductAttention(
-        d, cfg.num_heads, rngs=rngs, attention_impl=cfg.attention_impl, **kw)
-    self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, **kw)
-    self.MlpBlock_0 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs, **kw)
-
-  def __call__(self, x: Array) -> Array:
-    probe = jnp.broadcast_to(self.probe[...].astype(x.dtype),
-                             (x.shape[0], 1, x.shape[-1]))
-    x, _ = self.MultiHeadDotProductAttention_0(probe, x)
-    x = x + self.MlpBlock_0(self.LayerNorm_0(x))
-    return x[:, 0]
 
 
 class ViT(classifier.ImageClassifier):
@@ -232,19 +169,29 @@ class ViT(classifier.ImageClassifier):
     self.embedding = layers.Conv(
         in_channels, cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
         rngs=rngs, axes=("patch", "patch", "channels", "embed"), **kw)
-    if cfg.num_prefix_tokens:
-      self.cls = layers.param(rngs, layers.zeros, (1, 1, cfg.hidden_size),
-                              (None, None, "embed"), cfg.param_dtype)
+    d = cfg.hidden_size
+    token = lambda init, n=1: layers.param(rngs, init, (1, n, d), (None, None, "embed"),
+                                           cfg.param_dtype)
+    if cfg.has_class_token:
+      self.cls = token(layers.zeros)
+    if cfg.distillation_token:
+      self.dist = token(jax.nn.initializers.normal(stddev=0.02))
+    if cfg.num_register_tokens:
+      self.reg = token(jax.nn.initializers.normal(stddev=1e-6), cfg.num_register_tokens)
     gh, gw = cfg.patch_grid
-    self.Transformer = Encoder(cfg, gh * gw + cfg.num_prefix_tokens, rngs=rngs)
+    self.Transformer = encoder.Encoder(cfg, gh * gw + cfg.num_prefix_tokens, rngs=rngs)
     if cfg.classifier == "map":
-      self.MAPHead_0 = MAPHead(cfg, rngs=rngs)
-    features = cfg.hidden_size
+      self.MAPHead_0 = encoder.MAPHead(cfg, rngs=rngs)
+    self.fc_norm = layers.LayerNorm(d, rngs=rngs, epsilon=cfg.layer_norm_epsilon,
+                                    **kw) if cfg.fc_norm else None
+    features = d
     if cfg.representation_size is not None:
       self.pre_logits = layers.Dense(features, cfg.representation_size,
                                      axes=("embed", "mlp"), rngs=rngs, **kw)
       features = cfg.representation_size
     self.init_head(features, rngs)
+    if cfg.distillation_token and cfg.num_classes:
+      self.head_dist = self.new_head(features, rngs)
 
   def features(self, x: Array, *, key: Array | None, capture: bool):
     cfg = self.config
@@ -261,30 +208,48 @@ class ViT(classifier.ImageClassifier):
           f"patches) but got {image_hw}; create or load the model "
           f"with img_size={image_hw} (position embeddings are resized)")
     x = x.reshape(n, h * w, d)
-    if cfg.num_prefix_tokens:
-      cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (n, 1, d))
-      x = jnp.concatenate([cls, x], axis=1)
-    # The token classifier reads only the class token, so the last block
-    # computes only its output (its keys and values still come from every
-    # token): the same logits and gradients with ~1/12 less work for
-    # ViT-B. Not with dropout in training, whose masks are drawn for the
-    # shape of the whole sequence.
+    prefix = [getattr(self, name) for name, used in (
+        ("cls", cfg.has_class_token), ("dist", cfg.distillation_token),
+        ("reg", cfg.num_register_tokens)) if used]
+    if prefix:
+      x = jnp.concatenate([jnp.broadcast_to(t[...].astype(x.dtype), (n, t.shape[1], d))
+                           for t in prefix] + [x], axis=1)
+    # The token classifier reads only the class (and distillation) token, so
+    # the last block computes only their output (their keys and values still
+    # come from every token): the same logits and gradients with ~1/12 less
+    # work for ViT-B. Not with dropout in training, whose masks are drawn for
+    # the shape of the whole sequence.
+    head_tokens = 1 + int(cfg.distillation_token)
     class_token_only = (cfg.classifier == "token" and not capture
                         and (key is None or not (cfg.dropout_rate or
                                                  cfg.attention_dropout_rate)))
     x, aux = self.Transformer(x, key=key, capture=capture,
-                              out_tokens=1 if class_token_only else None)
+                              out_tokens=head_tokens if class_token_only else None)
     inter.update(aux)
 
-    if cfg.classifier == "token":
+    # Pooling reads the patch tokens, not the prefix tokens.
+    patches = x[:, cfg.num_prefix_tokens:] if cfg.num_prefix_tokens else x
+    if cfg.classifier == "token" and cfg.distillation_token:
+      inter["head_tokens"] = x[:, :2]    # DeiT: each of its heads reads one
+      x = (x[:, 0] + x[:, 1]) / 2
+    elif cfg.classifier == "token":
       x = x[:, 0]
     elif cfg.classifier == "gap":
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(patches, axis=1)
     elif cfg.classifier == "map":
-      x = self.MAPHead_0(x)
+      x = self.MAPHead_0(patches)
+    if self.fc_norm is not None:
+      x = self.fc_norm(x)
     if cfg.representation_size is not None:
       x = jnp.tanh(self.pre_logits(x))
     return x, inter
+
+  def head_logits(self, pre_logits: Array, inter: dict[str, Any]) -> Array:
+    if not self.config.distillation_token:
+      return super().head_logits(pre_logits, inter)
+    # DeiT at inference: the mean of the class head's and the distillation head's logits.
+    tokens = inter["head_tokens"]
+    return (self.head(tokens[:, 0]) + self.head_dist(tokens[:, 1])) / 2
 
 
 # ---------------------------------------------------------------------------
@@ -314,15 +279,16 @@ def _detect(flat) -> bool:
   return "embedding/kernel" in flat and families.number_layers(_QUERY, _STACKS) in flat
 
 
-def _read_architecture(tree) -> dict[str, Any]:
-  """A ViT's create() fields from its parameter shapes. Without a class
-  token or MAP head it is taken to pool by 'gap' ('unpooled' has the same
-  parameters): logged."""
+def _read_architecture(tree, stated) -> dict[str, Any]:
+  """A ViT's create() fields from its parameter shapes (and the fields its
+  layout `stated`). Without a class token or MAP head, and unless stated, it
+  is taken to pool by 'gap' ('unpooled' has the same parameters): logged."""
   hidden, heads, _ = tree[_QUERY].shape
+  block = "Transformer/encoderblock/0/"
   fields = dict(
       hidden_size=int(hidden), num_heads=int(heads),
       num_layers=families.count(tree, r"Transformer/encoderblock/(\d+)/"),
-      mlp_dim=int(tree["Transformer/encoderblock/0/MlpBlock_3/Dense_0/kernel"].shape[-1]),
+      mlp_dim=int(tree[block + "MlpBlock_3/Dense_0/kernel"].shape[-1]),
       patch_size=int(tree["embedding/kernel"].shape[0]))
   if "stem/conv_root/kernel" in tree:  # ResNet hybrid
     fields["resnet_layers"] = tuple(
@@ -335,18 +301,34 @@ def _read_architecture(tree) -> dict[str, Any]:
     fields["classifier"] = "map"
   else:
     fields["classifier"] = "gap"
-    log.warning("Guessed classifier='gap' (no class token or MAP head in the "
-                "file; 'unpooled' has the same parameters)")
+    if "classifier" not in stated:
+      log.warning("Guessed classifier='gap' (no class token or MAP head in the "
+                  "file; 'unpooled' has the same parameters)")
+  variants = dict(
+      distillation_token="dist" in tree, fc_norm="fc_norm/scale" in tree,
+      layer_scale=block + "attn_layer_scale/scale" in tree,
+      qk_norm=block + "MultiHeadDotProductAttention_1/query_norm/scale" in tree,
+      swiglu=block + "MlpBlock_3/gate/kernel" in tree,
+      num_register_tokens=int(tree["reg"].shape[1]) if "reg" in tree else 0)
+  fields.update({k: v for k, v in variants.items() if v})
   if "pre_logits/kernel" in tree:
     fields["representation_size"] = int(tree["pre_logits/kernel"].shape[-1])
+  fields.update(stated)
+  if fields["classifier"] not in ("token", "token_unpooled") and "cls" in tree:
+    fields["class_token"] = True
   return fields
+
+
+def _num_prefix_tokens(tree) -> int:
+  return (int("cls" in tree) + int("dist" in tree)
+          + (int(tree["reg"].shape[1]) if "reg" in tree else 0))
 
 
 def _read_img_size(tree, cfg: ViTConfig) -> int | None:
   """The learned position embedding's grid times the pixels per token."""
   if _POSEMB not in tree:
     return None
-  n = tree[_POSEMB].shape[1] - (1 if "cls" in tree else 0)
+  n = tree[_POSEMB].shape[1] - _num_prefix_tokens(tree)
   return families.grid_side(n, "position embeddings") * cfg.pixels_per_token
 
 
@@ -354,7 +336,9 @@ FAMILY = families.Family(
     name="vit", title="ViT", config=ViTConfig, model=ViT,
     architecture_fields=("hidden_size", "num_layers", "num_heads", "mlp_dim",
                          "patch_size", "classifier", "posemb", "resnet_layers",
-                         "resnet_width"),
+                         "resnet_width", "class_token", "distillation_token",
+                         "num_register_tokens", "layer_scale", "qk_norm", "swiglu",
+                         "activation", "fc_norm", "layer_norm_epsilon"),
     published_key=_published_key, model_path=_model_path, detect=_detect,
-    stacks=_STACKS, representation="pre_logits", posemb=_POSEMB,
+    stacks=_STACKS, extra_heads=("head_dist",), representation="pre_logits", posemb=_POSEMB,
     read_architecture=_read_architecture, read_img_size=_read_img_size)

@@ -1,6 +1,6 @@
-"""GELU (tanh approximation) with a written-out derivative.
+"""GELU (tanh approximation) with a written-out derivative; the MLP activations by name.
 
-It computes jax.nn.gelu(x, approximate=True) (tests/test_models.py checks
+gelu_tanh computes jax.nn.gelu(x, approximate=True) (tests/test_models.py checks
 values, gradients and Hessian-vector products). The derivative is a JVP
 rule, which also serves forward mode (forward-over-reverse Hessian-vector
 products, vit_jax.analysis.hessian).
@@ -8,6 +8,7 @@ products, vit_jax.analysis.hessian).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -37,3 +38,15 @@ def _gelu_tanh_jvp(primals, tangents):
   t = jnp.tanh(c * (x32 + a * x32 ** 3))
   slope = 0.5 * (1 + t) + 0.5 * x32 * (1 - t * t) * c * (1 + 3 * a * x32 * x32)
   return gelu_tanh(x), slope.astype(x.dtype) * dx
+
+
+# The MLP activations a config names (ViTConfig.activation): the published
+# models' tanh approximation, and the exact (erf) GELU of PyTorch's nn.GELU,
+# which timm's and Hugging Face's ViTs use.
+ACTIVATIONS = {
+    "gelu_tanh": gelu_tanh,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
