@@ -72,6 +72,10 @@ EXTRAS_REQUIRE = {
         "jax==0.12.0.1; python_version>='3.12'",
         "libtpu==0.0.50.1; python_version>='3.12'",
     ],
+    # hf://org/name checkpoints through fsspec (huggingface_hub's file system).
+    "hf": [
+        "huggingface_hub>=2.4,<3",
+    ],
     # Benchmarks against timm (PyTorch) on CPU; not needed for the library.
     "bench": [
         "torch>=2.9,<2.15",
