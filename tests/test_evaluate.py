@@ -164,8 +164,8 @@ def test_command_line_mistakes_are_one_line_and_exit_2(tmp_path):
               f"--out={tmp_path}"])
   assert run.returncode == 2, run.stderr[-2000:]
   assert run.stderr.strip().splitlines() == [
-      f"error: --checkpoint: {tmp_path / 'missing.npz'} does not exist; give a published .npz "
-      "or a training workdir."]
+      f"error: --checkpoint: {tmp_path / 'missing.npz'} does not exist; give a published .npz, "
+      "a timm or Hugging Face .safetensors or model folder, or a training workdir."]
   run = _run(["--config=configs/digits.py", "--checkpoint=x.npz"])
   assert run.returncode == 2 and "--out are required" in run.stderr
   assert len(run.stderr.strip().splitlines()) == 1

@@ -66,7 +66,7 @@ def test_configs_load_with_commented_common_fields(spec):
   for key in ("total_steps", "warmup_steps", "batch_size", "eval_every", "log_every", "checkpoint_every",
               "seed", "pretrained"):
     assert key in c
-  assert set(c.mesh.keys()) == {"data", "fsdp", "model"}
+  assert set(c.mesh.keys()) == {"data", "fsdp", "model", "dcn_data", "dcn_fsdp"}
   assert c.model_name in models.names()
   if path == "pretrain.py" and "jft" in arg:
     assert c.multi_label and c.model.head_bias_init == -10 and "multi_hot" in c.pp_train
