@@ -290,9 +290,11 @@ def test_cli_unexpected_error_keeps_its_traceback(tmp_path):
   assert not (tmp_path / "wd").exists()
 
 
-def test_preflight_knows_the_datasets_vit_jax_registers():
-  from vit_jax.data import datasets, vtab
-  assert set(preflight.OWN_DATASETS) == set(datasets.OFFLINE_BUILDERS)
+def test_preflight_knows_the_datasets_vit_jax_registers(tmp_path):
+  from vit_jax.data import datasets, imagenet21k, vtab
+  assert set(preflight.OWN_DATASETS) == set(datasets.OFFLINE_BUILDERS) | {imagenet21k.Imagenet21k.name}
+  # Not prepared is no mistake in the name (aot compiles such jobs; main says how to build it).
+  preflight.check_dataset("imagenet21k", data_dir=str(tmp_path))
   assert preflight.VTAB_TASKS == tuple(vtab.TASKS)
   preflight.check_dataset("cifar10:3.0.2")
   preflight.check_dataset("clevr/closest_object_distance")

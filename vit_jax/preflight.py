@@ -26,9 +26,9 @@ import numpy as np
 
 from vit_jax import cli
 
-# Datasets that vit_jax registers with tfds itself (vit_jax.data.datasets.OFFLINE_BUILDERS;
+# Datasets that vit_jax registers with tfds itself (datasets.OFFLINE_BUILDERS and imagenet21k;
 # importing it would start TensorFlow).
-OWN_DATASETS = ("digits",)
+OWN_DATASETS = ("digits", "imagenet21k")
 # The tasks of vit_jax.data.vtab.TASKS (as 'vtab:<task>'), listed here for the same reason.
 VTAB_TASKS = (
     "caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn",
