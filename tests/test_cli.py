@@ -147,3 +147,16 @@ def test_checkpoint_check_tells_npz_and_workdirs_from_other_files(tmp_path):
     preflight.check_pretrained(str(tmp_path), "--checkpoint")
   (tmp_path / "checkpoints" / "100").mkdir()
   preflight.check_pretrained(str(tmp_path), "--checkpoint")
+
+
+def test_aot_without_libtpu_says_which_extra_to_install(monkeypatch):
+  """What JAX raises on a machine without libtpu becomes the install command."""
+  from jax.experimental import topologies
+  from vit_jax import tpu_slices
+
+  def no_libtpu(**kwargs):
+    raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology. See "
+                       "https://github.com/jax-ml/jax#installation")
+  monkeypatch.setattr(topologies, "get_topology_desc", no_libtpu)
+  with pytest.raises(cli.UsageError, match=r"needs libtpu: pip install -e '\.\[tpu\]'"):
+    tpu_slices.topology_devices("v5e:2x2")

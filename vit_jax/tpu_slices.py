@@ -54,7 +54,8 @@ def topology_devices(topology: str, num_slices: int = 1) -> list:
                                         num_slices=num_slices, **extra)
   except Exception as e:  # noqa: BLE001 - libtpu missing, or a shape the generation lacks
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if "libtpu" in msg.lower() or "tpu" not in msg.lower() and "platform" in msg.lower():
+    low = msg.lower()
+    if "libtpu" in low or "not installed" in low or "tpu" not in low and "platform" in low:
       raise cli.UsageError(f"Compiling for TPU needs libtpu: pip install -e '.[tpu]' ({msg}).") from e
     raise cli.UsageError(
         f"--topology={topology!r} was not accepted by libtpu: {msg}. Try e.g. "
