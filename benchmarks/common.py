@@ -232,3 +232,14 @@ def write_json(path: str, result: Any) -> None:
   """Writes a benchmark's result (vit_jax.results: atomic, strict JSON) and says where."""
   results.write_json(path, result)
   print(f"wrote {path}")
+
+
+def write_between_markers(path: str, begin: str, end: str, markdown: str) -> None:
+  """Replaces what stands between the `begin` and `end` lines of the file at `path`
+  (a generated table in README.md) with `markdown`."""
+  with open(path) as f:
+    text = f.read()
+  head, rest = text.split(begin, 1)
+  _, tail = rest.split(end, 1)
+  with open(path, "w") as f:
+    f.write(f"{head}{begin}\n{markdown}\n{end}{tail}")

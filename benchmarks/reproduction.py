@@ -114,12 +114,8 @@ def table(results: dict) -> str:
 
 
 def write_readme(markdown: str, path: str = README) -> None:
-  with open(path) as f:
-    text = f.read()
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  with open(path, "w") as f:
-    f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  common.write_between_markers(path, BEGIN, END, markdown)
 
 
 def main(argv):

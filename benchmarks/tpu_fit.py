@@ -158,12 +158,8 @@ BEGIN, END = "<!-- tpu_fit table -->", "<!-- /tpu_fit table -->"
 
 
 def write_readme(markdown: str) -> None:
-  with open(README) as f:
-    text = f.read()
-  head, rest = text.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  with open(README, "w") as f:
-    f.write(f"{head}{BEGIN}\n{markdown}\n{END}{tail}")
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  common.write_between_markers(README, BEGIN, END, markdown)
 
 
 def _define_flags():
