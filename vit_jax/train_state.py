@@ -12,6 +12,7 @@ A checkpoint that cannot be read is reported in one line (`read_problem`,
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -73,8 +74,11 @@ def orbax_errors_in_one_line() -> None:
 def quiet_abandoned_io() -> None:
   """After a read or write fails, orbax closes its event loop while tensorstore still
   completes the other reads and writes; each completion then raises 'Event loop is closed'
-  (or, at exit, 'sys.meta_path is None') into sys.unraisablehook: dozens of tracebacks
-  that bury the one real cause. Those (only those) are dropped."""
+  (or, at exit, 'sys.meta_path is None') into sys.unraisablehook, and each abandoned read
+  coroutine, closed when it is collected, turns its GeneratorExit into an
+  'Encountered error while reading array index' Exception (orbax catches BaseException
+  there): dozens of tracebacks that bury the one real cause. Those (only those) are
+  dropped."""
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop", False):
     return
@@ -82,7 +86,9 @@ def quiet_abandoned_io() -> None:
   def hook(unraisable):
     e = unraisable.exc_value
     if (isinstance(e, RuntimeError) and str(e) == "Event loop is closed" or
-        isinstance(e, ImportError) and "sys.meta_path is None" in str(e)):
+        isinstance(e, ImportError) and "sys.meta_path is None" in str(e) or
+        inspect.iscoroutine(unraisable.object) and
+        isinstance(getattr(e, "__cause__", None), GeneratorExit)):
       return
     previous(unraisable)
   hook._drops_closed_loop = True  # pylint: disable=protected-access
