@@ -40,6 +40,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   common.positive("steps", None, "steps per model (default: the published 1500 for ViT / Mixer, "
                   "500 for ResNet)", fv)
   command_line.define_list("lr", "0.05,0.005", "step size: start,end", item=float, flag_values=fv)
+  flags.register_validator("lr", lambda lr: len(lr) == 2,
+                           "takes two step sizes, start,end (e.g. 0.05,0.005)", flag_values=fv)
   flags.DEFINE_enum("optimizer", "adam", ["adam", "normalized", "sgd"], "update rule",
                     flag_values=fv)
   flags.DEFINE_enum("resnet-layers", "stages", ["stages", "units"], "ResNet layers inverted",
@@ -52,8 +54,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def run(args) -> dict:
-  if len(args.lr) != 2:
-    raise cli.UsageError(f"--lr takes two step sizes, start,end (e.g. 0.05,0.005); got {args.lr}.")
   if args.published and args.untrained:  # the published models themselves, untrained
     args.untrained, args.models = False, args.models or "ViT-B_32,Mixer-B_16,BiT-R50x1"
     if "img_size" not in args.given:

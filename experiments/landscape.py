@@ -34,6 +34,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   common.positive("num-images", 128, "images the loss is averaged over", fv)
   common.positive("num-points", 21, "grid points per axis (odd)", fv)
   common.positive("slice-points", 41, "points of the 1-D slice (odd)", fv)
+  for name in ("num-points", "slice-points"):  # checked as the flags are parsed: before --out exists
+    flags.register_validator(name, lambda n: n is None or n % 2 == 1,
+                             "must be odd, so that the trained parameters (the centre) are a "
+                             "grid point", flag_values=fv)
   flags.DEFINE_float("span", 1.0, "grid half-width in filter-normalised units", flag_values=fv)
   common.positive("batch-size", 256, "images per forward pass", fv)
   common.positive("points-per-call", None,
@@ -41,9 +45,6 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def run(args) -> dict:
-  if args.num_points % 2 == 0 or args.slice_points % 2 == 0:
-    raise cli.UsageError("--num-points and --slice-points must be odd, so that the trained "
-                         "parameters (the centre) are a grid point.")
   timer = common.Timer()
   subjects = common.load_models(args)
   results = common.header(args, subjects, {"models": {}})

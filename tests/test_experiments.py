@@ -129,11 +129,17 @@ def test_bad_flags_are_one_line_usage_errors(tmp_path, digits_training):
     common.run_command(landscape, ["--out", str(tmp_path), "--families", "vgg"])
   with pytest.raises(cli.UsageError, match="exclude each other"):
     common.run_command(landscape, ["--out", str(tmp_path), "--untrained", "--checkpoint", "a.npz"])
-  with pytest.raises(cli.UsageError, match="must be odd"):
-    common.run_command(landscape, ["--out", str(tmp_path), "--num-points", "4"])
+  out = tmp_path / "out"  # refused as the flags are parsed: --out is not created
+  with pytest.raises(cli.UsageError, match="--num-points=4: must be odd"):
+    common.run_command(landscape, ["--out", str(out), "--num-points", "4"])
+  with pytest.raises(cli.UsageError, match="--slice-points=6: must be odd"):
+    common.run_command(landscape, ["--out", str(out), "--slice-points", "6"])
   with pytest.raises(cli.UsageError, match="flag --out=None: Flag --out must have a value"):
     common.run_command(landscape, [])
   with pytest.raises(cli.UsageError, match="unexpected arguments: 0.005"):
-    common.run_command(inversion, ["--out", str(tmp_path), "--lr", "0.05", "0.005"])
-  with pytest.raises(cli.UsageError, match="--lr takes two step sizes"):
-    common.run_command(inversion, ["--out", str(tmp_path), "--lr", "0.05"])
+    common.run_command(inversion, ["--out", str(tmp_path), "--steps", "3", "0.005"])
+  with pytest.raises(cli.UsageError, match=r"--lr=\[0.05\]: takes two step sizes, start,end"):
+    common.run_command(inversion, ["--out", str(out), "--lr", "0.05", "0.005"])  # a space, not a comma
+  with pytest.raises(cli.UsageError, match="--lr=.*takes two step sizes"):
+    common.run_command(inversion, ["--out", str(out), "--lr", "0.05"])
+  assert not out.exists()
