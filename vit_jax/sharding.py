@@ -29,7 +29,6 @@ every chip.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -219,30 +218,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-# The mesh whose batch axes activations are constrained to while a step is traced.
-_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
-    "activation_mesh", default=None)
-
-
-@contextlib.contextmanager
 def batch_sharded_activations(mesh: Mesh | None):
-  """While tracing under it, `constrain_batch` shards activations over `mesh`'s batch axes."""
-  token = _ACTIVATION_MESH.set(mesh)
-  try:
-    yield
-  finally:
-    _ACTIVATION_MESH.reset(token)
+  """While tracing under it, `constrain_batch` shards activations over `mesh`'s batch axes:
+  JAX's abstract mesh of the trace (jax.sharding.use_abstract_mesh; jax.set_mesh cannot be
+  entered inside jit) is `mesh`'s, so constraints name axes, not devices."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def constrain_batch(x):
-  """`x` (leading dim = batch) constrained to the batch sharding of the current step's mesh.
+  """`x` (leading dim = batch) constrained to the batch sharding of the mesh being traced.
 
-  Unchanged outside `batch_sharded_activations`, or when the batch does not split evenly.
+  Unchanged outside `batch_sharded_activations` (a mesh without the batch axes), or when
+  the batch does not split evenly.
   """
-  mesh = _ACTIVATION_MESH.get()
-  if mesh is None or x.shape[0] % num_batch_shards(mesh):
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) or (
+      x.shape[0] % num_batch_shards(mesh)):
     return x
-  return jax.lax.with_sharding_constraint(x, batch_sharding(mesh))
+  return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 
 
 def num_batch_shards(mesh: Mesh) -> int:
