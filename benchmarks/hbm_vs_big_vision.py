@@ -1,20 +1,25 @@
-"""Per-chip HBM of the ViT-B/16 pre-training step, against big_vision's, layout by layout.
+"""The ViT-B/16 pre-training step against big_vision's, layout by layout: per-chip HBM,
+FLOPs, HBM bytes accessed and the roofline step time.
 
     python -m benchmarks.hbm_vs_big_vision            # compile ours, update the JSON, print
     python -m benchmarks.hbm_vs_big_vision --table    # print the table from the JSON
+    python -m benchmarks.big_vision_step --big_vision=CHECKOUT   # compile big_vision's side
 
 The job: configs/pretrain.py:b16,imagenet21k (21,843 classes, sigmoid loss, bf16
 matmuls, Adam with a bf16 first moment, global-norm clipping) at batch 256 on a
 v5e:2x2 slice, i.e. 64 images per chip, data parallel; the train step only,
 compiled for the TPU by libtpu on a CPU (vit_jax.aot.compile_job, the step
 vit_jax.main runs). HBM per chip is the compiled program's memory analysis:
-arguments + outputs - donated + temporaries + code.
+arguments + outputs - donated + temporaries + code. FLOPs and bytes accessed are
+XLA's cost analysis of the program with what it misses of loop bodies added
+(vit_jax.step_cost.per_step); the roofline is max(FLOPs / peak, bytes / HBM
+bandwidth) at the chip's data-sheet rates (vit_jax.hardware).
 
-The big_vision side is recorded in results/hbm_vs_big_vision.json as numbers
-with its commit: its train.py update step (value_and_grad of the sigmoid loss,
-its optax chain from configs/vit_i21k.py, the l2 measurements, the state
-donated, out-shardings as in train.py) for its vit.Model B/16 with
-dtype_mm='bfloat16', the same batch, slice and libtpu, compiled the same way.
+The big_vision side (benchmarks/big_vision_step.py) is its train.py update step
+(value_and_grad of the sigmoid loss, its optax chain from configs/vit_i21k.py, the
+l2 measurements, the state donated, out-shardings as in train.py) for its
+vit.Model B/16 with dtype_mm='bfloat16', the same batch, slice and libtpu,
+compiled the same way and read by the same functions; the JSON names its commit.
 Its i21k config pools with GAP; the class-token rows set pool_type='tok' (the
 AugReg checkpoints' head, and ours).
 """
@@ -62,8 +67,8 @@ def compile_ours(model: dict) -> dict:
     config.model.update(model)
   aot.quiet_libtpu(TOPOLOGY)
   r = aot.compile_job(config, TOPOLOGY, with_eval=False)
-  return {"bytes_per_chip": r.bytes_per_chip, "memory": r.memory,
-          "compile_s": round(r.compile_s, 1)}
+  return {"bytes_per_chip": r.bytes_per_chip, "memory": r.memory, "cost": r.cost,
+          "roofline": r.roofline, "compile_s": round(r.compile_s, 1)}
 
 
 def versions() -> dict:
@@ -74,19 +79,33 @@ def versions() -> dict:
           "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
 
 
+# (column, how to read it from a layout's entry, unit, format)
+COLUMNS = [
+    ("HBM GiB per chip", lambda r: r.get("bytes_per_chip"), 2**30, ".2f"),
+    ("TFLOPs per chip", lambda r: (r.get("cost") or {}).get("flops"), 1e12, ".2f"),
+    ("GB accessed per chip", lambda r: (r.get("cost") or {}).get("bytes_accessed"), 1e9, ".1f"),
+    ("roofline ms per step", lambda r: (r.get("roofline") or {}).get("step_s"), 1e-3, ".1f"),
+]
+
+
 def table(results: dict) -> str:
+  """One row per layout; each cell 'vit_jax / big_vision (ratio)'."""
   bv = results["big_vision"]
-  rows = [f"| layout (ViT-B/16, 64 images per chip, v5e) | vit_jax GiB per chip | "
-          f"big_vision @{bv['commit'][:7]} GiB per chip | vit_jax / big_vision |",
-          "|---|---|---|---|"]
+  rows = [f"Each cell: vit_jax / big_vision @{bv['commit'][:7]} (ratio).", "",
+          "| layout (ViT-B/16, 64 images per chip, v5e) | "
+          + " | ".join(name for name, _, _, _ in COLUMNS) + " |",
+          "|---|" + "---|" * len(COLUMNS)]
   for layout, _, _ in LAYOUTS:
-    ours = results["vit_jax"]["layouts"].get(layout, {}).get("bytes_per_chip")
-    theirs = bv["layouts"].get(layout, {}).get("bytes_per_chip")
-    if ours is None:
+    ours = results["vit_jax"]["layouts"].get(layout)
+    if not ours:
       continue
-    fmt = lambda b: f"{b / 2**30:.2f}" if b else "-"
-    ratio = f"{ours / theirs:.2f}" if theirs else "-"
-    rows.append(f"| {layout} | {fmt(ours)} | {fmt(theirs)} | {ratio} |")
+    theirs = bv["layouts"].get(layout, {})
+    cells = []
+    for _, read, unit, spec in COLUMNS:
+      a, b = read(ours), read(theirs)
+      fmt = lambda v: "-" if v is None else f"{v / unit:{spec}}"
+      cells.append(f"{fmt(a)} / {fmt(b)}" + (f" ({a / b:.2f})" if a and b else ""))
+    rows.append(f"| {layout} | " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
 

@@ -110,6 +110,11 @@ def test_benchmark_cli_unknown_layout():
                      "unknown layout 'scanned, ful remat'", "Did you mean scanned, full remat")
 
 
+def test_big_vision_step_needs_a_checkout(tmp_path):
+  assert_usage_error(_run(["-m", "benchmarks.big_vision_step", f"--big_vision={tmp_path}"]),
+                     "has no big_vision/train.py", "checkout of google-research/big_vision")
+
+
 @pytest.mark.parametrize("module,argv,hint", [
     ("generation", ["--targets", "1,x"], "'x' is not an integer"),
     ("hessian", ["--img-size", "-3"], "positive integer"),
