@@ -28,6 +28,11 @@ _NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 
 
 def pytest_configure(config):
+  # -n N hands tests out one by one ('load'), so a module's expensive fixtures (a trained
+  # workdir, compiled TPU programs) were built once on every worker. 'loadfile' keeps each
+  # module on one worker: each fixture is built once, and the modules still balance.
+  if getattr(config.option, "dist", "no") == "load":
+    config.option.dist = "loadfile"
   # TensorFlow's autograph (tf.data map functions) builds AST nodes through
   # gast with an extra keyword that Python 3.13 deprecates: ~2,000 warnings
   # per run that are not ours.
