@@ -71,6 +71,22 @@ def orbax_errors_in_one_line() -> None:
     logger.addFilter(_OrbaxErrorsInOneLine())
 
 
+_ABANDONED_READ = "Encountered error while reading array index"
+# A failed read: orbax's wrapper of it, or tensorstore's own error ('OUT_OF_RANGE: Error
+# reading "<key>" in OCDBT database ...').
+_FAILED_READ = re.compile(rf"{_ABANDONED_READ}|^[A-Z_]+: Error reading ")
+_NEVER_RETRIEVED = re.compile(r"\w+ exception was never retrieved")
+
+
+class _AbandonedReadTasks(logging.Filter):
+  """Drops asyncio's log of a collected task whose exception is a failed read."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    # 'Task exception was never retrieved', or Future's, or _GatheringFuture's.
+    return not (_NEVER_RETRIEVED.match(str(record.msg)) and _FAILED_READ.search(str(error)))
+
+
 def quiet_abandoned_io() -> None:
   """After a read or write fails, orbax closes its event loop while tensorstore still
   completes the other reads and writes; each completion then raises 'Event loop is closed'
@@ -78,7 +94,11 @@ def quiet_abandoned_io() -> None:
   coroutine, closed when it is collected, turns its GeneratorExit into an
   'Encountered error while reading array index' Exception (orbax catches BaseException
   there): dozens of tracebacks that bury the one real cause. Those (only those) are
-  dropped."""
+  dropped. So are asyncio's '... exception was never retrieved' logs of the reads that
+  failed beside the one whose error was reported."""
+  asyncio_logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadTasks) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_AbandonedReadTasks())
   previous = sys.unraisablehook
   if getattr(previous, "_drops_closed_loop", False):
     return
