@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from cpu_devices import xla_flags
 import image_files_testlib as lib
 import test_train
 from vit_jax import checkpoint, cli, evaluate, models, train
@@ -123,7 +124,7 @@ def test_a_checkpoint_whose_head_has_other_classes_is_refused(workdir):
 # --------------------------------------------------------------------------
 def _run(args):
   env = dict(os.environ, PYTHONPATH=test_train.REPO,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=xla_flags(2))
   return subprocess.run([sys.executable, "-m", "vit_jax.evaluate", *args], cwd=test_train.REPO,
                         env=env, capture_output=True, text=True, timeout=600)
 

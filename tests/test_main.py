@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from vit_jax import checkpoint, cli, command_line, data, job, models, preflight, runtime, train, workdir
 from vit_jax import vtab as vtab_driver
 
+from cpu_devices import xla_flags
 import test_train  # noqa: E402  (tests/ is on sys.path under pytest)
 from test_cli import assert_usage_error
 from test_train import load_config_file
@@ -338,7 +339,7 @@ def test_cli_trains_then_a_rerun_says_finished_with_the_final_metrics(tmp_path):
          f"--config.data_dir={tmp_path / 'tfds'}", "--config.total_steps=6", "--config.warmup_steps=2",
          "--config.log_every=3", "--config.eval_every=0", "--config.checkpoint_every=3",
          "--config.batch_size=32", "--config.model.dropout_rate=0.0"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   out = subprocess.run(cmd, cwd=test_train.REPO, env=env, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -393,7 +394,7 @@ def test_reuse_cpu_step_memory_stops_per_step_page_faults():
   for mode in ("default", "reuse"):
     out = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], cwd=test_train.REPO,
                          capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))  # 1 device
+                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1)))  # 1 device
     assert out.returncode == 0, out.stderr[-3000:]
     runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
   assert runs["reuse"]["applied"] and not runs["default"]["applied"]

@@ -12,6 +12,7 @@ import numpy as np
 
 from vit_jax import train
 
+from cpu_devices import xla_flags
 import test_train
 
 WORKER = r"""
@@ -41,7 +42,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
   wd2 = str(tmp_path / "two")
   script = WORKER.format(tests=os.path.dirname(os.path.abspath(__file__)),
                          coord=f"localhost:{_free_port()}", workdir=wd2)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = []

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from flax import nnx
 
+from cpu_devices import xla_flags
 import image_files_testlib as lib
 from test_train import REPO
 from vit_jax import checkpoint, cli, models, predict
@@ -22,7 +23,7 @@ from vit_jax.data import image_files, preprocess
 
 def _run(args, devices=2):
   env = dict(os.environ, PYTHONPATH=REPO,
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(devices))
   return subprocess.run([sys.executable, "-m", "vit_jax.predict", *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
 
