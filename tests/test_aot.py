@@ -92,11 +92,11 @@ def test_fsdp4_cuts_per_chip_parameter_bytes_4x(big_head_jobs):
 
 
 def test_scanned_stack_keeps_activations_batch_sharded_under_fsdp(v5e):
-  # 512 images of 65 tokens per chip. Sharding the weights over fsdp=4 instead of
+  # 512 images of 17 tokens per chip. Sharding the weights over fsdp=4 instead of
   # replicating them (fsdp=1, data=4) keeps each chip's batch: no array of the global
-  # batch (2048) in the partitioned program. A scan carry split like the weights holds
-  # the whole batch on every chip (1,100 such arrays here, 6.9x fsdp=1's temporaries).
-  jobs = {f: aot.compile_job(tiny_config("ViT-test", img_size=64, batch_size=2048,
+  # batch (2048) in the partitioned program. A scan carry split like the weights would
+  # hold the whole batch on every chip.
+  jobs = {f: aot.compile_job(tiny_config("ViT-test", img_size=32, batch_size=2048,
                                          **{"model.scan": True, "mesh.fsdp": f}),
                              "v5e:2x2", devices=v5e, with_eval=False) for f in (1, 4)}
   one, four = jobs[1], jobs[4]
