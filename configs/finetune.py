@@ -137,8 +137,9 @@ def get_config(arg='b16,cifar100'):
   c.img_size = 384  # fine-tuning resolution; the position embedding is resized to it
   c.head_zero_init = True  # the new head starts at zero
   c.model.dropout_rate = common.finetune_dropout(model)  # as published per model
-  # L/16 at 384 px, batch 512 on v3-8 needs 18.6 GiB per 16 GiB core without remat and 11.1
-  # with 'full' (python -m vit_jax.aot; README table); B/16 fits without (13.5 of 16).
+  # L/16 at 384 px, batch 512 on v3-8 needs 15.5 GiB per 16 GiB core without remat (too
+  # little headroom) and 10.5 with 'full' (python -m vit_jax.aot; README table); B/16 fits
+  # without (14.5 of 16).
   c.model.remat_policy = 'full' if model in LARGE_MODELS else 'none'  # recompute to fit v3-8
   c.pretrained = None  # published .npz (e.g. gs://vit_models/imagenet21k/ViT-B_16.npz) or a workdir
 
