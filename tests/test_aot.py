@@ -118,6 +118,23 @@ def test_unrolled_remat_compiled_for_tpu_does_not_warn_about_the_cpu_compiler(v5
   assert not [w for w in caught if "saves no memory" in str(w.message)]
 
 
+def test_tpu_programs_stay_out_of_the_persistent_compilation_cache(v5e):
+  # The tests use JAX's persistent cache (conftest). A TPU program compiled without a TPU
+  # client cannot be read back from it: JAX warns on each later compile of the same
+  # program. Once a CPU program has been compiled (and JAX has decided the cache is used),
+  # the same TPU job compiled twice must neither write nor read an entry.
+  jax.jit(lambda x: x * 3 + 1)(np.float32(1.0)).block_until_ready()
+  c = tiny_config(**{"model.hidden_size": 48, "model.mlp_dim": 96})
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    first = aot.compile_job(c, "v5e:2x2", devices=v5e, with_eval=False)
+    again = aot.compile_job(c, "v5e:2x2", devices=v5e, with_eval=False)
+  assert first.bytes_per_chip == again.bytes_per_chip
+  assert not [w for w in caught if "persistent compilation cache" in str(w.message)]
+  # ...and the host's own programs are cached again afterwards.
+  assert jax.config.jax_enable_compilation_cache
+
+
 @pytest.mark.parametrize("model_name,topology", [("Mixer-test", "v4:2x2x1"), ("R+ViT-test", "v5e:2x2")])
 def test_mixer_and_hybrid_compile_and_report_analytic_flops(model_name, topology):
   c = tiny_config(model_name)

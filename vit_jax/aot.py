@@ -84,6 +84,7 @@ def compile_job(config, topology: str, num_slices: int = 1, *, devices=None, wit
 
 def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_bytes) -> Report:
   import jax
+  from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
   from vit_jax import job as job_lib
   from vit_jax import steps as steps_lib
   devices = devices if devices is not None else topology_devices(topology, num_slices)
@@ -99,9 +100,13 @@ def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_
   t0 = time.perf_counter()
   error, compiled, eval_total = None, None, None
   # A program compiled without a TPU client cannot be read back from JAX's persistent
-  # compilation cache: keep these out of it.
+  # compilation cache: keep these out of it. JAX decides once per process whether the
+  # cache is used, so where there is one the decision is reset on the way in and out.
   cache_enabled = jax.config.jax_enable_compilation_cache
+  reset_cache = (jax_compilation_cache.reset_cache if jax.config.jax_compilation_cache_dir
+                 else lambda: None)
   jax.config.update("jax_enable_compilation_cache", False)
+  reset_cache()
   try:
     compiled = steps_lib.compile_train_step(steps, job)
     if with_eval:
@@ -113,6 +118,7 @@ def _compile_job(config, topology, num_slices, *, devices, with_eval, name, hbm_
     error, compiled = str(e).strip().splitlines()[0][:500], None
   finally:
     jax.config.update("jax_enable_compilation_cache", cache_enabled)
+    reset_cache()
   compile_s = time.perf_counter() - t0
   return _report(config, name, topology, num_slices, devices, mesh, steps, chip, capacity,
                  compiled, error, eval_total, compile_s)
