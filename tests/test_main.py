@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from vit_jax import checkpoint, cli, command_line, data, job, models, preflight, runtime, train, workdir
+from vit_jax import (checkpoint, cli, command_line, data, evaluators, job, models, preflight,
+                     runtime, train, workdir)
 from vit_jax import vtab as vtab_driver
 
 from cpu_devices import xla_flags
@@ -329,6 +330,19 @@ def test_dataset_not_prepared_names_data_dir_and_how_to_prepare(tmp_path):
   with pytest.raises(data.DatasetNotPreparedError) as e:
     train.train_and_evaluate(c, str(tmp_path / "wd"))
   assert str(tmp_path / "empty") in str(e.value) and "tfds build cifar10" in str(e.value)
+
+
+def test_an_evaluation_whose_dataset_is_not_prepared_says_how_to_leave_it_out(tmp_path):
+  # ImageNet fine-tuning also scores ReaL, whose label sets are a tfds dataset of their own.
+  _fake_metadata(tmp_path, "imagenet2012", {"train": 100, "validation": 50})
+  c = load_config_file("finetune.py", "b16,imagenet2012")
+  c.model_name, c.data_dir = "ViT-test", str(tmp_path)
+  with pytest.raises(cli.UsageError, match="tfds build imagenet2012_real") as e:
+    job.resolve(c)
+  assert str(e.value).startswith("config.evals.real reads 'imagenet2012_real': ")
+  assert str(e.value).endswith("To run without this evaluation: --config.evals.real.split=")
+  c.evals.real.split = ""  # what that flag sets
+  assert sorted(name for name, _ in evaluators.specs(job.resolve(c).config)) == ["test", "val"]
 
 
 def test_cli_trains_then_a_rerun_says_finished_with_the_final_metrics(tmp_path):

@@ -243,7 +243,14 @@ def check_splits(config, data) -> None:
   reads = [("train_split", config, config.get("train_split"))]
   reads += [(f"evals.{name}", c, split) for name, c, split in evaluators.reads(config)]
   for what, c, split in reads:
-    if split and not data.num_examples(c, split):
+    try:
+      count = data.num_examples(c, split) if split else None
+    except cli.UsageError as e:  # e.g. ImageNet ReaL's labels, not prepared here
+      if not what.startswith("evals."):
+        raise
+      raise cli.UsageError(f"config.{what} reads {c.dataset!r}: {e}\nTo run without this "
+                           f"evaluation: --config.{what}.split=") from None
+    if split and not count:
       raise cli.UsageError(
           f"config.{what}: split {split!r} of {c.dataset!r} holds no examples; give it a "
           "larger slice or add data.")
