@@ -1,9 +1,9 @@
 """Faults through the command line, each in a subprocess: a fault may stop a run, but it never
 costs the last good state or hides its cause.
 
-Broken and missing checkpoint files, a config that changes the model of a workdir, a
-diverging run, Ctrl-C and SIGTERM, a full disk and a read-only workdir, and mistakes that
-must be refused before anything is written.
+Broken and missing checkpoint files, a dataset copy missing a file, a config that changes the
+model of a workdir, a diverging run, Ctrl-C and SIGTERM, a full disk and a read-only workdir,
+and mistakes that must be refused before anything is written.
 """
 import json
 import math
@@ -276,6 +276,19 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_readable(trained,
     assert train_state.read_problem(os.path.join(wd, "checkpoints", "10")) is None
   finally:
     subprocess.run(["umount", disk], check=False)
+
+
+def test_a_dataset_file_missing_from_data_dir_is_one_line_naming_it(trained, tmp_path, tfds_dir):
+  # An incomplete copy of a prepared dataset: its metadata lists a file that is not there.
+  broken = tmp_path / "tfds"
+  shutil.copytree(tfds_dir, broken)
+  (shard,) = broken.glob("digits/*/digits-train.tfrecord*")
+  shard.unlink()
+  out = run_main(tmp_path / "wd", *SHORT, tfds_dir=broken)
+  assert out.returncode == 2
+  line = error_line(out)
+  assert f"Dataset 'digits' in data_dir={broken} is incomplete: {shard} is missing" in line
+  assert f"Delete {shard.parent} and prepare it again" in line
 
 
 def test_a_read_only_workdir_is_one_line(tmp_path, tfds_dir):

@@ -23,7 +23,7 @@ locally or on Apache Beam through image_files), build (their command line).
 from vit_jax.data import digits
 from vit_jax.data import preprocess
 from vit_jax.data import vtab
-from vit_jax.data.datasets import DatasetNotPreparedError
+from vit_jax.data.datasets import DatasetFilesMissingError, DatasetNotPreparedError
 from vit_jax.data.datasets import dataset_num_classes
 from vit_jax.data.pipeline import eval_iterator
 from vit_jax.data.datasets import get_builder
@@ -35,7 +35,7 @@ from vit_jax.data.pipeline import train_iterator
 from vit_jax.data.preprocess import get_preprocess_fn
 
 __all__ = [
-    "DatasetNotPreparedError", "dataset_num_classes", "digits",
+    "DatasetFilesMissingError", "DatasetNotPreparedError", "dataset_num_classes", "digits",
     "eval_iterator", "get_builder", "get_preprocess_fn", "label_names",
     "num_examples", "prepare_hint", "preprocess", "resolve_num_classes",
     "train_iterator", "vtab",

@@ -14,6 +14,7 @@ resolve_num_classes.
 """
 
 import os
+import re
 from typing import Any, Optional
 
 import tensorflow as tf
@@ -43,6 +44,20 @@ class DatasetNotPreparedError(cli.UsageError, RuntimeError):
 
   A user's error: the command lines print it as one line (exit 2).
   """
+
+
+class DatasetFilesMissingError(cli.UsageError, RuntimeError):
+  """A file that a prepared dataset lists is missing from data_dir (an incomplete copy)."""
+
+
+def files_missing_message(config, error: Exception) -> str:
+  """One message for TensorFlow's NotFoundError while reading a prepared dataset."""
+  text = str(getattr(error, "message", error))
+  missing = re.search(r"(\S+); No such file or directory", text)
+  what = missing.group(1) if missing else text.strip().splitlines()[0][:300]
+  folder = os.path.dirname(missing.group(1)) if missing else "its folder"
+  return (f"Dataset '{_tfds_name(config)}' in data_dir={_data_dir(config)} is incomplete: "
+          f"{what} is missing. Delete {folder} and prepare it again. {prepare_hint(config)}")
 
 
 # ---------------------------------------------------------------------------

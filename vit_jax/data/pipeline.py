@@ -33,6 +33,7 @@ then zero padding with mask 0, so that summing `mask`-weighted metrics over
 all processes counts each of the N examples exactly once.
 """
 
+import contextlib
 import math
 from typing import Iterator, Optional
 
@@ -161,6 +162,21 @@ def _mixup(batch: dict, key: tf.Tensor, alpha: float) -> dict:
   return {"image": mix(batch["image"]), "labels": mix(batch["labels"])}
 
 
+@contextlib.contextmanager
+def _dataset_files(config):
+  """A file of the prepared dataset that data_dir lacks (an incomplete copy) is one line
+  saying so, not TensorFlow's traceback."""
+  try:
+    yield
+  except tf.errors.NotFoundError as e:
+    raise datasets.DatasetFilesMissingError(datasets.files_missing_message(config, e)) from None
+
+
+def _reading(config, batches: Iterator[Batch]) -> Iterator[Batch]:
+  with _dataset_files(config):
+    yield from batches
+
+
 def train_iterator(config, *, global_batch_size: int, seed: int,
                    start_step: int = 0, process_index: Optional[int] = None,
                    process_count: Optional[int] = None) -> Iterator[Batch]:
@@ -202,7 +218,7 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
         lambda k, b: _mixup(b, _rng(seed, _MIXUP, pi, k), alpha),
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(datasets.get(config, "prefetch", tf.data.AUTOTUNE))
-  return ds.with_options(_options()).as_numpy_iterator()
+  return _reading(config, ds.with_options(_options()).as_numpy_iterator())
 
 
 # ---------------------------------------------------------------------------
@@ -250,7 +266,8 @@ def eval_iterator(config, split: str, *, global_batch_size: int,
   # Exactly enough padding for num_batches full batches and no take(): read
   # to its end, the split's cached raw examples are kept for the next eval
   # (tf.data drops a cache whose input was not read to the end).
-  padding = _padding(config, split, fn, num_batches * host_batch - shard_size)
+  with _dataset_files(config):
+    padding = _padding(config, split, fn, num_batches * host_batch - shard_size)
   ds = ds.concatenate(padding).batch(host_batch, drop_remainder=True)
   ds = ds.prefetch(datasets.get(config, "prefetch", tf.data.AUTOTUNE))
-  return ds.with_options(_options()).as_numpy_iterator()
+  return _reading(config, ds.with_options(_options()).as_numpy_iterator())
