@@ -1,6 +1,7 @@
 """Models: published parameter counts, published function, invariants."""
 
 import contextlib
+import functools
 import io
 import math
 import re
@@ -41,9 +42,15 @@ def count_params(model):
 
 def randomize(model, seed=0, scale=0.1):
   """Perturbs every parameter (fresh heads are zero, which hides bugs)."""
-  for i, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.Param))):
-    noise = jax.random.normal(jax.random.key(seed + i), var.get_value().shape)
-    var.set_value(var.get_value() + scale * noise)
+  variables = [var for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+  @jax.jit  # one program (op by op, each parameter shape compiles its own)
+  def perturbed(values):
+    return [v + scale * jax.random.normal(jax.random.key(seed + i), v.shape)
+            for i, v in enumerate(values)]
+
+  for var, value in zip(variables, perturbed([var.get_value() for var in variables])):
+    var.set_value(value)
   return model
 
 
@@ -224,7 +231,7 @@ def test_class_token_only_last_block_gives_the_same_gradients(remat):
                              scanned(x, train=True, rng=key), atol=1e-5)
   def published_grads(m):   # gradients in the published (unstacked) layout
     holder = nnx.clone(m)
-    nnx.update(holder, nnx.grad(loss)(m))
+    nnx.update(holder, nnx.jit(nnx.grad(loss))(m))  # jitted, as a train step runs
     return checkpoint.to_published(holder)
 
   g1, g2 = published_grads(unrolled), published_grads(scanned)
@@ -284,8 +291,8 @@ def test_remat_gives_the_same_gradients(name, policy):
   def loss(m):
     return jnp.sum(m(x) ** 2)
 
-  g1 = nnx.state(nnx.grad(loss)(base), nnx.Param)
-  g2 = nnx.state(nnx.grad(loss)(remat), nnx.Param)
+  grads = nnx.jit(lambda m: nnx.state(nnx.grad(loss)(m), nnx.Param))  # as a train step runs
+  g1, g2 = grads(base), grads(remat)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     np.testing.assert_allclose(a, b, atol=1e-5)
   with pytest.raises(ValueError, match="remat_policy"):
@@ -416,15 +423,20 @@ def test_padded_attention_is_exact(nq, nk):
   def padded(a, b):
     return attention.attention_cudnn(a, b, project, implementation="xla")
 
+  @functools.partial(jax.jit, static_argnums=0)
+  def output_and_input_grads(f, *inputs):
+    out, vjp = jax.vjp(f, *inputs)
+    return out, vjp(g)
+
   if self_attention:  # the same array as queries and keys: padded once
-    out, vjp = jax.vjp(lambda a: padded(a, a), x_q)
-    out_ref, vjp_ref = jax.vjp(lambda a: plain(a, a), x_q)
+    out, grads = output_and_input_grads(lambda a: padded(a, a), x_q)
+    out_ref, grads_ref = output_and_input_grads(lambda a: plain(a, a), x_q)
   else:
-    out, vjp = jax.vjp(padded, x_q, x_kv)
-    out_ref, vjp_ref = jax.vjp(plain, x_q, x_kv)
+    out, grads = output_and_input_grads(padded, x_q, x_kv)
+    out_ref, grads_ref = output_and_input_grads(plain, x_q, x_kv)
   assert out.shape == (3, nq, 4, 8)
   np.testing.assert_allclose(out, out_ref, atol=1e-6)
-  for a, b in zip(vjp(g), vjp_ref(g)):
+  for a, b in zip(grads, grads_ref):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -507,7 +519,7 @@ def test_models_traced_for_tpu_compute_the_same_function(name):
 
   def run():
     lowered = jax.jit(lambda p: loss(p)[1]).trace(params).lower().as_text()
-    (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return lowered, logits, grads
 
   cpu_text, cpu_logits, cpu_grads = run()
