@@ -348,13 +348,13 @@ def test_an_evaluation_whose_dataset_is_not_prepared_says_how_to_leave_it_out(tm
 def test_cli_trains_then_a_rerun_says_finished_with_the_final_metrics(tmp_path):
   """The README's command, shortened: runs and writes the workdir; the same command again
   trains nothing, leaves the workdir as it was and prints the run's final metrics."""
-  wd = tmp_path / "wd"
-  cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/digits.py", f"--workdir={wd}",
-         f"--config.data_dir={tmp_path / 'tfds'}", "--config.total_steps=6", "--config.warmup_steps=2",
-         "--config.log_every=3", "--config.eval_every=0", "--config.checkpoint_every=3",
-         "--config.batch_size=32", "--config.model.dropout_rate=0.0"]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
-  out = subprocess.run(cmd, cwd=test_train.REPO, env=env, capture_output=True, text=True, timeout=400)
+  wd = tmp_path / "workdirs" / "digits"  # given relative to the working directory, as README does
+  cmd = [sys.executable, "-m", "vit_jax.main", f"--config={test_train.REPO}/configs/digits.py",
+         "--workdir=workdirs/digits", "--config.data_dir=tfds", "--config.total_steps=6",
+         "--config.warmup_steps=2", "--config.log_every=3", "--config.eval_every=0",
+         "--config.checkpoint_every=3", "--config.batch_size=32", "--config.model.dropout_rate=0.0"]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2), PYTHONPATH=test_train.REPO)
+  out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads(out.stdout.strip().splitlines()[-1])
   assert summary["test/count"] > 250 and "train/loss" in summary
@@ -362,7 +362,7 @@ def test_cli_trains_then_a_rerun_says_finished_with_the_final_metrics(tmp_path):
   config = json.load(open(wd / "config.json"))
   assert config["total_steps"] == 6 and config["model"]["dropout_rate"] == 0.0
   before = _tree(wd)
-  again = subprocess.run(cmd, cwd=test_train.REPO, env=env, capture_output=True, text=True, timeout=400)
+  again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "already finished at step 6" in again.stderr and "Traceback" not in again.stderr
   assert json.loads(again.stdout.strip().splitlines()[-1]) == summary  # read back from metrics.jsonl

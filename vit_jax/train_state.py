@@ -134,6 +134,8 @@ def read_problem(step_dir: str) -> str | None:
   if missing:
     return missing
   path = os.path.join(step_dir, "state")
+  if "://" not in path:  # orbax finds no metadata under a relative path
+    path = os.path.abspath(path)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.metadata(path).item_metadata.tree
