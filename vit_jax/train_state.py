@@ -136,6 +136,11 @@ def read_problem(step_dir: str) -> str | None:
   path = os.path.join(step_dir, "state")
   if "://" not in path:  # orbax finds no metadata under a relative path
     path = os.path.abspath(path)
+  # orbax's progress lines, and its warning that the item folder has no metadata file of
+  # its own (the manager writes it one level up), say nothing about whether it is readable.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = ckptr.metadata(path).item_metadata.tree
@@ -144,6 +149,8 @@ def read_problem(step_dir: str) -> str | None:
   except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
     quiet_abandoned_io()
     return first_line(e)
+  finally:
+    absl_log.setLevel(level)
   return None
 
 
