@@ -23,12 +23,8 @@ import jax
 import numpy as np
 
 from vit_jax import cli
+from vit_jax import workdir as workdir_lib
 from vit_jax.models import dtypes
-
-
-def checkpoints_dir(workdir) -> str:
-  """Where a run's orbax checkpoints live: <workdir>/checkpoints."""
-  return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
 
 
 class UnreadableCheckpointError(cli.UsageError):
@@ -134,8 +130,6 @@ def read_problem(step_dir: str) -> str | None:
   if missing:
     return missing
   path = os.path.join(step_dir, "state")
-  if "://" not in path:  # orbax finds no metadata under a relative path
-    path = os.path.abspath(path)
   # orbax's progress lines, and its warning that the item folder has no metadata file of
   # its own (the manager writes it one level up), say nothing about whether it is readable.
   absl_log = logging.getLogger("absl")
@@ -173,7 +167,7 @@ class TrainCheckpointer:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
     from orbax.checkpoint import checkpoint_managers as cm  # pylint: disable=g-import-not-at-top
     self._ocp = ocp
-    self.directory = checkpoints_dir(workdir)
+    self.directory = workdir_lib.checkpoint_dir(workdir)
     policies = [cm.LatestN(n=max(int(keep), 1))]
     if keep_best and int(keep_best) > 0:
       policies.append(cm.BestN(get_metric_fn=lambda m: m["val/accuracy"],
@@ -286,7 +280,7 @@ def read_meta(workdir, step: int) -> dict:
   """The JSON metadata saved with one checkpoint (train_meta)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-    return dict(ckptr.restore(os.path.join(checkpoints_dir(workdir), str(step), "meta")))
+    return dict(ckptr.restore(os.path.join(workdir_lib.checkpoint_dir(workdir, step), "meta")))
 
 
 def restore_params(workdir, step: int, abstract_params, key: str = "params"):
@@ -296,7 +290,7 @@ def restore_params(workdir, step: int, abstract_params, key: str = "params"):
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                      dtype=a.dtype), abstract_params)
-  path = os.path.join(checkpoints_dir(workdir), str(step), "state")
+  path = os.path.join(workdir_lib.checkpoint_dir(workdir, step), "state")
   with ocp.PyTreeCheckpointer() as ckptr:
     out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
         item={key: abstract_params}, restore_args={key: restore_args},

@@ -159,8 +159,10 @@ def read_rows(path: str) -> list[dict]:
 
 
 def checkpoint_dir(workdir: str, step: int | None = None) -> str:
-  """workdir/checkpoints, or the folder of one step's checkpoint in it."""
-  path = os.path.join(workdir, "checkpoints")
+  """workdir/checkpoints, or the folder of one step's checkpoint in it; a local workdir
+  absolute (orbax finds no metadata under a relative path)."""
+  workdir = os.fspath(workdir)
+  path = os.path.join(workdir if "://" in workdir else os.path.abspath(workdir), "checkpoints")
   return path if step is None else os.path.join(path, str(int(step)))
 
 

@@ -37,7 +37,7 @@ def _step_dir(workdir, step: int | None) -> tuple[int, str]:
   """(step, its folder): the newest checkpoint when `step` is None. Missing
   files are one line (UnreadableCheckpointError)."""
   steps = workdir_lib.checkpoint_steps(workdir)
-  directory = train_state.checkpoints_dir(workdir)
+  directory = workdir_lib.checkpoint_dir(workdir)
   if step is None:
     if not steps:
       raise FileNotFoundError(
