@@ -15,7 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from vit_jax import checkpoint, models
-from vit_jax.models import ops, stacks
+from vit_jax.models import layers, ops, stacks
 import reference_linen as ref
 
 # Published parameter counts with a 1000-class head at 224px.
@@ -68,6 +68,24 @@ def test_published_parameter_counts(name):
 def test_every_published_name_is_registered():
   for name in PUBLISHED_COUNTS:
     assert name in models.names()
+
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_parameter_keys_are_the_rng_streams_own(traced):
+  # layers.next_key draws what nnx's stream() draws and advances the count the same way,
+  # eagerly and under a trace (where models are created abstractly or by a jitted init).
+  def draws(take):
+    rngs = nnx.Rngs(params=7)
+    keys = [jax.random.key_data(take(rngs.params)) for _ in range(3)]
+    return jnp.stack(keys), rngs.params.count[...]
+
+  ours = lambda: draws(layers.next_key)
+  nnx_own = lambda: draws(lambda stream: stream())
+  if traced:
+    ours, nnx_own = jax.jit(ours), jax.jit(nnx_own)
+  (keys, count), (expected_keys, expected_count) = ours(), nnx_own()
+  np.testing.assert_array_equal(keys, expected_keys)
+  assert int(count) == int(expected_count) == 3
 
 
 def test_unknown_name_lists_valid_names():

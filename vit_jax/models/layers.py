@@ -43,8 +43,23 @@ def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: Axes,
   """A parameter tagged with its logical axes (one name, or None, per dim)."""
   if len(axes) != len(shape):
     raise ValueError(f"logical axes {axes} do not match shape {tuple(shape)}")
-  value = init(rngs.params(), tuple(shape), dtype)
+  value = init(next_key(rngs.params), tuple(shape), dtype)
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def next_key(stream: nnx.RngStream) -> jax.Array:
+  """`stream()`: the same key, and the stream's count advanced the same way.
+
+  Under a trace (nnx.eval_shape, a jitted init) `stream()` writes the count
+  through `count[...] = ...`, whose check of the new value's sharding builds
+  an error message from every operation traced so far: creating a model cost
+  time quadratic in its parameter count (ViT-H/14: 16 s). Setting the whole
+  value skips that check.
+  """
+  count = stream.count[...]
+  key = jax.random.fold_in(stream.key[...], count)
+  stream.count.set_value(count + 1)
+  return key
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:

@@ -18,6 +18,7 @@ from flax import nnx
 from jaxlib import version as jaxlib_version
 
 from vit_jax import sharding
+from vit_jax.models import layers
 from vit_jax.models.ops import platform
 
 Array = jax.Array
@@ -76,7 +77,7 @@ def make_stack(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
   """Creates `num_layers` blocks: a list, or one stacked block when scanned."""
   if not scan:
     return nnx.List([make_block(rngs) for _ in range(num_layers)])
-  keys = jax.random.split(rngs.params(), num_layers)
+  keys = jax.random.split(layers.next_key(rngs.params), num_layers)
 
   @nnx.vmap(in_axes=0, out_axes=0)
   def create(key):
