@@ -243,7 +243,7 @@ def test_ctrl_c_and_sigterm_save_the_current_step_and_exit_non_zero(tmp_path, tf
   cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/digits.py", f"--workdir={wd}",
          f"--config.data_dir={tfds_dir}", "--config.total_steps=100000", "--config.log_every=5",
          "--config.eval_every=0", "--config.checkpoint_every=0", "--config.batch_size=32"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(1)),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _signal_when_training(proc, wd, sig)
   _, err = proc.communicate(timeout=300)
