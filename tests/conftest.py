@@ -15,21 +15,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # tf.data must not grab the GPU or all host threads while JAX runs.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-
-
-import jax  # noqa: E402  (after the flags above)
-
 # Identical programs (the same config run again, e.g. when a test resumes a
-# run, or in another test) compile once per machine: in the test processes and,
-# through the environment, in the CLI runs they start. Every program is cached,
-# however quick its compile: at the tests' sizes most take under half a second,
-# and a CLI run compiles a handful.
+# run, or in another test) compile once per machine: in the test processes and
+# in the CLI runs they start, which inherit this environment. Every program is
+# cached, however quick its compile: at the tests' sizes most take under half a
+# second, and a CLI run compiles a handful.
 _CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), "vit_jax_test_jax_cache")
 os.makedirs(_CACHE_DIR, exist_ok=True)
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 _NOTEBOOKS = pathlib.Path(__file__).parent.parent / "notebooks"
 

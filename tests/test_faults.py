@@ -26,11 +26,15 @@ SHORT = ["--config.total_steps=20", "--config.warmup_steps=5", "--config.log_eve
          "--config.model.dropout_rate=0.0"]
 
 
+# The main job's environment in these tests: this checkout, one simulated CPU device.
+MAIN_ENV = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(1))
+
+
 def run_main(workdir, *args, tfds_dir, timeout=400):
   cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/digits.py",
          f"--workdir={workdir}", f"--config.data_dir={tfds_dir}", *args]
-  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(1))
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(cmd, cwd=REPO, env=MAIN_ENV, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def error_line(out) -> str:
@@ -243,8 +247,8 @@ def test_ctrl_c_and_sigterm_save_the_current_step_and_exit_non_zero(tmp_path, tf
   cmd = [sys.executable, "-m", "vit_jax.main", "--config=configs/digits.py", f"--workdir={wd}",
          f"--config.data_dir={tfds_dir}", "--config.total_steps=100000", "--config.log_every=5",
          "--config.eval_every=0", "--config.checkpoint_every=0", "--config.batch_size=32"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags(1)),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=MAIN_ENV, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
   _signal_when_training(proc, wd, sig)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == status, err[-3000:]

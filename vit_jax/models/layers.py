@@ -52,9 +52,9 @@ def next_key(stream: nnx.RngStream) -> jax.Array:
 
   Under a trace (nnx.eval_shape, a jitted init) `stream()` writes the count
   through `count[...] = ...`, whose check of the new value's sharding builds
-  an error message from every operation traced so far: creating a model cost
-  time quadratic in its parameter count (ViT-H/14: 16 s). Setting the whole
-  value skips that check.
+  an error message from every operation traced so far, so creating a model
+  took time quadratic in its parameter count. Setting the whole value skips
+  that check (and keeps nnx's check that the count may be updated here).
   """
   count = stream.count[...]
   key = jax.random.fold_in(stream.key[...], count)
