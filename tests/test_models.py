@@ -15,7 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import print_saved_residuals
 
 from vit_jax import checkpoint, models
-from vit_jax.models import layers, ops, stacks
+from vit_jax.models import attention as attention_module, layers, ops, stacks
 import reference_linen as ref
 
 # Published parameter counts with a 1000-class head at 224px.
@@ -519,6 +519,39 @@ def test_xla_attention_keeps_probabilities_in_the_compute_dtype(dtype):
   np.testing.assert_allclose(hvp(attention.attention_xla), hvp(xla), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_attention_recomputing_probabilities_keeps_only_row_statistics(dtype):
+  # With recompute_probs the backward pass rebuilds the probabilities from q,
+  # k and the softmax's row max and sum: it keeps those two (B, H, Nq, 1)
+  # arrays and no (B, H, Nq, Nk) one, and gives the same values and gradients
+  # (jitted, as the train step runs it: the same XLA computation twice).
+  from vit_jax.models.ops import attention
+  k = jax.random.split(jax.random.key(3), 4)
+  q = (jax.random.normal(k[0], (2, 7, 3, 8)) * 4).astype(dtype)
+  kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
+  g = jax.random.normal(k[3], (2, 7, 3, 8)).astype(dtype)
+  recomputing = functools.partial(attention.attention_xla, recompute_probs=True)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def output_and_grads(f, *inputs):
+    out, vjp = jax.vjp(f, *inputs)
+    return out, vjp(g)
+
+  out, grads = output_and_grads(recomputing, q, *kv)
+  out_ref, grads_ref = output_and_grads(attention.attention_xla, q, *kv)
+  f32 = lambda a: np.asarray(a, np.float32)
+  np.testing.assert_array_equal(f32(out), f32(out_ref))
+  for a, b in zip(grads, grads_ref):
+    np.testing.assert_allclose(f32(a), f32(b), rtol=1e-6, atol=1e-6)
+  computed = saved_shapes(recomputing, q, *kv, computed_only=True, with_dtypes=True)
+  assert sorted(computed) == [("f32", (2, 3, 7, 1))] * 2
+  assert (2, 3, 7, 9) in saved_shapes(attention.attention_xla, q, *kv)   # what it drops
+  # Forward-over-reverse (Hessian-vector products) goes through the recomputation.
+  loss = lambda f: lambda t: jnp.sum(jnp.sin(f(t, *(f32(x) for x in kv))))
+  hvp = lambda f: jax.jvp(jax.grad(loss(f)), (f32(q),), (jnp.ones(q.shape),))[1]
+  np.testing.assert_allclose(hvp(recomputing), hvp(attention.attention_xla), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["ViT-test", "Mixer-test", "R+ViT-test"])
 def test_models_traced_for_tpu_compute_the_same_function(name):
   # Traced for a TPU (ops.compiling_for, as vit_jax.aot does on a CPU
@@ -552,6 +585,31 @@ def test_models_traced_for_tpu_compute_the_same_function(name):
     b = dict(jax.tree_util.tree_leaves_with_path(cpu_grads))[path]
     scale = np.abs(np.asarray(b)).max() + 1e-12
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale, path
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_vit_traced_for_tpu_keeps_no_attention_probabilities(scan):
+  # A block that is not rematerialised recomputes its attention
+  # probabilities in the backward pass (attention_xla's recompute_probs);
+  # under a remat policy the whole block is recomputed instead, and the
+  # attention is not checkpointed a second time inside it.
+  model = models.create("ViT-test", num_classes=3, img_size=32, scan=scan)
+  graphdef, params = nnx.split(model)
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  heads, tokens = model.config.num_heads, 1 + math.prod(model.config.patch_grid)
+  probs = lambda shape: shape[-3:] == (heads, tokens, tokens)
+  loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x))
+  with ops.compiling_for("tpu"):
+    assert not [s for s in saved_shapes(loss, params) if probs(s)]
+    blocks = [m for _, m in nnx.iter_graph(model)
+              if isinstance(m, attention_module.MultiHeadDotProductAttention)]
+    for block in blocks:
+      block.recompute_probs = False
+    graphdef = nnx.split(model)[0]
+    assert [s for s in saved_shapes(loss, params) if probs(s)]
+  remat = models.create("ViT-test", num_classes=3, img_size=32, scan=True, remat_policy="full")
+  assert not any(m.recompute_probs for _, m in nnx.iter_graph(remat)
+                 if isinstance(m, attention_module.MultiHeadDotProductAttention))
 
 
 def test_compiling_for_rejects_an_unknown_platform():

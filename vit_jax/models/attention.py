@@ -24,13 +24,15 @@ class MultiHeadDotProductAttention(nnx.Module):
 
   query/key/value kernels are (D, heads, D/heads), out kernel (heads, D/heads, D).
   `qk_norm`: queries and keys are layer-normalised per head before their
-  product (Dehghani et al. 2023), with `epsilon`.
+  product (Dehghani et al. 2023), with `epsilon`. `recompute_probs`: the
+  backward pass recomputes the attention probabilities rather than keeping
+  them (ops.attention.attention_xla; the same values).
   """
 
   def __init__(self, features: int, num_heads: int, *, rngs: nnx.Rngs,
                dropout_rate: float = 0.0, attention_impl: str | None = None,
                qk_norm: bool = False, epsilon: float = layers.LN_EPS,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               recompute_probs: bool = False, dtype=jnp.float32, param_dtype=jnp.float32):
     head_dim = features // num_heads
 
     def dense_general(shape, axes, bias_shape, bias_axes, flat):
@@ -59,6 +61,7 @@ class MultiHeadDotProductAttention(nnx.Module):
     self.head_dim = head_dim
     self.dropout_rate = dropout_rate
     self.attention_impl = attention_impl
+    self.recompute_probs = recompute_probs
     self.dtype = dtype
 
   def _qkv(self, x_q: Array, x_kv: Array) -> tuple[Array, Array, Array]:
@@ -93,6 +96,7 @@ class MultiHeadDotProductAttention(nnx.Module):
       ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
     else:
       ctx = ops.dot_product_attention(x_q, x_kv, self._qkv, head_dim=self.head_dim,
-                                      implementation=self.attention_impl)
+                                      implementation=self.attention_impl,
+                                      recompute_probs=self.recompute_probs)
     out = ops.dense(ctx, self.out["kernel"][...], contract=2)
     return out + self.out["bias"][...].astype(self.dtype), weights

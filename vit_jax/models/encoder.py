@@ -37,7 +37,10 @@ class EncoderBlock(nnx.Module):
     self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, epsilon=eps, **kw)
     self.MultiHeadDotProductAttention_1 = attention.MultiHeadDotProductAttention(
         d, cfg.num_heads, rngs=rngs, dropout_rate=cfg.attention_dropout_rate,
-        attention_impl=cfg.attention_impl, qk_norm=cfg.qk_norm, epsilon=eps, **kw)
+        attention_impl=cfg.attention_impl, qk_norm=cfg.qk_norm, epsilon=eps,
+        # The probabilities are the largest array a block keeps for its backward
+        # pass; a rematerialised block recomputes them anyway.
+        recompute_probs=cfg.remat_policy == "none", **kw)
     self.LayerNorm_2 = layers.LayerNorm(d, rngs=rngs, epsilon=eps, **kw)
     if cfg.swiglu:
       self.MlpBlock_3 = layers.SwiGluBlock(d, cfg.mlp_dim, rngs=rngs,

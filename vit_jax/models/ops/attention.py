@@ -2,7 +2,7 @@
 
 * `attention_xla` (TPU; GPUs without cuDNN): the computation of
   jax.nn.dot_product_attention's XLA path with a backward pass that keeps
-  the probabilities once, in the compute dtype;
+  the probabilities once, in the compute dtype, or recomputes them;
 * `attention_cudnn`: cuDNN's fused flash attention on NVIDIA GPUs in
   bfloat16 / float16, padding odd sequence lengths;
 * `attention_head_major` (CPU): plain batched matmuls over (batch, heads).
@@ -18,6 +18,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from vit_jax.models.ops.platform import forms
 
@@ -30,11 +31,13 @@ Project = Callable[[Array, Array], tuple[Array, Array, Array]]
 
 
 def dot_product_attention(x_q: Array, x_kv: Array, project: Project, *, head_dim: int,
-              implementation: str | None = None) -> Array:
+              implementation: str | None = None,
+              recompute_probs: bool = False) -> Array:
   """The (B, Nq, heads, head_dim) attention context of token inputs (B, N, D).
 
   `project(x_q, x_kv)` gives the (B, N, heads, head_dim) queries, keys and
   values (cuDNN's form pads the token inputs before projecting them).
+  `recompute_probs`: see attention_xla (cuDNN's kernel always recomputes).
   """
   if implementation is None:
     implementation = forms().attention
@@ -45,10 +48,15 @@ def dot_product_attention(x_q: Array, x_kv: Array, project: Project, *, head_dim
   q, k, v = project(x_q, x_kv)
   if implementation == "head_major":
     return attention_head_major(q, k, v)
-  return attention_xla(q, k, v)
+  return attention_xla(q, k, v, recompute_probs=recompute_probs)
 
 
-def attention_xla(q: Array, k: Array, v: Array) -> Array:
+# The softmax's row statistics, (B, H, Nq, 1) each: what attention_xla keeps
+# when it recomputes the probabilities.
+SOFTMAX_STATISTICS = ("attention_row_max", "attention_row_sum")
+
+
+def attention_xla(q: Array, k: Array, v: Array, *, recompute_probs: bool = False) -> Array:
   """softmax(q k^T / sqrt(d)) v for (B, N, H, D) inputs as
   jax.nn.dot_product_attention(implementation='xla') computes it (logits and
   softmax in float32, probabilities cast to v's dtype for the second matmul;
@@ -58,10 +66,23 @@ def attention_xla(q: Array, k: Array, v: Array) -> Array:
   bfloat16 that halves the largest array each layer saves;
   benchmarks/RESULTS.md section 5), and differentiates the softmax and the
   logits in that dtype. In float32 it is plain autodiff of the same function.
+
+  `recompute_probs`: the backward pass recomputes the probabilities from q,
+  k and the softmax's row max and sum (kept, (B, H, Nq, 1) each), the same
+  values, instead of keeping the (B, H, Nq, Nk) probabilities: one more
+  q k^T matmul for the largest array a layer keeps. For layers that are not
+  rematerialised; a rematerialised layer recomputes them anyway, and
+  checkpointing them again would compute q k^T a third time.
   """
-  logits = attention_logits(q, k, 1.0 / math.sqrt(q.shape[-1]))
-  probs = softmax_as(logits, v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  scale = 1.0 / math.sqrt(q.shape[-1])
+
+  def attend(q, k, v):
+    return jnp.einsum("bhqk,bkhd->bqhd", softmax_as(attention_logits(q, k, scale), v.dtype), v)
+
+  if not recompute_probs:
+    return attend(q, k, v)
+  keep = jax.checkpoint_policies.save_only_these_names(*SOFTMAX_STATISTICS)
+  return jax.checkpoint(attend, policy=keep)(q, k, v)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -93,14 +114,28 @@ def softmax_as(logits: Array, dtype) -> Array:
   Differentiable both ways (forward-over-reverse Hessian-vector products
   included); its reverse pass saves only the `dtype` result.
   """
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+  return _softmax_with_named_statistics(logits, dtype)
 
 
 @softmax_as.defjvp
 def _softmax_as_jvp(dtype, primals, tangents):
   (logits,), (tangent,) = primals, tangents
-  probs = softmax_as(logits, dtype)
+  # Computed here rather than by calling softmax_as, so that a checkpoint
+  # policy sees the named statistics (SOFTMAX_STATISTICS).
+  probs = _softmax_with_named_statistics(logits, dtype)
   return probs, _softmax_tangent(probs, tangent).astype(dtype)
+
+
+def _softmax_with_named_statistics(logits: Array, dtype) -> Array:
+  """jax.nn.softmax's computation (the same values), with its row max and
+  row sum named for checkpoint policies."""
+  x = logits.astype(jnp.float32)
+  row_max = checkpoint_name(jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)),
+                            SOFTMAX_STATISTICS[0])
+  unnormalized = jnp.exp(x - row_max)
+  row_sum = checkpoint_name(jnp.sum(unnormalized, axis=-1, keepdims=True),
+                            SOFTMAX_STATISTICS[1])
+  return (unnormalized / row_sum).astype(dtype)
 
 
 # Rematerialised, so that reverse mode keeps its input `probs` (in the compute
