@@ -765,16 +765,17 @@ def test_block_traced_for_tpu_keeps_activations_in_their_own_shape():
   assert not [s for s in saved if math.prod(s) in param_sizes], saved
 
 
-def test_scanned_stack_traced_for_tpu_keeps_row_views():
-  # A scan stores what its backward pass reads as stacked loop outputs, where
-  # the row views store densely what the 3-D form stores padded on TPU
-  # (ops.platform.Forms): traced for a TPU, a scanned model's matmuls still
-  # read rows (batch 2 x 17 tokens = 34), an unrolled one's do not.
+def test_matmuls_read_row_views_on_cpu_only():
+  # Traced for a TPU, a model's matmuls read the 3-D activations, scanned or
+  # not: a (batch, 17 tokens) -> rows view is a padded copy there, which a
+  # scan re-derives or relays out per layer (ops.platform.Forms). On CPU
+  # they read rows (batch 2 x 17 tokens = 34), scanned or not.
   x = jnp.zeros((2, 32, 32, 3))
-  with ops.compiling_for("tpu"):
-    for scan in (True, False):
-      model = models.create("ViT-test", num_classes=3, img_size=32, scan=scan)
-      graphdef, params = nnx.split(model)
-      saved = saved_shapes(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)), params)
-      rows = [s for s in saved if 34 in s[:2]]
-      assert bool(rows) == scan, (scan, saved)
+  for platform in ("cpu", "tpu"):
+    with ops.compiling_for(platform):
+      for scan in (True, False):
+        model = models.create("ViT-test", num_classes=3, img_size=32, scan=scan)
+        graphdef, params = nnx.split(model)
+        saved = saved_shapes(lambda p: jnp.sum(nnx.merge(graphdef, p)(x)), params)
+        rows = [s for s in saved if 34 in s[:2]]
+        assert bool(rows) == (platform == "cpu"), (platform, scan, saved)

@@ -114,8 +114,7 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
     # Activations between blocks stay split over the batch (see vit_jax.sharding): a
     # scanned carry would otherwise follow the fsdp-sharded weights.
     block = nnx.merge(graphdef, state)
-    with platform.layer_stack(scanned=scan):   # the operations' forms depend on it
-      carry, aux = block(sharding.constrain_batch(carry), key=key, drop_rate=rate, **kwargs)
+    carry, aux = block(sharding.constrain_batch(carry), key=key, drop_rate=rate, **kwargs)
     return sharding.constrain_batch(carry), aux
 
   maybe_remat = functools.partial(remat, policy=remat_policy, scanned=scan)

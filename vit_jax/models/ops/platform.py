@@ -4,8 +4,7 @@ Every operation in vit_jax.models.ops computes one function in more than one
 form: 2-D row matmuls or dot_generals on the activations' own shape, a patch
 embedding as a convolution or as reshape + matmul, attention through XLA,
 cuDNN or head-major batched matmuls. Which form a program uses depends on the
-platform it will run on and on whether it is the body of a scanned layer
-stack, and `forms()` is the one place that decides it.
+platform it will run on, and `forms()` is the one place that decides it.
 
 The choice is made when tracing, for `target_platform()`: JAX's default
 backend, or the platform named by `compiling_for(...)` (vit_jax.aot traces
@@ -26,7 +25,6 @@ import jax.extend
 PLATFORMS = ("cpu", "tpu", "gpu")
 
 _TARGET_PLATFORM = contextvars.ContextVar("vit_jax_target_platform", default=None)
-_IN_SCANNED_STACK = contextvars.ContextVar("vit_jax_in_scanned_stack", default=False)
 
 
 def target_platform() -> str:
@@ -48,17 +46,6 @@ def compiling_for(platform: str):
     _TARGET_PLATFORM.reset(token)
 
 
-@contextlib.contextmanager
-def layer_stack(scanned: bool):
-  """Within it, a block of a layer stack is traced (as a lax.scan body when
-  `scanned`)."""
-  token = _IN_SCANNED_STACK.set(scanned)
-  try:
-    yield
-  finally:
-    _IN_SCANNED_STACK.reset(token)
-
-
 @dataclasses.dataclass(frozen=True)
 class Forms:
   """The forms of the operations in the program being traced."""
@@ -66,10 +53,10 @@ class Forms:
   # Token matmuls on 2-D row views of the activations (ops.matmul.dense).
   # XLA's CPU backend runs them without transposed copies. On TPU a
   # (batch, tokens) -> rows view is a padded copy when the token count is not
-  # a multiple of the 8-row tile (197), which an unrolled backward pass keeps
-  # per layer; a scan stores what its backward pass reads as stacked loop
-  # outputs, and there the row views are the dense ones. So: rows on CPU, and
-  # in scanned stacks on every platform.
+  # a multiple of the 8-row tile (197): an unrolled backward pass keeps it,
+  # and a scanned one re-derives it (rematerialised) or relays it out per
+  # layer, 12-37% more HBM traffic per step than the 3-D form
+  # (benchmarks/RESULTS.md). So: rows on CPU only.
   matmul_rows: bool
   # A patch embedding (stride == kernel, VALID) as reshape + one matmul: much
   # faster than the strided convolution on CPU; on TPU its (..., 16, 3)
@@ -81,7 +68,7 @@ class Forms:
 
 
 def forms() -> Forms:
-  """The forms for target_platform() and the layer stack being traced."""
+  """The forms for target_platform()."""
   platform = target_platform()
   if platform == "cpu":
     attention = "head_major"
@@ -90,7 +77,7 @@ def forms() -> Forms:
   else:
     attention = "xla"
   return Forms(platform=platform,
-               matmul_rows=platform == "cpu" or _IN_SCANNED_STACK.get(),
+               matmul_rows=platform == "cpu",
                patch_matmul=platform == "cpu",
                attention=attention)
 
