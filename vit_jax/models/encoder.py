@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 
 Array = jax.Array
 
+# Remat policies under which a block's attention recomputes its probabilities
+# for the backward pass (ops.attention.attention_xla's recompute_probs). They
+# are the largest array a block keeps; under 'full' the block's own
+# recomputation would keep them from the attention to its backward pass,
+# through the MLP's. Under the policies that save matmul outputs ('dots',
+# 'dots_no_batch') the nested checkpoint costs memory and HBM traffic
+# instead (benchmarks/RESULTS.md).
+RECOMPUTE_ATTENTION_PROBS = ("none", "full")
+
 
 class EncoderBlock(nnx.Module):
   """Pre-LN transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
@@ -38,9 +47,7 @@ class EncoderBlock(nnx.Module):
     self.MultiHeadDotProductAttention_1 = attention.MultiHeadDotProductAttention(
         d, cfg.num_heads, rngs=rngs, dropout_rate=cfg.attention_dropout_rate,
         attention_impl=cfg.attention_impl, qk_norm=cfg.qk_norm, epsilon=eps,
-        # The probabilities are the largest array a block keeps for its backward
-        # pass; a rematerialised block recomputes them anyway.
-        recompute_probs=cfg.remat_policy == "none", **kw)
+        recompute_probs=cfg.remat_policy in RECOMPUTE_ATTENTION_PROBS, **kw)
     self.LayerNorm_2 = layers.LayerNorm(d, rngs=rngs, epsilon=eps, **kw)
     if cfg.swiglu:
       self.MlpBlock_3 = layers.SwiGluBlock(d, cfg.mlp_dim, rngs=rngs,

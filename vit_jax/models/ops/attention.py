@@ -70,9 +70,8 @@ def attention_xla(q: Array, k: Array, v: Array, *, recompute_probs: bool = False
   `recompute_probs`: the backward pass recomputes the probabilities from q,
   k and the softmax's row max and sum (kept, (B, H, Nq, 1) each), the same
   values, instead of keeping the (B, H, Nq, Nk) probabilities: one more
-  q k^T matmul for the largest array a layer keeps. For layers that are not
-  rematerialised; a rematerialised layer recomputes them anyway, and
-  checkpointing them again would compute q k^T a third time.
+  q k^T matmul for the largest array a layer keeps (models.encoder says
+  under which remat policies a block asks for it).
   """
   scale = 1.0 / math.sqrt(q.shape[-1])
 
