@@ -103,8 +103,9 @@ def test_scanned_stack_keeps_activations_batch_sharded_under_fsdp(v5e):
   assert one.per_chip_batch == four.per_chip_batch == 512 and four.mesh["fsdp"] == 4
   assert one.fits and four.fits
   assert not re.search(r"\[2048,", four.compiled.as_text())
-  # What fsdp adds is the weights' gathers and the loop's buffers (1.5x here).
-  assert four.temp_bytes_per_chip <= 1.6 * one.temp_bytes_per_chip
+  # What fsdp adds is the weights' gathers and the loop's buffers (1.7x here);
+  # activations of the global batch on every chip would be ~4x.
+  assert four.temp_bytes_per_chip <= 2 * one.temp_bytes_per_chip
 
 
 def test_unrolled_remat_compiled_for_tpu_does_not_warn_about_the_cpu_compiler(v5e):
