@@ -33,7 +33,9 @@ Array = jax.Array
 # recomputation would keep them from the attention to its backward pass,
 # through the MLP's. Under the policies that save matmul outputs ('dots',
 # 'dots_no_batch') the nested checkpoint costs memory and HBM traffic
-# instead (benchmarks/RESULTS.md).
+# instead, and so it does in float32, where the recomputation's float32
+# temporaries are as large as what it saves and XLA's own rematerialisation
+# works around the barriers (benchmarks/RESULTS.md): 16-bit compute only.
 RECOMPUTE_ATTENTION_PROBS = ("none", "full")
 
 
@@ -47,7 +49,8 @@ class EncoderBlock(nnx.Module):
     self.MultiHeadDotProductAttention_1 = attention.MultiHeadDotProductAttention(
         d, cfg.num_heads, rngs=rngs, dropout_rate=cfg.attention_dropout_rate,
         attention_impl=cfg.attention_impl, qk_norm=cfg.qk_norm, epsilon=eps,
-        recompute_probs=cfg.remat_policy in RECOMPUTE_ATTENTION_PROBS, **kw)
+        recompute_probs=(cfg.remat_policy in RECOMPUTE_ATTENTION_PROBS
+                         and jnp.dtype(cfg.dtype).itemsize == 2), **kw)
     self.LayerNorm_2 = layers.LayerNorm(d, rngs=rngs, epsilon=eps, **kw)
     if cfg.swiglu:
       self.MlpBlock_3 = layers.SwiGluBlock(d, cfg.mlp_dim, rngs=rngs,
