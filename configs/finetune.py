@@ -55,8 +55,8 @@ official = google-research/vision_transformer vit_jax/; bv = big_vision configs/
   SGD momentum in bfloat16                official train.py:143 (accumulator_dtype='bfloat16';
                                           configs/common.py:43 declares it); float32 is an
                                           option: --config.optim.mu_dtype=float32 (exact; twice
-                                          the state: 0.05 GiB more per chip in the compiled
-                                          B/16 step, benchmarks/RESULTS.md)
+                                          the state, yet less HBM per chip in the compiled
+                                          B/16 step: benchmarks/RESULTS.md)
   the step: clip -> SGD momentum -> lr,   official train.py:138-145 (optax chain) and :37-70
     warm-up from lr 0 (lr * step /        (make_update_fn); utils.py:78-94 (schedule); the
     warmup_steps, steps counted from 0)   same update within float32 rounding
