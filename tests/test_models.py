@@ -487,16 +487,23 @@ def test_cpu_head_major_attention_equals_xla_attention(nq, dtype):
       assert np.abs(f32(a) - f32(b)).max() <= 12 * 2.0**-8 * np.abs(f32(b)).max()
 
 
+def attention_inputs(seed, nq, dtype):
+  """(B=2, heads=3, head_dim=8) queries of `nq` tokens (scaled up, for peaked
+  softmaxes), keys and values of 9 tokens, and an output cotangent."""
+  k = jax.random.split(jax.random.key(seed), 4)
+  q = (jax.random.normal(k[0], (2, nq, 3, 8)) * 4).astype(dtype)
+  kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
+  g = jax.random.normal(k[3], (2, nq, 3, 8)).astype(dtype)
+  return q, kv, g
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_xla_attention_keeps_probabilities_in_the_compute_dtype(dtype):
   # attention_xla (TPU, GPU without cuDNN) is jax.nn.dot_product_attention's
   # XLA computation (the same forward values), except that its backward pass
   # keeps the probabilities once, in the compute dtype: no float32 copy.
   from vit_jax.models.ops import attention
-  k = jax.random.split(jax.random.key(7), 4)
-  q = (jax.random.normal(k[0], (2, 9, 3, 8)) * 4).astype(dtype)
-  kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
-  g = jax.random.normal(k[3], (2, 9, 3, 8)).astype(dtype)
+  q, kv, g = attention_inputs(7, 9, dtype)
   xla = lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")
   out, vjp = jax.vjp(attention.attention_xla, q, *kv)
   ref, vjp_ref = jax.vjp(xla, q, *kv)
@@ -526,10 +533,7 @@ def test_xla_attention_recomputing_probabilities_keeps_only_row_statistics(dtype
   # arrays and no (B, H, Nq, Nk) one, and gives the same values and gradients
   # (jitted, as the train step runs it: the same XLA computation twice).
   from vit_jax.models.ops import attention
-  k = jax.random.split(jax.random.key(3), 4)
-  q = (jax.random.normal(k[0], (2, 7, 3, 8)) * 4).astype(dtype)
-  kv = [jax.random.normal(ki, (2, 9, 3, 8)).astype(dtype) for ki in k[1:3]]
-  g = jax.random.normal(k[3], (2, 7, 3, 8)).astype(dtype)
+  q, kv, g = attention_inputs(3, 7, dtype)
   recomputing = functools.partial(attention.attention_xla, recompute_probs=True)
 
   @functools.partial(jax.jit, static_argnums=0)
@@ -587,6 +591,11 @@ def test_models_traced_for_tpu_compute_the_same_function(name):
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * scale, path
 
 
+def attention_modules(model):
+  return [m for _, m in nnx.iter_graph(model)
+          if isinstance(m, attention_module.MultiHeadDotProductAttention)]
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_vit_traced_for_tpu_keeps_no_attention_probabilities(scan):
   # A block without remat recomputes its attention probabilities in the
@@ -601,20 +610,16 @@ def test_vit_traced_for_tpu_keeps_no_attention_probabilities(scan):
   loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(x))
   with ops.compiling_for("tpu"):
     assert not [s for s in saved_shapes(loss, params) if probs(s)]
-    blocks = [m for _, m in nnx.iter_graph(model)
-              if isinstance(m, attention_module.MultiHeadDotProductAttention)]
-    for block in blocks:
+    for block in attention_modules(model):
       block.recompute_probs = False
     graphdef = nnx.split(model)[0]
     assert [s for s in saved_shapes(loss, params) if probs(s)]
-  assert not any(m.recompute_probs for _, m in nnx.iter_graph(models.create(
-      "ViT-test", num_classes=3, img_size=32))
-      if isinstance(m, attention_module.MultiHeadDotProductAttention))   # float32
+  float32 = models.create("ViT-test", num_classes=3, img_size=32)
+  assert not any(m.recompute_probs for m in attention_modules(float32))
   for policy, recomputes in (("full", True), ("dots", False), ("dots_no_batch", False)):
     remat = models.create("ViT-test", num_classes=3, img_size=32, scan=True,
                           remat_policy=policy, **bf16)
-    assert [m.recompute_probs for _, m in nnx.iter_graph(remat)
-            if isinstance(m, attention_module.MultiHeadDotProductAttention)] == [recomputes]
+    assert [m.recompute_probs for m in attention_modules(remat)] == [recomputes]
   # The recomputation nested in the 'full' block's: the gradients of the
   # same parameters without remat.
   grads = {}
