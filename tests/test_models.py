@@ -634,6 +634,19 @@ def test_vit_traced_for_tpu_keeps_no_attention_probabilities(scan):
     assert np.abs(a - b).max() <= 2.0**-7 * np.abs(b).max()   # bfloat16 steps
 
 
+def test_vit_blocks_recompute_the_mlp_activation_in_16_bit_without_remat_only():
+  # models.encoder's choice: under 'full' and the dots policies the block's
+  # own recomputation covers the activation; in float32 it is kept.
+  recomputes = lambda model: [m.recompute_activation for _, m in nnx.iter_graph(model)
+                              if isinstance(m, layers.MlpBlock)]
+  for policy, expected in (("none", True), ("full", False), ("dots", False),
+                           ("dots_no_batch", False)):
+    model = models.create("ViT-test", num_classes=3, img_size=32, scan=True,
+                          remat_policy=policy, dtype=jnp.bfloat16)
+    assert recomputes(model) == [expected]
+  assert not any(recomputes(models.create("ViT-test", num_classes=3, img_size=32)))
+
+
 def test_compiling_for_rejects_an_unknown_platform():
   with pytest.raises(ValueError, match="not one of cpu, tpu, gpu"):
     with ops.compiling_for("tpu-v5e"):
@@ -711,6 +724,30 @@ def saved_shapes(f, *args, computed_only: bool = False, with_dtypes: bool = Fals
            for m in re.finditer(r"^(\w+)\[([\d,]*)\](.*)$", out.getvalue(), re.M)
            if not (computed_only and "from the argument" in m.group(3))]
   return saved if with_dtypes else [shape for _, shape in saved]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mlp_recomputing_its_activation_keeps_only_the_hidden_matmul_output(dtype):
+  # With recompute_activation the backward pass keeps the first Dense's
+  # (B, N, mlp_dim) output alone; the plain block keeps the activation, its
+  # derivative and the dropout mask at that shape. Same values and gradients.
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8)).astype(dtype)
+  kept, results = {}, {}
+  for recompute in (False, True):
+    block = layers.MlpBlock(8, 32, rngs=nnx.Rngs(0), dropout_rate=0.25, dtype=dtype,
+                            recompute_activation=recompute)
+    graphdef, params = nnx.split(block)
+    loss = lambda p, x, g=graphdef: jnp.sum(jnp.sin(
+        nnx.merge(g, p)(x, jax.random.key(1)).astype(jnp.float32)))
+    kept[recompute] = [s for s in saved_shapes(loss, params, x, computed_only=True)
+                       if math.prod(s) == 2 * 5 * 32]
+    results[recompute] = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+  assert kept[True] == [(2, 5, 32)]
+  assert len(kept[False]) >= 3
+  tol = 1e-6 if dtype == jnp.float32 else 0.0
+  for a, b in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    assert np.abs(a - b).max() <= tol * np.abs(b).max()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -38,6 +38,15 @@ Array = jax.Array
 # works around the barriers (benchmarks/RESULTS.md): 16-bit compute only.
 RECOMPUTE_ATTENTION_PROBS = ("none", "full")
 
+# Remat policies under which a block's MLP recomputes its activation in the
+# backward pass (layers.MlpBlock's recompute_activation): without remat it
+# would keep the activation and its derivative, two (B, N, mlp_dim) arrays,
+# where one suffices. Under 'full' and the dots policies the block's own
+# recomputation already rebuilds the activation from a kept or recomputed
+# matmul output, and a nested checkpoint only adds traffic
+# (benchmarks/RESULTS.md section 5). 16-bit compute only, as above.
+RECOMPUTE_MLP_ACTIVATION = ("none",)
+
 
 class EncoderBlock(nnx.Module):
   """Pre-LN transformer block: x + MSA(LN(x)), then x + MLP(LN(x))."""
@@ -45,12 +54,12 @@ class EncoderBlock(nnx.Module):
   def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     d, eps = cfg.hidden_size, cfg.layer_norm_epsilon
+    sixteen_bit = jnp.dtype(cfg.dtype).itemsize == 2
     self.LayerNorm_0 = layers.LayerNorm(d, rngs=rngs, epsilon=eps, **kw)
     self.MultiHeadDotProductAttention_1 = attention.MultiHeadDotProductAttention(
         d, cfg.num_heads, rngs=rngs, dropout_rate=cfg.attention_dropout_rate,
         attention_impl=cfg.attention_impl, qk_norm=cfg.qk_norm, epsilon=eps,
-        recompute_probs=(cfg.remat_policy in RECOMPUTE_ATTENTION_PROBS
-                         and jnp.dtype(cfg.dtype).itemsize == 2), **kw)
+        recompute_probs=cfg.remat_policy in RECOMPUTE_ATTENTION_PROBS and sixteen_bit, **kw)
     self.LayerNorm_2 = layers.LayerNorm(d, rngs=rngs, epsilon=eps, **kw)
     if cfg.swiglu:
       self.MlpBlock_3 = layers.SwiGluBlock(d, cfg.mlp_dim, rngs=rngs,
@@ -58,7 +67,10 @@ class EncoderBlock(nnx.Module):
     else:
       self.MlpBlock_3 = layers.MlpBlock(d, cfg.mlp_dim, rngs=rngs,
                                         dropout_rate=cfg.dropout_rate,
-                                        activation=ops.ACTIVATIONS[cfg.activation], **kw)
+                                        activation=ops.ACTIVATIONS[cfg.activation],
+                                        recompute_activation=(
+                                            cfg.remat_policy in RECOMPUTE_MLP_ACTIVATION
+                                            and sixteen_bit), **kw)
     scale = lambda: layers.LayerScale(d, cfg.layer_scale_init, rngs=rngs,
                                       param_dtype=cfg.param_dtype) if cfg.layer_scale else None
     self.attn_layer_scale, self.mlp_layer_scale = scale(), scale()

@@ -14,6 +14,7 @@ and the training loop can fold keys from the step number.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -152,20 +153,37 @@ class MlpBlock(nnx.Module):
                bias_init: Callable = jax.nn.initializers.normal(stddev=1e-6),
                in_axis: str = "embed", hidden_axis: str = "mlp",
                activation: Callable = ops.gelu_tanh,
+               recompute_activation: bool = False,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32):
+    """`recompute_activation`: the backward pass keeps only the first Dense's
+    (B, N, mlp_dim) output and recomputes the activation from it, rather than
+    keeping both the activation (the second Dense's input) and its derivative:
+    the same values, one (B, N, mlp_dim) array fewer written and read per
+    step (models.encoder says when a block asks for it)."""
     kw = dict(rngs=rngs, kernel_init=kernel_init, bias_init=bias_init,
               dtype=dtype, param_dtype=param_dtype)
     self.Dense_0 = Dense(features, mlp_dim, axes=(in_axis, hidden_axis), **kw)
     self.Dense_1 = Dense(mlp_dim, features, axes=(hidden_axis, in_axis), **kw)
     self.dropout_rate = dropout_rate
     self.activation = activation
+    self.recompute_activation = recompute_activation
 
   def __call__(self, x: Array, key: Array | None = None) -> Array:
     k1, k2 = split_key(key, 2)
-    x = self.activation(self.Dense_0(x))
-    x = dropout(x, self.dropout_rate, k1)
-    x = self.Dense_1(x)
+    output = functools.partial(_activation_then_dense, self.activation, self.dropout_rate,
+                               self.Dense_1.dtype)
+    if self.recompute_activation:
+      output = jax.checkpoint(output, policy=jax.checkpoint_policies.nothing_saveable)
+    x = output(self.Dense_0(x), self.Dense_1.kernel[...], self.Dense_1.bias[...], k1)
     return dropout(x, self.dropout_rate, k2)
+
+
+def _activation_then_dense(activation: Callable, dropout_rate: float, dtype: Dtype,
+                           hidden: Array, kernel: Array, bias: Array,
+                           key: Array | None) -> Array:
+  """MlpBlock's second half: Dense_1(dropout(activation(hidden)))."""
+  x = dropout(activation(hidden), dropout_rate, key)
+  return ops.dense(x.astype(dtype), kernel) + bias.astype(dtype)
 
 
 class SwiGluBlock(nnx.Module):
