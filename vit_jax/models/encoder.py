@@ -38,13 +38,14 @@ Array = jax.Array
 # works around the barriers (benchmarks/RESULTS.md): 16-bit compute only.
 RECOMPUTE_ATTENTION_PROBS = ("none", "full")
 
-# Remat policies under which a block's MLP recomputes its activation in the
-# backward pass (layers.MlpBlock's recompute_activation): without remat it
-# would keep the activation and its derivative, two (B, N, mlp_dim) arrays,
-# where one suffices. Under 'full' and the dots policies the block's own
-# recomputation already rebuilds the activation from a kept or recomputed
-# matmul output, and a nested checkpoint only adds traffic
-# (benchmarks/RESULTS.md section 5). 16-bit compute only, as above.
+# Remat policies under which a scanned block's MLP recomputes its activation
+# in the backward pass (layers.MlpBlock's recompute_activation): without
+# remat the scan would store the activation and its derivative, two
+# (B, N, mlp_dim) arrays per layer, where one suffices. Unrolled, XLA already
+# rematerialises one of them, and the checkpoint's barrier costs memory at
+# large batches. Under 'full' and the dots policies the block's own
+# recomputation already rebuilds the activation, and a nested checkpoint
+# only adds traffic (benchmarks/RESULTS.md section 5). 16-bit compute only.
 RECOMPUTE_MLP_ACTIVATION = ("none",)
 
 
@@ -69,8 +70,9 @@ class EncoderBlock(nnx.Module):
                                         dropout_rate=cfg.dropout_rate,
                                         activation=ops.ACTIVATIONS[cfg.activation],
                                         recompute_activation=(
-                                            cfg.remat_policy in RECOMPUTE_MLP_ACTIVATION
-                                            and sixteen_bit), **kw)
+                                            cfg.scan and sixteen_bit
+                                            and cfg.remat_policy in RECOMPUTE_MLP_ACTIVATION),
+                                        **kw)
     scale = lambda: layers.LayerScale(d, cfg.layer_scale_init, rngs=rngs,
                                       param_dtype=cfg.param_dtype) if cfg.layer_scale else None
     self.attn_layer_scale, self.mlp_layer_scale = scale(), scale()
