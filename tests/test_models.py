@@ -231,31 +231,35 @@ def test_scan_and_unrolled_apply_the_same_dropout():
 
 @pytest.mark.filterwarnings("ignore:remat_policy='full' saves no memory")
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_class_token_only_last_block_gives_the_same_gradients(remat):
-  # Unrolled, the token classifier's last block computes the class token
-  # only; the scanned stack computes every token. Same logits and gradients,
-  # with stochastic depth on (its per-example masks do not depend on the
-  # number of tokens).
+@pytest.mark.parametrize("scan", [False, True])
+def test_class_token_only_last_block_gives_the_same_gradients(scan, remat):
+  # The token classifier's last block computes the class token only (scanned,
+  # after the scan over the other layers); with return_intermediates every
+  # block computes every token. Same logits and gradients, with stochastic
+  # depth on (its per-example masks do not depend on the number of tokens).
   kw = dict(num_classes=7, img_size=32, stochastic_depth=0.3)
-  unrolled = randomize(models.create("ViT-test", remat_policy=remat, **kw))
-  scanned = models.create("ViT-test", scan=True, **kw)
-  checkpoint.load_params_into(scanned, checkpoint.to_published(unrolled))
+  model = randomize(models.create("ViT-test", scan=scan, remat_policy=remat, **kw))
   x, key = images(), jax.random.key(5)
+  class_token_only = lambda m: m(x, train=True, rng=key)
+  every_token = lambda m: m(x, train=True, rng=key, return_intermediates=True)[0]
 
-  def loss(m):
-    return jnp.sum(jnp.sin(m(x, train=True, rng=key)))
+  def grads(logits):
+    loss = lambda m: jnp.sum(jnp.sin(logits(m)))
+    return jax.tree.leaves(nnx.jit(nnx.grad(loss))(model))  # jitted, as a train step runs
 
-  np.testing.assert_allclose(unrolled(x, train=True, rng=key),
-                             scanned(x, train=True, rng=key), atol=1e-5)
-  def published_grads(m):   # gradients in the published (unstacked) layout
-    holder = nnx.clone(m)
-    nnx.update(holder, nnx.jit(nnx.grad(loss))(m))  # jitted, as a train step runs
-    return checkpoint.to_published(holder)
-
-  g1, g2 = published_grads(unrolled), published_grads(scanned)
-  assert g1.keys() == g2.keys()
-  for name in g1:
-    np.testing.assert_allclose(g1[name], g2[name], atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(class_token_only(model), every_token(model), atol=1e-5)
+  for a, b in zip(grads(class_token_only), grads(every_token), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+  if remat != "none":
+    return
+  # The last block's MLP sees one token: its hidden activation is (B, 1, mlp_dim).
+  mlp_dim, tokens = model.config.mlp_dim, 1 + math.prod(model.config.patch_grid)
+  graphdef, params = nnx.split(model)
+  with ops.compiling_for("tpu"):   # 3-D activations, scanned or not
+    saved = saved_shapes(lambda p: jnp.sum(nnx.merge(graphdef, p)(x, train=True, rng=key)),
+                         params)
+  assert (x.shape[0], 1, mlp_dim) in saved, saved
+  assert any(s[-2:] == (tokens, mlp_dim) for s in saved), saved
 
 
 def _grad_temp_bytes(model) -> int:
@@ -274,8 +278,9 @@ def test_remat_saves_memory_on_cpu_as_the_warning_says():
   # scanned, full remat cuts the backward's temporary memory; unrolled, it
   # does too from jaxlib 0.11.1, while before it XLA's CPU compiler merges the
   # recomputation back, the memory stays and remat warns. (If either half
-  # stops holding, CPU_REMAT_NEEDS_SCAN is wrong.)
-  kw = dict(num_classes=7, img_size=32)
+  # stops holding, CPU_REMAT_NEEDS_SCAN is wrong.) GAP: every block computes
+  # every token, with and without remat (the token head's last block may not).
+  kw = dict(num_classes=7, img_size=32, classifier="gap")
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     scan_none = _grad_temp_bytes(models.create("ViT-test", scan=True, **kw))

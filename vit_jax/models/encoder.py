@@ -132,16 +132,19 @@ class Encoder(nnx.Module):
     embedding = x
     x = layers.dropout(x, cfg.dropout_rate, k_emb)
     layer_keys = None if key is None else jax.random.split(k_layers, cfg.num_layers)
+    # A scanned stack runs its last block after the scan; where remat then
+    # would not recompute that block, it runs in the scan and computes every token.
+    last_block_alone = out_tokens is not None and (
+        not cfg.scan or stacks.remat_saves_memory_outside_a_scan(cfg.remat_policy))
     x, aux = stacks.run_stack(
         self.encoderblock, x, scan=cfg.scan, num_layers=cfg.num_layers,
         keys=layer_keys,
         drop_rates=layers.drop_path_rates(cfg.stochastic_depth, cfg.num_layers),
         remat_policy=cfg.remat_policy,
-        last_block_kwargs=(None if out_tokens is None or cfg.scan
-                           else {"out_tokens": out_tokens}),
+        last_block_kwargs={"out_tokens": out_tokens} if last_block_alone else None,
         capture=capture)
     if out_tokens is not None:
-      x = x[:, :out_tokens]   # a scanned stack computed every token
+      x = x[:, :out_tokens]
     encoded = x if self.encoder_norm is None else self.encoder_norm(x)
     if capture:
       aux = dict(aux, embedding=embedding, encoded=encoded)

@@ -44,6 +44,13 @@ def check_remat_policy(policy: str) -> None:
 CPU_REMAT_NEEDS_SCAN = jaxlib_version.__version_info__ < (0, 11, 1)
 
 
+def remat_saves_memory_outside_a_scan(policy: str) -> bool:
+  """Whether `policy` recomputes a block traced outside a loop, for the
+  platform being traced (not on CPU with jaxlib < 0.11.1)."""
+  return not (policy != "none" and CPU_REMAT_NEEDS_SCAN
+              and platform.target_platform() == "cpu")
+
+
 def remat(fn: Callable, policy: str, scanned: bool = False) -> Callable:
   """`fn` recomputed in the backward pass under `policy` (as-is for 'none').
 
@@ -102,11 +109,10 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
   Each block is called as `block(x, key=..., drop_rate=..., **block_kwargs)`
   and returns `(x, aux_dict)`. `keys` holds one PRNG key per layer (or None
   at evaluation), `drop_rates` the stochastic-depth rate per layer.
-  `last_block_kwargs` go to the last block only (unrolled stacks only: a
-  scanned stack runs one program for every layer).
+  `last_block_kwargs` go to the last block only; a scanned stack then scans
+  the other layers and runs the last one after the scan, on its slice of the
+  stacked parameters (the scan runs one program for every layer).
   """
-  if last_block_kwargs and scan:
-    raise ValueError("last_block_kwargs needs an unrolled stack (scan=False)")
   check_remat_policy(remat_policy)
   use_drop = any(r > 0 for r in drop_rates)
 
@@ -132,7 +138,16 @@ def run_stack(blocks, x: Array, *, scan: bool, num_layers: int,
       return apply(graphdef, layer["state"], carry, layer.get("key"),
                    layer.get("rate", 0.0), block_kwargs)
 
-    return jax.lax.scan(step, x, xs)
+    if not last_block_kwargs:
+      return jax.lax.scan(step, x, xs)
+    x, auxes = jax.lax.scan(step, x, jax.tree.map(lambda a: a[:-1], xs))
+    last = jax.tree.map(lambda a: a[-1], xs)
+    # Outside the loop: callers check remat_saves_memory_outside_a_scan.
+    last_step = remat(lambda s, c, k: apply(graphdef, s, c, k, last.get("rate", 0.0),
+                                            {**block_kwargs, **last_block_kwargs}),
+                      remat_policy, scanned=True)
+    x, aux = last_step(last["state"], x, last.get("key"))
+    return x, jax.tree.map(lambda a, b: jnp.concatenate([a, b[None]]), auxes, aux)
 
   auxes = []
   for i, block in enumerate(blocks):

@@ -216,9 +216,9 @@ class ViT(classifier.ImageClassifier):
                            for t in prefix] + [x], axis=1)
     # The token classifier reads only the class (and distillation) token, so
     # the last block computes only their output (their keys and values still
-    # come from every token): the same logits and gradients with ~1/12 less
-    # work for ViT-B. Not with dropout in training, whose masks are drawn for
-    # the shape of the whole sequence.
+    # come from every token), unrolled or scanned: the same logits and
+    # gradients with ~1/12 less work for ViT-B. Not with dropout in training,
+    # whose masks are drawn for the shape of the whole sequence.
     head_tokens = 1 + int(cfg.distillation_token)
     class_token_only = (cfg.classifier == "token" and not capture
                         and (key is None or not (cfg.dropout_rate or
