@@ -183,11 +183,11 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'  # compute dtype on accelerators
   # Layout from TPU compiles (python -m vit_jax.aot; README "Before you launch on a TPU"):
   # at batch 4096 B/16 needs 1.8 GiB/chip on v5e-256, L/16 10.2 of 32 on v4-64, H/14 23.5 of
-  # 95 on v5p-64 with unrolled layers, 2.8 / 16.9 / 37.2 scanned, and H/14 fits v5e-256
-  # only unrolled (10.8 vs 18.1 of 16); scanned compiles faster (H/14 on v5p-64: 24 s vs
+  # 95 on v5p-64 with unrolled layers, 2.6 / 14.5 / 31.8 scanned, and H/14 fits v5e-256
+  # only unrolled (10.8 vs 16.5 of 16); scanned compiles faster (H/14 on v5p-64: 46 s vs
   # 126 s on a 2-core CPU). No layer is recomputed by default (only the attention
-  # probabilities are); when a job does not fit, 'full' remat cuts most (B/16 at 64 per
-  # chip: 3.7 -> 1.9 GiB; 'dots' to 3.8).
+  # probabilities are, and scanned, the MLP activation); when a job does not fit,
+  # 'full' remat cuts most (B/16 at 64 per chip: 3.7 -> 1.9 GiB; 'dots' to 3.8).
   c.model.scan = False  # unrolled layers: less HBM than one scanned block
   c.model.remat_policy = 'none'  # 'full' when aot says the job does not fit
 

@@ -6,9 +6,10 @@ model work). The forward count is the matrix multiplications and convolutions of
 the model traced unrolled, 2 FLOPs per multiply-add: patch embedding, every
 block's projections, attention's two batched matmuls, MLPs, ResNet stems and
 the head. With the token classifier the last block computes the class token only
-(keys and values still for every token), as an unrolled ViT does; a scanned
-stack computes every token there, but the model's work is counted the same way
-for both layouts. Elementwise work (softmax, LayerNorm, GELU) is not counted.
+(keys and values still for every token), as the model does unrolled or scanned
+(except a scanned stack under remat on CPU with jaxlib < 0.11.1, which computes
+every token there); the model's work is counted the same way for every layout.
+Elementwise work (softmax, LayerNorm, GELU) is not counted.
 
 XLA's own cost analysis is not used: it counts a scanned layer stack once.
 """
@@ -80,8 +81,8 @@ def _forward_flops(model_name: str, num_classes: int, img_size, overrides: tuple
   from flax import nnx
   from vit_jax import models
   kwargs = dict(overrides)
-  # The model's work, whatever the layout: unrolled (a scan body would count
-  # every token of the last block), without recomputation.
+  # The model's work, whatever the layout: unrolled (the traced matmuls of a
+  # scan body are counted once), without recomputation.
   kwargs.update(scan=False, remat_policy="none")
   for k in ("dropout_rate", "attention_dropout_rate", "stochastic_depth"):
     kwargs.pop(k, None)

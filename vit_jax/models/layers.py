@@ -158,7 +158,7 @@ class MlpBlock(nnx.Module):
     """`recompute_activation`: the backward pass keeps only the first Dense's
     (B, N, mlp_dim) output and recomputes the activation from it, rather than
     keeping both the activation (the second Dense's input) and its derivative:
-    the same values, one (B, N, mlp_dim) array fewer written and read per
+    the same function, one (B, N, mlp_dim) array fewer written and read per
     step (models.encoder says when a block asks for it)."""
     kw = dict(rngs=rngs, kernel_init=kernel_init, bias_init=bias_init,
               dtype=dtype, param_dtype=param_dtype)
