@@ -123,10 +123,16 @@ class Dense(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: Array) -> Array:
-    y = ops.dense(x.astype(self.dtype), self.kernel[...])
-    if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
-    return y
+    return apply_dense(x, self.kernel[...], None if self.bias is None else self.bias[...],
+                       self.dtype)
+
+
+def apply_dense(x: Array, kernel: Array, bias: Array | None, dtype: Dtype) -> Array:
+  """Dense's computation on its parameters' values: x @ kernel + bias in `dtype`."""
+  y = ops.dense(x.astype(dtype), kernel)
+  if bias is not None:
+    y = y + bias.astype(dtype)
+  return y
 
 
 class LayerNorm(nnx.Module):
@@ -142,7 +148,7 @@ class LayerNorm(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     return ops.layer_norm(x, self.scale[...], self.bias[...], self.epsilon,
-                          self.dtype)
+                                self.dtype)
 
 
 class MlpBlock(nnx.Module):
@@ -182,8 +188,7 @@ def _activation_then_dense(activation: Callable, dropout_rate: float, dtype: Dty
                            hidden: Array, kernel: Array, bias: Array,
                            key: Array | None) -> Array:
   """MlpBlock's second half: Dense_1(dropout(activation(hidden)))."""
-  x = dropout(activation(hidden), dropout_rate, key)
-  return ops.dense(x.astype(dtype), kernel) + bias.astype(dtype)
+  return apply_dense(dropout(activation(hidden), dropout_rate, key), kernel, bias, dtype)
 
 
 class SwiGluBlock(nnx.Module):
