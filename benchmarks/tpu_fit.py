@@ -106,7 +106,9 @@ def run_job(name, config, topology, overrides, timeout, num_slices=1) -> dict:
       return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:500], "command": " ".join(cmd[1:])}
     with open(out) as f:
       report = json.load(f)
-    report.update(command="python " + " ".join(cmd[1:-1]), wall_s=time.time() - t,
+    # The command as a user would type it: every override, without the temporary --json.
+    command = [c for c in cmd[1:] if not c.startswith("--json=")]
+    report.update(command="python " + " ".join(command), wall_s=time.time() - t,
                   config_overrides=overrides)
     return report
 

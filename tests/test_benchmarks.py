@@ -167,3 +167,24 @@ def test_memory_command_line_reaches_the_benchmark(tmp_path):
   assert [(p["remat"], p["batch"]) for p in data["peaks"]] == [("full", 2)]
   assert data["scan"] is False and data["img_size"] == 32
   assert "largest_batch" not in data and "timing" not in data
+
+
+def test_tpu_fit_records_the_command_that_reproduces_its_report(tmp_path):
+  # benchmarks/results/tpu_fit.json gives each report the vit_jax.aot command
+  # that produced it: run as recorded, it compiles the same job (every
+  # override, the last one included; the temporary --json left out).
+  from benchmarks import tpu_fit
+  overrides = {"batch_size": 64, "model.hidden_size": 32}
+  report = tpu_fit.run_job("digits", "configs/digits.py", "v5e:2x2", overrides, timeout=600)
+  assert report.get("error") is None, report
+  command = report["command"].split()
+  assert command[:3] == ["python", "-m", "vit_jax.aot"]
+  assert not [c for c in command if c.startswith("--json")]
+  assert command[-2:] == ["--config.batch_size=64", "--config.model.hidden_size=32"]
+  out = tmp_path / "again.json"
+  p = subprocess.run([sys.executable, *command[1:], f"--json={out}"], cwd=REPO,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-2000:]
+  again = json.loads(out.read_text())
+  assert again["bytes_per_chip"] == report["bytes_per_chip"]
+  assert again["param_bytes_per_chip"] == report["param_bytes_per_chip"]
