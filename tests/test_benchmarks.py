@@ -188,3 +188,15 @@ def test_tpu_fit_records_the_command_that_reproduces_its_report(tmp_path):
   again = json.loads(out.read_text())
   assert again["bytes_per_chip"] == report["bytes_per_chip"]
   assert again["param_bytes_per_chip"] == report["param_bytes_per_chip"]
+
+
+def test_float32_logits_keep_attention_closer_to_exact_than_bfloat16_ones():
+  # benchmarks.attention_precision: with logits up to ~48 the bfloat16 ones
+  # (flax's attention) carry their rounding into the exponent; vit_jax's
+  # float32 logits leave the output at about its own bfloat16 rounding.
+  from benchmarks import attention_precision as ap
+  q, k, v, g = ap.inputs(8)
+  ours = ap.errors(ap.FORMS["float32 logits (vit_jax)"], q, k, v, g)
+  flax = ap.errors(ap.FORMS["bfloat16 logits (flax, big_vision)"], q, k, v, g)
+  assert ours["out"] < 2.0**-8 < flax["out"]
+  assert all(ours[c] < flax[c] for c in ours), (ours, flax)
