@@ -38,17 +38,16 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
-  wd2 = str(tmp_path / "two")
-  script = WORKER.format(tests=os.path.dirname(os.path.abspath(__file__)),
-                         coord=f"localhost:{_free_port()}", workdir=wd2)
-  env = dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
+def run_processes(script: str, n: int, *, devices_each: int, timeout: int) -> list[str]:
+  """Runs `python -c script i` for i < n together (CPU, `devices_each` devices each);
+  their outputs, once every one has exited with status 0."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices_each), JAX_PLATFORMS="cpu")
   procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+                            stderr=subprocess.STDOUT, text=True) for i in range(n)]
   outs = []
   for p in procs:
     try:
-      out, _ = p.communicate(timeout=400)
+      out, _ = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
@@ -56,6 +55,14 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     outs.append(out)
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  wd2 = str(tmp_path / "two")
+  script = WORKER.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                         coord=f"localhost:{_free_port()}", workdir=wd2)
+  for out in run_processes(script, 2, devices_each=2, timeout=400):
     assert "RESULT 64" in out  # each process sees the full eval count
 
   # The reference: the same config in one process with 4 devices.
@@ -132,21 +139,7 @@ def test_hosts_of_two_multi_host_slices_assemble_the_batch_on_the_hybrid_mesh():
   script = BATCH_WORKER.format(tests=os.path.dirname(os.path.abspath(__file__)),
                                coord=f"localhost:{_free_port()}", num_processes=len(processes),
                                layouts=json.dumps(layouts), local_rows=local_rows)
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4), JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in processes]
-  outs = []
-  for p in procs:
-    try:
-      out, _ = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      raise
-    outs.append(out)
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  for out in run_processes(script, len(processes), devices_each=4, timeout=300):
     results = {line.split()[1]: json.loads(line.split(" ", 2)[2])
                for line in out.splitlines() if line.startswith("RESULT")}
     assert sorted(results) == ["data", "fsdp"], out[-3000:]
