@@ -97,18 +97,18 @@ def run_job(name, config, topology, overrides, timeout, num_slices=1) -> dict:
     cmd = [sys.executable, "-m", "vit_jax.aot", f"--config={config}", f"--topology={topology}",
            f"--num_slices={num_slices}", "--eval=false", "--max_candidates=0", f"--json={out}"]
     cmd += [f"--config.{k}={v}" for k, v in overrides.items()]
+    # The command as a user would type it: every override, without the temporary --json.
+    command = "python " + " ".join(c for c in cmd[1:] if not c.startswith("--json="))
     t = time.time()
     try:
       p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-      return {"error": f"compile did not finish in {timeout} s", "command": " ".join(cmd[1:])}
+      return {"error": f"compile did not finish in {timeout} s", "command": command}
     if not os.path.exists(out):
-      return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:500], "command": " ".join(cmd[1:])}
+      return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:500], "command": command}
     with open(out) as f:
       report = json.load(f)
-    # The command as a user would type it: every override, without the temporary --json.
-    command = [c for c in cmd[1:] if not c.startswith("--json=")]
-    report.update(command="python " + " ".join(command), wall_s=time.time() - t,
+    report.update(command=command, wall_s=time.time() - t,
                   config_overrides=overrides)
     return report
 

@@ -184,7 +184,7 @@ def get_config(arg=None):
   # Layout from TPU compiles (python -m vit_jax.aot; README "Before you launch on a TPU"):
   # at batch 4096 B/16 needs 1.8 GiB/chip on v5e-256, L/16 10.2 of 32 on v4-64, H/14 23.5 of
   # 95 on v5p-64 with unrolled layers, 2.6 / 14.5 / 31.8 scanned, and H/14 fits v5e-256
-  # only unrolled (10.8 vs 16.5 of 16); scanned compiles faster (H/14 on v5p-64: 46 s vs
+  # only unrolled (10.8 vs 16.5 of 16); scanned compiles faster (H/14 on v5p-64: 36 s vs
   # 126 s on a 2-core CPU). No layer is recomputed by default (only the attention
   # probabilities are, and scanned, the MLP activation); when a job does not fit,
   # 'full' remat cuts most (B/16 at 64 per chip: 3.7 -> 1.9 GiB; 'dots' to 3.8).

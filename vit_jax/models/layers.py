@@ -148,7 +148,7 @@ class LayerNorm(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     return ops.layer_norm(x, self.scale[...], self.bias[...], self.epsilon,
-                                self.dtype)
+                          self.dtype)
 
 
 class MlpBlock(nnx.Module):

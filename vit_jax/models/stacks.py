@@ -66,7 +66,7 @@ def remat(fn: Callable, policy: str, scanned: bool = False) -> Callable:
     return checkpointed
 
   def warn_on_cpu(*args, **kwargs):
-    if platform.target_platform() == "cpu":
+    if not remat_saves_memory_outside_a_scan(policy):
       warnings.warn(
           f"remat_policy={policy!r} saves no memory here: with jaxlib "
           f"{jaxlib_version.__version__} (< 0.11.1), XLA's CPU compiler "
